@@ -1,0 +1,50 @@
+"""Shared pieces of the benchmarks: the reference workload (DESIGN.md §8), XLA figures, tables."""
+
+from __future__ import annotations
+
+import csv
+import os
+
+import jax
+import optax
+
+from jpeft.models.llama import Llama, LlamaConfig
+
+#: All seven projections of every layer of the Llama reference model.
+TARGET = r"layers_\d+/(self_attn|mlp)/\w+_proj/kernel"
+
+
+def next_token_loss(logits, ids):
+    return optax.softmax_cross_entropy_with_integer_labels(logits[:, :-1], ids[:, 1:]).mean()
+
+
+def xla_figures(step, state):
+    compiled = step.lower(state).compile()
+    mem = compiled.memory_analysis()
+    cost = compiled.cost_analysis()
+    cost = cost[0] if isinstance(cost, list) else cost
+    return {"gflops": cost["flops"] / 1e9,
+            "peak_mb": (mem.argument_size_in_bytes + mem.temp_size_in_bytes) / 2 ** 20,
+            "temp_mb": mem.temp_size_in_bytes / 2 ** 20}
+
+
+def reference_setup(batch, seq):
+    config = LlamaConfig.reference()
+    model = Llama(config)
+    ids = jax.random.randint(jax.random.PRNGKey(0), (batch, seq), 0, config.vocab_size)
+    return model, model.init(jax.random.PRNGKey(0), ids)["params"], ids
+
+
+def write_table(rows, cols, stem):
+    """Write `stem.csv` and `stem.md`; return the markdown."""
+    os.makedirs(os.path.dirname(stem) or ".", exist_ok=True)
+    with open(f"{stem}.csv", "w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=cols, extrasaction="ignore")
+        w.writeheader()
+        w.writerows(rows)
+    fmt = lambda v: f"{v:.3f}" if isinstance(v, float) else str(v)  # noqa: E731
+    lines = ["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
+    lines += ["| " + " | ".join(fmt(r.get(c, "")) for c in cols) + " |" for r in rows]
+    with open(f"{stem}.md", "w") as f:
+        f.write("\n".join(lines) + "\n")
+    return "\n".join(lines)

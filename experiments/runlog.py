@@ -1,0 +1,47 @@
+"""Metrics of a run: CSV, TensorBoard event files (tensorboardX, no TensorFlow) and a PNG of the
+loss curves."""
+
+from __future__ import annotations
+
+import csv
+import os
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+from tensorboardX import SummaryWriter  # noqa: E402
+
+
+class RunLog:
+    """`log(step, name=value, ...)` appends to `metrics.csv` and the event file in `directory`;
+    `close()` writes `curves.png` (one panel per metric)."""
+
+    def __init__(self, directory: str):
+        os.makedirs(directory, exist_ok=True)
+        self.directory = directory
+        self.rows: list[dict] = []
+        self.writer = SummaryWriter(os.path.join(directory, "tb"))
+
+    def log(self, step: int, **metrics: float) -> None:
+        row = {"step": int(step), **{k: float(v) for k, v in metrics.items()}}
+        self.rows.append(row)
+        for name, value in metrics.items():
+            self.writer.add_scalar(name, float(value), int(step))
+
+    def close(self) -> None:
+        self.writer.close()
+        names = sorted({k for r in self.rows for k in r} - {"step"})
+        with open(os.path.join(self.directory, "metrics.csv"), "w", newline="") as f:
+            out = csv.DictWriter(f, fieldnames=["step", *names])
+            out.writeheader()
+            out.writerows(self.rows)
+        fig, axes = plt.subplots(1, max(len(names), 1), figsize=(4 * max(len(names), 1), 3), squeeze=False)
+        for ax, name in zip(axes[0], names):
+            points = [(r["step"], r[name]) for r in self.rows if name in r]
+            ax.plot(*zip(*points), marker="." if len(points) < 20 else None)
+            ax.set_title(name)
+            ax.set_xlabel("step")
+        fig.tight_layout()
+        fig.savefig(os.path.join(self.directory, "curves.png"), dpi=80)
+        plt.close(fig)

@@ -1,0 +1,24 @@
+"""jpeft: parameter-efficient fine-tuning for JAX/Flax as pure pytree transforms.
+
+    spec = jpeft.Spec({r".*/(q_proj|v_proj)/kernel": jpeft.LoRA(rank=8, alpha=16)})
+    params = jpeft.init(key, base_params, spec)
+    trainable, frozen = jpeft.split(params)
+    effective = jpeft.apply(jpeft.combine(trainable, frozen), spec)   # inside the loss
+
+See docs/DESIGN.md for the contract and docs/METHODS.md for the formulas.
+"""
+
+from jpeft.adapter import Adapter, is_adapter
+from jpeft.core import ParamCount, apply, check_fits, combine, count, init, labels, merge, split
+from jpeft.errors import AdapterError, SpecError
+from jpeft.factored import factored, factored_nnx
+from jpeft.hooks import HookResult, after_step
+from jpeft.methods import DoRA, FFALoRA, Full, LoRA, LoRAGA, Method, PeriodicLoRA, PiSSA
+from jpeft.registry import method, methods
+from jpeft.spec import Spec
+
+__all__ = [
+    "Adapter", "AdapterError", "DoRA", "FFALoRA", "Full", "HookResult", "LoRA", "LoRAGA", "Method",
+    "ParamCount", "PeriodicLoRA", "PiSSA", "Spec", "SpecError", "after_step", "apply", "check_fits",
+    "combine", "count", "factored", "factored_nnx", "init", "is_adapter", "labels", "merge", "method", "methods", "split",
+]

@@ -1,0 +1,41 @@
+"""The adapter node that replaces a targeted leaf in a parameter tree."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import jax
+from flax import struct
+
+
+@struct.dataclass
+class Adapter:
+    """A targeted leaf after `jpeft.init`.
+
+    base:   the frozen base weight in kernel layout `(in, out)`; possibly rewritten at init
+            (PiSSA / LoRA-GA residual). Methods that train the whole leaf keep it in `train`.
+    train:  trainable arrays (the optimizer sees these and nothing else).
+    frozen: frozen buffers (random bases, indices, masks, singular vectors).
+    state:  non-trainable arrays that step hooks rewrite (schedules, EMA scores).
+    method: the method config (static: part of the tree structure, hashable under `jit`).
+    """
+
+    base: Any
+    train: dict[str, Any]
+    frozen: dict[str, Any]
+    state: dict[str, Any]
+    method: Any = struct.field(pytree_node=False)
+
+
+def is_adapter(x: Any) -> bool:
+    return isinstance(x, Adapter)
+
+
+def is_adapter_or_hole(x: Any) -> bool:
+    """Leaf predicate that keeps trees with `None` holes aligned with full trees."""
+    return x is None or isinstance(x, Adapter)
+
+
+def map_adapters(fn, tree: Any) -> Any:
+    """Apply `fn(node)` to every adapter node of `tree`; other leaves pass through."""
+    return jax.tree.map(lambda x: fn(x) if isinstance(x, Adapter) else x, tree, is_leaf=is_adapter)

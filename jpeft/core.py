@@ -1,0 +1,171 @@
+"""The engine: `init`, `apply`, `merge`, `split`, `combine`, `count`, `labels` (DESIGN.md §1–2).
+
+All are pure functions of pytrees and jit-able (pass the `Spec` as a static argument).
+"""
+
+from __future__ import annotations
+
+from typing import Any, NamedTuple
+
+import jax
+import numpy as np
+
+from jpeft.adapter import Adapter, is_adapter, map_adapters
+from jpeft.errors import AdapterError, SpecError
+from jpeft.hooks import leaf_key
+from jpeft.paths import leaves_with_paths
+from jpeft.shared import SHARED, attach_shared
+from jpeft.spec import Spec
+
+
+def init(key: jax.Array, params: Any, spec: Spec, *, calib: Any = None) -> Any:
+    """Replace every leaf the spec targets by an `Adapter` node; other leaves are unchanged.
+
+    `calib` is a tree shaped like `params` (e.g. gradients of a loss w.r.t. the base weights) for
+    data-driven inits such as LoRA-GA; leaves that need none may be `None`.
+    """
+    pairs = leaves_with_paths(params, is_leaf=is_adapter)
+    if any(isinstance(leaf, Adapter) for _, leaf in pairs):
+        raise SpecError("params already contain adapter nodes; call jpeft.init on the base tree "
+                        "(jpeft.merge gives a plain tree back)")
+    assignment = spec.resolve([p for p, _ in pairs])
+    calib_map = dict(leaves_with_paths(calib)) if calib is not None else {}
+    new_leaves = []
+    for path, leaf in pairs:
+        method = assignment.get(path)
+        if method is None:
+            new_leaves.append(leaf)
+            continue
+        method.check(path, leaf)
+        new_leaves.append(method.create(leaf_key(key, path), leaf, _calib_for(method, path, leaf, calib_map)))
+    _add_shared(key, pairs, assignment, new_leaves)
+    return jax.tree_util.tree_unflatten(jax.tree_util.tree_structure(params, is_leaf=is_adapter), new_leaves)
+
+
+def _add_shared(key, pairs, assignment, new_leaves):
+    """Create each method config's shared state once and store it in its first node."""
+    for method in dict.fromkeys(assignment.values()):
+        members = [i for i, (path, _) in enumerate(pairs) if assignment.get(path) == method]
+        shared = method.create_shared(leaf_key(key, f"shared:{method!r}"), [pairs[i] for i in members])
+        if shared is None:
+            continue
+        train, frozen, *per_leaf = shared
+        # Optional third element: one dict per member, merged into that node's `frozen` (per-leaf
+        # indices into the shared state, e.g. MSPLoRA's module/group slots).
+        for i, extra in zip(members, per_leaf[0] if per_leaf else ()):
+            if extra:
+                new_leaves[i] = new_leaves[i].replace(frozen={**new_leaves[i].frozen, **extra})
+        owner = new_leaves[members[0]]
+        new_leaves[members[0]] = owner.replace(train={**owner.train, **({SHARED: train} if train else {})},
+                                               frozen={**owner.frozen, **({SHARED: frozen} if frozen else {})})
+
+
+def _calib_for(method, path, leaf, calib_map):
+    if not method.needs_calib:
+        return None
+    g = calib_map.get(path)
+    if g is None:
+        raise AdapterError(f"{path}: {method!r} needs a calibration "
+                           f"gradient; pass jpeft.init(..., calib=grads) with a tree shaped like params")
+    if g.shape != leaf.shape:
+        raise AdapterError(f"{path}: calibration gradient has shape {tuple(g.shape)}, expected the leaf's "
+                           f"shape {tuple(leaf.shape)}")
+    return g
+
+
+def check_fits(params: Any, spec: Spec) -> None:
+    """Raise `SpecError` unless the adapter nodes of `params` are exactly what `spec` targets."""
+    pairs = leaves_with_paths(params, is_leaf=is_adapter)
+    assignment = spec.resolve([p for p, _ in pairs])
+    for path, leaf in pairs:
+        method = assignment.get(path)
+        if isinstance(leaf, Adapter):
+            if method is None:
+                raise SpecError(f"{path} holds a {leaf.method.name} adapter but the spec targets no such leaf")
+            if method != leaf.method:
+                raise SpecError(f"{path} holds {leaf.method!r} but the spec says {method!r}")
+        elif method is not None:
+            raise SpecError(f"{path} (shape {tuple(np.shape(leaf))}) is targeted by the spec ({method.name}) but is "
+                            f"not an adapter node; build the tree with jpeft.init first")
+
+
+def _materialise_with_paths(params, spec, materialise):
+    check_fits(params, spec)
+    pairs = leaves_with_paths(params, is_leaf=is_adapter)
+    lent = attach_shared([leaf for _, leaf in pairs])
+    leaves = [materialise(path, leaf) if isinstance(leaf, Adapter) else leaf for (path, _), leaf in zip(pairs, lent)]
+    return jax.tree_util.tree_unflatten(jax.tree_util.tree_structure(params, is_leaf=is_adapter), leaves)
+
+
+def _materialise(node: Adapter, rng):
+    return node.method.materialise(node, rng)
+
+
+_remat_materialise = jax.checkpoint(_materialise)
+
+
+def apply(params: Any, spec: Spec, *, rng: jax.Array | None = None) -> Any:
+    """Effective plain parameters for the model (the materialised path, DESIGN.md §2).
+
+    Each adapter becomes its effective weight `K' = f(K, θ)` under `jax.checkpoint`, so the
+    method's own m×n temporaries (e.g. `s·a@b`, DoRA's direction) are recomputed in the backward
+    pass instead of being saved. `K'` itself is an input of the model's matmul, which saves it; the
+    factored path (`jpeft.factored`) avoids even that. `rng` enables adapter dropout.
+    """
+    def mat(path, node):
+        return _remat_materialise(node, None if rng is None else leaf_key(rng, path))
+
+    return _materialise_with_paths(params, spec, mat)
+
+
+def merge(params: Any, spec: Spec) -> Any:
+    """An ordinary parameter tree with every adapter folded in (export / inference)."""
+    return _materialise_with_paths(params, spec, lambda path, node: _materialise(node, None))
+
+
+def _holes(d: dict) -> dict:
+    return jax.tree.map(lambda _: None, d)
+
+
+def split(params: Any) -> tuple[Any, Any]:
+    """`(trainable, frozen)`: two trees shaped like `params` with `None` in each other's holes."""
+    def trainable_part(x):
+        if not isinstance(x, Adapter):
+            return None
+        return x.replace(base=None, frozen=_holes(x.frozen), state=_holes(x.state))
+
+    trainable = jax.tree.map(trainable_part, params, is_leaf=is_adapter)
+    frozen = map_adapters(lambda n: n.replace(train=_holes(n.train)), params)
+    return trainable, frozen
+
+
+def combine(trainable: Any, frozen: Any) -> Any:
+    """Inverse of `split`."""
+    return jax.tree.map(lambda t, f: f if t is None else t, trainable, frozen, is_leaf=lambda x: x is None)
+
+
+def labels(params: Any) -> Any:
+    """A tree shaped like `params` with `"train"` / `"freeze"` leaves, for `optax.multi_transform`."""
+    trainable, frozen = split(params)
+    return jax.tree.map(lambda t, f: "freeze" if t is None else "train", trainable, frozen,
+                        is_leaf=lambda x: x is None)
+
+
+class ParamCount(NamedTuple):
+    trainable: int
+    frozen: int
+
+    @property
+    def total(self) -> int:
+        return self.trainable + self.frozen
+
+    def __str__(self) -> str:
+        return (f"trainable {self.trainable:,} / total {self.total:,} "
+                f"({100.0 * self.trainable / max(self.total, 1):.3f}%)")
+
+
+def count(params: Any) -> ParamCount:
+    """Numbers of trainable and frozen scalars (works on abstract `jax.eval_shape` trees too)."""
+    size = lambda tree: int(sum(np.prod(np.shape(x)) for x in jax.tree.leaves(tree)))  # noqa: E731
+    trainable, frozen = split(params)
+    return ParamCount(size(trainable), size(frozen))

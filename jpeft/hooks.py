@@ -1,0 +1,119 @@
+"""Step hooks: pure, jit-able rewrites of adapters and optimizer state after an optimizer step
+(METHODS.md §1.3 J, §4.3).
+
+A method's `step_hook(nodes, moments, *, step, keys, grads)` sees every adapter node that uses
+that method config (in tree order), for each node the optimizer moments of its trainable leaves
+(one `train`-shaped dict per per-parameter state tree in the optax state, e.g. Adam's `mu` and
+`nu`), a per-node key, and optionally each node's gradients (`train`-shaped dicts). It returns a
+`HookResult` with lists in the same order. Hooks never change shapes (masks instead).
+"""
+
+from __future__ import annotations
+
+import zlib
+from typing import Any, NamedTuple
+
+import jax
+import jax.numpy as jnp
+
+from jpeft.adapter import Adapter, is_adapter_or_hole
+from jpeft.errors import SpecError
+from jpeft.paths import leaves_with_paths
+from jpeft.shared import attach_shared, detach_shared, owns_shared
+
+
+class HookResult(NamedTuple):
+    nodes: list[Adapter]
+    moments: list[list[dict[str, Any]]]
+    #: A bool scalar when the hook may restart its nodes' optimizer state (PeriodicLoRA), else None.
+    restarted: Any = None
+
+
+def leaf_key(key: jax.Array, path: str) -> jax.Array:
+    """A per-leaf key that depends only on `key` and the leaf's path."""
+    return jax.random.fold_in(key, zlib.crc32(path.encode()) & 0x7FFFFFFF)
+
+
+def _flat(tree):
+    return jax.tree_util.tree_flatten(tree, is_leaf=is_adapter_or_hole)
+
+
+def _moment_trees(opt_state, trainable):
+    """Flatten `opt_state`, stopping at every subtree shaped like `trainable` (per-parameter
+    moments). Returns `(leaves, treedef, positions of the moment trees)`."""
+    target = jax.tree_util.tree_structure(trainable)
+    is_moment = lambda x: x is not None and jax.tree_util.tree_structure(x) == target  # noqa: E731
+    leaves, treedef = jax.tree_util.tree_flatten(opt_state, is_leaf=is_moment)
+    return leaves, treedef, [i for i, leaf in enumerate(leaves) if is_moment(leaf)]
+
+
+def _reset_counts(opt_state, flag):
+    """Zero every integer `count` field of the optax state where `flag` holds."""
+
+    def visit(path, leaf):
+        name = getattr(path[-1], "name", None) if path else None
+        if name == "count" and jnp.issubdtype(jnp.asarray(leaf).dtype, jnp.integer):
+            return jnp.where(flag, jnp.zeros_like(leaf), leaf)
+        return leaf
+
+    return jax.tree_util.tree_map_with_path(visit, opt_state)
+
+
+def after_step(params, opt_state, spec=None, *, step, key, grads=None):
+    """Run every method's step hook. Call after `optax.apply_updates`, on the combined tree.
+
+    `step` is the number of optimizer updates applied so far. Each method config's hook runs once
+    with all the nodes that use it (so hooks can act globally, e.g. a rank budget over all layers);
+    shared state (`jpeft.shared`) is lent to every node and kept from the owner (first) node.
+    Returns `(params, opt_state)`. If a hook restarts its adapters' optimizer state, their moments
+    are zeroed and the optax step `count` (shared by all parameters) is zeroed too, which requires
+    every trainable leaf to belong to an adapter whose hook restarts at the same time.
+    """
+    from jpeft.core import check_fits, split
+
+    if spec is not None:
+        check_fits(params, spec)
+    trainable, _ = split(params)
+    paths = [p for p, _ in leaves_with_paths(params, is_leaf=is_adapter_or_hole)]
+    nodes, pdef = _flat(params)
+    owners = [isinstance(n, Adapter) and owns_shared(n) for n in nodes]
+    nodes = attach_shared(nodes)
+    train_flat = _flat(trainable)[0]
+    grad_flat = _flat(grads)[0] if grads is not None else [None] * len(nodes)
+    state_leaves, sdef, positions = _moment_trees(opt_state, trainable)
+    moment_flats = [_flat(state_leaves[i])[0] for i in positions]
+
+    groups: dict[Any, list[int]] = {}
+    for j, node in enumerate(nodes):
+        if isinstance(node, Adapter) and node.method.step_hook is not None:
+            groups.setdefault(node.method, []).append(j)
+    hooked = {j for members in groups.values() for j in members}
+    restarts = []
+    for method, members in groups.items():
+        result = method.step_hook(
+            [nodes[j] for j in members],
+            [[m[j].train for m in moment_flats] for j in members],
+            step=step, keys=[leaf_key(key, paths[j]) for j in members],
+            grads=None if grads is None else [grad_flat[j].train for j in members])
+        for j, node, moments in zip(members, result.nodes, result.moments):
+            nodes[j] = node
+            for m, new in zip(moment_flats, moments):
+                m[j] = m[j].replace(train=new)
+        if result.restarted is None:
+            hooked -= set(members)
+        else:
+            restarts.append(result.restarted)
+    has_train = [t is not None and bool(jax.tree_util.tree_leaves(t)) for t in train_flat]
+    covered = all(j in hooked for j, trains in enumerate(has_train) if trains)
+
+    for i, flat in zip(positions, moment_flats):
+        state_leaves[i] = jax.tree_util.tree_unflatten(_flat(state_leaves[i])[1], flat)
+    opt_state = jax.tree_util.tree_unflatten(sdef, state_leaves)
+    if restarts:
+        if not covered:
+            raise SpecError(
+                "a step hook restarts its adapters' optimizer state, but other trainable leaves share "
+                "the optax step count; give the restarting adapters their own optimizer, or make every "
+                "trainable leaf restart together (e.g. PeriodicLoRA on all adapted leaves)")
+        opt_state = _reset_counts(opt_state, jnp.all(jnp.stack(restarts)))
+    return jax.tree_util.tree_unflatten(pdef, detach_shared(nodes, owners)), opt_state

@@ -1,0 +1,1 @@
+"""Interop with other ecosystems (HuggingFace PEFT)."""

@@ -1,0 +1,617 @@
+"""Family G: shared bank / random bases (METHODS.md §1.2 G, §2.10, §3.1, §3.3, §3.25–§3.27).
+
+Every method here is an additive low-rank update in kernel layout, `K' = K_base + L @ R`, whose
+factors `L ∈ R^{in×k}`, `R ∈ R^{k×out}` (the scale folded in) are built from per-layer parameters
+and, for most of them, from model-level state created once by `create_shared`, stored in the first
+node of the config and lent to the others while they are evaluated (`jpeft.shared`):
+
+| method      | model-level state (once)                          | per layer                       |
+|-------------|---------------------------------------------------|---------------------------------|
+| VB-LoRA     | trainable vector bank `(h, b)`                    | top-k logits of every sub-vector |
+| RandLoRA    | frozen random bases `A (r, d_max)`, `B (D_max, N_max, r)` | diagonals `λ (r, N)`, `γ (N, d)` |
+| S2-LoRA     | trainable `a, b` per kernel shape                 | rank gates `λ (r,)`             |
+| MSPLoRA     | trainable global LoRA per module, mid-level LoRA per module and layer group | layer LoRA + slot indices |
+| Block-LoRA  | — (the down-projection is shared by the rank blocks of one layer) | `a_s`, `b_1..b_n`   |
+| LoRI        | — (global mask extraction: `lori_sparsify`)       | frozen random `a`, `b`, mask    |
+
+The shared skeleton is `BankMethod.factors(node) -> (L, R)`: `materialise` is `K + L@R` (fp32) and
+`matmul` the factored `x@K + (x@L)@R`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import re
+from typing import Any, NamedTuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax import lax
+
+from jpeft import linalg
+from jpeft.adapter import Adapter, is_adapter
+from jpeft.errors import AdapterError, leaf_error
+from jpeft.hooks import HookResult
+from jpeft.methods.base import Method, require, require_float_matrix, require_rank
+from jpeft.paths import leaves_with_paths
+from jpeft.registry import register
+from jpeft.shared import SHARED
+
+
+# ----------------------------------------------------------------------------------- skeleton
+class BankMethod(Method):
+    """Additive low-rank update `K' = K + L@R` with factors from per-layer and shared state."""
+
+    def factors(self, node: Adapter) -> tuple[jax.Array, jax.Array]:
+        """`(L, R)` with `L@R = ΔK` (kernel layout, scale included)."""
+        raise NotImplementedError
+
+    def delta(self, node: Adapter) -> jax.Array:
+        left, right = self.factors(node)
+        return linalg.upcast(left) @ linalg.upcast(right)
+
+    def materialise(self, node, rng=None):
+        return (node.base + self.delta(node)).astype(node.base.dtype)
+
+    def matmul(self, node, x, rng=None):
+        left, right = self.factors(node)
+        y = x @ node.base
+        return y + ((x @ left) @ right).astype(y.dtype)
+
+
+def shared_state(node: Adapter) -> dict[str, Any]:
+    """The config's shared state as lent to `node` (trainable and frozen parts merged)."""
+    if SHARED not in node.train and SHARED not in node.frozen:
+        raise AdapterError(f"{node.method!r}: this node has no shared state; evaluate adapters through "
+                           "jpeft.apply / jpeft.merge / jpeft.factored, which lend it from the owner node")
+    return {**node.frozen.get(SHARED, {}), **node.train.get(SHARED, {})}
+
+
+def _float_dtype(dtype) -> Any:
+    return jnp.promote_types(dtype, jnp.float32)
+
+
+def _kaiming_a(key, n_in: int, r: int, dtype) -> jax.Array:
+    """PEFT's LoRA-A init in kernel layout: `U(±1/√in)` (kaiming_uniform with a=√5)."""
+    bound = 1.0 / math.sqrt(n_in)
+    return jax.random.uniform(key, (n_in, r), dtype, -bound, bound)
+
+
+def _shape_key(shape) -> str:
+    return "x".join(str(int(d)) for d in shape)
+
+
+# ----------------------------------------------------------------------------------- VB-LoRA
+@register
+@dataclasses.dataclass(frozen=True)
+class VBLoRA(BankMethod):
+    """VB-LoRA (METHODS.md §2.10; PEFT `tuners/vblora`). One trainable vector bank `𝔅 ∈ R^{h×b}`
+    for the whole model; every length-`b` sub-vector of every LoRA factor is
+    `Σ_{j∈TopK(ℓ)} softmax(ℓ_TopK)_j 𝔅_j` with its own logits `ℓ ∈ R^h`. `W' = W + B A` (no scale).
+
+    Per layer (PEFT layout): `logits_a (r, in/b, h)` (row i of `A` = its in/b sub-vectors),
+    `logits_b (out/b, r, h)` (column j of `B`). Init: `𝔅 ~ U(±init_bank_bound)`,
+    `ℓ ~ N(0, init_logits_std²)`, so `BA ≠ 0` at init (`identity_at_init = False`).
+    """
+
+    name = "vb_lora"
+    identity_at_init = False
+
+    rank: int = 4
+    num_vectors: int = 256
+    vector_length: int = 256
+    topk: int = 2
+    init_bank_bound: float = 0.02
+    init_logits_std: float = 0.1
+
+    def __post_init__(self):
+        require(isinstance(self.rank, int) and self.rank >= 1, f"{self.name}: rank must be a positive int")
+        require(self.vector_length >= 1, f"{self.name}: vector_length must be >= 1")
+        require(1 <= self.topk <= self.num_vectors,
+                f"{self.name}: topk must satisfy 1 <= topk <= num_vectors = {self.num_vectors}, got {self.topk}")
+        require(self.init_bank_bound > 0, f"{self.name}: init_bank_bound must be > 0 (a zero bank has zero gradients)")
+
+    def check(self, path, w):
+        require_float_matrix(path, w)
+        require_rank(path, w, self.rank)
+        for side, size in (("in", w.shape[0]), ("out", w.shape[1])):
+            if size % self.vector_length:
+                raise leaf_error(path, w.shape, w.dtype,
+                                 f"vector_length {self.vector_length} must divide {side} = {size}")
+
+    def create(self, key, w, calib=None):
+        n, m = w.shape
+        r, b, h = self.rank, self.vector_length, self.num_vectors
+        ka, kb = jax.random.split(key)
+        dt = _float_dtype(w.dtype)
+        std = self.init_logits_std
+        return self.node(w, train={"logits_a": std * jax.random.normal(ka, (r, n // b, h), dt),
+                                   "logits_b": std * jax.random.normal(kb, (m // b, r, h), dt)})
+
+    def create_shared(self, key, leaves):
+        dt = _float_dtype(jnp.result_type(*[w.dtype for _, w in leaves]))
+        bound = self.init_bank_bound
+        bank = jax.random.uniform(key, (self.num_vectors, self.vector_length), dt, -bound, bound)
+        return {"bank": bank}, {}
+
+    def mix(self, logits: jax.Array, bank: jax.Array) -> jax.Array:
+        """Sub-vectors `(..., b)`: the softmax-weighted sum of the top-k bank rows per logit vector."""
+        values, idx = lax.top_k(logits, self.topk)
+        weights = jax.nn.softmax(values, axis=-1)
+        return jnp.einsum("...k,...kb->...b", weights, bank[idx])
+
+    def lora_factors(self, node) -> tuple[jax.Array, jax.Array]:
+        """Paper-layout `(A (r, in), B (out, r))`."""
+        bank = shared_state(node)["bank"]
+        la, lb = node.train["logits_a"], node.train["logits_b"]
+        a = self.mix(la, bank).reshape(la.shape[0], -1)
+        sub_b = self.mix(lb, bank)                       # (out/b, r, b)
+        b = jnp.swapaxes(sub_b, 1, 2).reshape(-1, lb.shape[1])
+        return a, b
+
+    def factors(self, node):
+        a, b = self.lora_factors(node)
+        return a.T, b.T
+
+
+class VBStorage(NamedTuple):
+    """Stored-parameter counts of the VB-LoRA nodes of a tree (float32-equivalents where noted)."""
+
+    bank: int            # h·b, once
+    subvectors: int      # number of sub-vectors over all layers
+    logits: int          # full logits (training form): subvectors·h
+    topk: int            # METHODS.md §2.10 (d): bank + subvectors·k·(index + weight)
+    topk_fp32: int       # PEFT `get_nb_savable_parameters`: bank + subvectors·((k−1) + k·index_bytes/4)
+
+
+def vblora_storage(params: Any) -> VBStorage:
+    """Counts for every VB-LoRA node of `params` (concrete or `jax.eval_shape` trees)."""
+    nodes = [x for x in jax.tree.leaves(params, is_leaf=is_adapter)
+             if isinstance(x, Adapter) and isinstance(x.method, VBLoRA)]
+    if not nodes:
+        raise ValueError("no VB-LoRA adapter nodes in this tree")
+    bank = sum(int(np.prod(np.shape(n.train[SHARED]["bank"]))) for n in nodes if SHARED in n.train)
+    subvectors, topk, topk_fp32, logits = 0, 0, 0.0, 0
+    for n in nodes:
+        h, k = n.method.num_vectors, n.method.topk
+        count = sum(int(np.prod(np.shape(n.train[name]))) // h for name in ("logits_a", "logits_b"))
+        subvectors += count
+        logits += count * h
+        topk += count * 2 * k
+        factor = 0.25 if h < 2 ** 8 else 0.5 if h < 2 ** 15 else 1.0 if h < 2 ** 31 else 2.0
+        topk_fp32 += count * ((k - 1) + k * factor)
+    return VBStorage(bank, subvectors, logits, bank + topk, int(bank + topk_fp32))
+
+
+def vblora_topk_export(params: Any) -> dict[str, dict[str, np.ndarray]]:
+    """The compact stored form (METHODS.md §2.10 defaults, PEFT `save_only_topk_weights`):
+    `{path: {"<logits>_indices": int, "<logits>_weights": float}}` with the top-k indices and their
+    softmax weights per sub-vector. The bank is stored as usual."""
+    out = {}
+    for path, node in leaves_with_paths(params, is_leaf=is_adapter):
+        if isinstance(node, Adapter) and isinstance(node.method, VBLoRA):
+            entry = {}
+            for name in ("logits_a", "logits_b"):
+                values, idx = lax.top_k(node.train[name], node.method.topk)
+                entry[f"{name}_indices"] = np.asarray(idx)
+                entry[f"{name}_weights"] = np.asarray(jax.nn.softmax(values, axis=-1))
+            out[path] = entry
+    return out
+
+
+def vblora_topk_import(params: Any, exported: dict[str, dict[str, np.ndarray]]) -> Any:
+    """Logits rebuilt from `vblora_topk_export`: `log(weight)` at the stored indices, `-inf` elsewhere,
+    so the sub-vectors (and outputs) are those of the exported model. For inference only (PEFT
+    refuses to train from such logits, and so should callers)."""
+
+    def rebuild(path, node):
+        if not (isinstance(node, Adapter) and isinstance(node.method, VBLoRA)):
+            return node
+        train = dict(node.train)
+        for name in ("logits_a", "logits_b"):
+            idx = jnp.asarray(exported[path][f"{name}_indices"])
+            w = jnp.asarray(exported[path][f"{name}_weights"], train[name].dtype)
+            full = jnp.full(train[name].shape, -jnp.inf, train[name].dtype)
+            flat_idx = idx.reshape(-1, idx.shape[-1])
+            rows = jnp.arange(flat_idx.shape[0])[:, None]
+            full = full.reshape(-1, full.shape[-1]).at[rows, flat_idx].set(jnp.log(w).reshape(flat_idx.shape))
+            train[name] = full.reshape(train[name].shape)
+        return node.replace(train=train)
+
+    pairs = leaves_with_paths(params, is_leaf=is_adapter)
+    leaves = [rebuild(p, x) for p, x in pairs]
+    return jax.tree_util.tree_unflatten(jax.tree_util.tree_structure(params, is_leaf=is_adapter), leaves)
+
+
+# ----------------------------------------------------------------------------------- RandLoRA
+BASES = ("dense", "sparse", "very_sparse")
+
+
+@register
+@dataclasses.dataclass(frozen=True)
+class RandLoRA(BankMethod):
+    """RandLoRA (METHODS.md §3.1; PEFT `tuners/randlora`). Paper layout, `d = min(m, n)`,
+    `D = max(m, n)`, `N = ⌈d/r⌉`: `ΔW = s · Σ_j B_j Λ_j A Γ_j` (transposed when `in > out`, so the
+    random side with `N` bases is the larger dimension), `s = α/r`, one frozen `A` shared by the `N`
+    terms (PEFT). Model-level frozen bases, sized for the largest adapted layer as PEFT does
+    (`(out, in)` maxima): `A (r, d_max)`, `B (D_max, N_max, r)`; a layer uses `A[:, :d]` and
+    `B[:D, :N]`, flattened to `B_flat (D, N·r)`, and `B_j` is the column block `{k·N + j}_k` of
+    `B_flat` (PEFT's pairing; the columns are i.i.d., so this is the paper form up to relabelling).
+
+    Trainable per layer: `λ (r, N)` (init 0, so `W' = W` at init) and `γ (N, d)` (init
+    `1/max(N, d)`, PEFT's `reset_randlora_parameters`). Bases: uniform (PEFT: kaiming uniform, then
+    divided by the tensor's std) or sparse ternary (`sparse`: P(±1) = 1/6 each; `very_sparse`:
+    P(±1) = 1/(2√d_max) each), divided by their std.
+    """
+
+    name = "randlora"
+
+    rank: int = 32
+    alpha: float = 640.0
+    basis: str = "dense"
+
+    def __post_init__(self):
+        require(isinstance(self.rank, int) and self.rank >= 1, f"{self.name}: rank must be a positive int")
+        require(self.basis in BASES, f"{self.name}: basis must be one of {BASES}, got {self.basis!r}")
+
+    @property
+    def scale(self) -> float:
+        return self.alpha / self.rank
+
+    def check(self, path, w):
+        require_float_matrix(path, w)
+        require_rank(path, w, self.rank)
+
+    def num_bases(self, d: int) -> int:
+        return -(-d // self.rank)
+
+    def create(self, key, w, calib=None):
+        d = min(w.shape)
+        nb = self.num_bases(d)
+        dt = _float_dtype(w.dtype)
+        return self.node(w, train={"lam": jnp.zeros((self.rank, nb), dt),
+                                   "gamma": jnp.full((nb, d), 1.0 / max(nb, d), dt)})
+
+    def shared_shapes(self, shapes) -> tuple[tuple[int, int], tuple[int, int, int]]:
+        """PEFT `_find_dim`: the element-wise largest `(out, in)` over the adapted layers."""
+        out_max = max(int(s[1]) for s in shapes)
+        in_max = max(int(s[0]) for s in shapes)
+        big, small = max(out_max, in_max), min(out_max, in_max)
+        return (self.rank, small), (big, self.num_bases(small), self.rank)
+
+    def create_shared(self, key, leaves):
+        shape_a, shape_b = self.shared_shapes([w.shape for _, w in leaves])
+        dt = _float_dtype(jnp.result_type(*[w.dtype for _, w in leaves]))
+        ka, kb = jax.random.split(key)
+        if self.basis == "dense":
+            draw = lambda k, s: jax.random.uniform(k, s, dt, -1.0, 1.0)  # noqa: E731
+        else:
+            sparsity = 3.0 if self.basis == "sparse" else math.sqrt(shape_a[1])
+            draw = lambda k, s: ternary(k, s, sparsity, dt)  # noqa: E731
+        a, b = draw(ka, shape_a), draw(kb, shape_b)
+        return {}, {"a": a / jnp.std(a, ddof=1), "b": b / jnp.std(b, ddof=1)}
+
+    def scaled_bases(self, node) -> tuple[jax.Array, jax.Array]:
+        """`(B_flat (D, N·r), S (r·N, d))` with `S[k·N + j] = λ[k, j] · A[k] ⊙ γ[j]`, `ΔW = s·B_flat@S`
+        in the orientation where `d` is the smaller dimension."""
+        bases = shared_state(node)
+        lam, gamma = node.train["lam"], node.train["gamma"]
+        nb, d = gamma.shape
+        big = max(node.base.shape)
+        a = bases["a"][:, :d]
+        b_flat = bases["b"][:big, :nb, :].reshape(big, nb * self.rank)
+        s = (lam[:, :, None] * a[:, None, :] * gamma[None, :, :]).reshape(self.rank * nb, d)
+        return b_flat, s
+
+    def factors(self, node):
+        b_flat, s = self.scaled_bases(node)
+        n_in, n_out = node.base.shape
+        if n_in <= n_out:  # d = in: ΔW = s·B_flat@S (out×in), ΔK = (s·S)ᵀ@B_flatᵀ
+            return (self.scale * s).T, b_flat.T
+        return b_flat, self.scale * s  # d = out: ΔW = (B_flat@S)ᵀ, ΔK = B_flat@(s·S)
+
+
+def ternary(key, shape, sparsity: float, dtype) -> jax.Array:
+    """Sparse random projection (PEFT `_init_randlora_A_randlora_B_sparse`): −1 / +1 each with
+    probability `1/(2·sparsity)`, else 0 (not yet standardised)."""
+    u = jax.random.uniform(key, shape, dtype)
+    p = 1.0 / (2.0 * sparsity)
+    return jnp.where(u < p, -1.0, jnp.where(u > 1.0 - p, 1.0, 0.0)).astype(dtype)
+
+
+# ----------------------------------------------------------------------------------- S2-LoRA
+@register
+@dataclasses.dataclass(frozen=True)
+class S2LoRA(BankMethod):
+    """S2-LoRA (METHODS.md §3.25): one trainable pair `a (in, r)`, `b (r, out)` per kernel shape,
+    shared by every adapted layer of that shape; each layer trains only its rank gates `λ_l ∈ R^r`:
+    `ΔK_l = s · a·diag(λ_l)·b` (paper `ΔW_l = s·B·diag(λ_l)·A`), `s = α/r`. Init: `a` kaiming
+    uniform, `b = 0` (identity at init), `λ = 1`. Sparsity of `λ` **[UNVERIFIED regulariser]**: with
+    `threshold > 0` a step hook soft-thresholds every `λ_l` by `threshold` after each optimizer step
+    (SoRA-style proximal step; moments untouched, METHODS.md §4.3 "masking without reset").
+    """
+
+    name = "s2_lora"
+
+    rank: int = 8
+    alpha: float = 8.0
+    threshold: float = 0.0
+
+    def __post_init__(self):
+        require(isinstance(self.rank, int) and self.rank >= 1, f"{self.name}: rank must be a positive int")
+        require(self.threshold >= 0.0, f"{self.name}: threshold must be >= 0")
+
+    @property
+    def scale(self) -> float:
+        return self.alpha / self.rank
+
+    def check(self, path, w):
+        require_float_matrix(path, w)
+        require_rank(path, w, self.rank)
+
+    def create(self, key, w, calib=None):
+        return self.node(w, train={"lam": jnp.ones((self.rank,), _float_dtype(w.dtype))})
+
+    def create_shared(self, key, leaves):
+        groups = {}
+        for _, w in leaves:
+            groups.setdefault(_shape_key(w.shape), (tuple(w.shape), w.dtype))
+        train = {}
+        for i, (name, (shape, dtype)) in enumerate(sorted(groups.items())):
+            dt = _float_dtype(dtype)
+            train[name] = {"a": _kaiming_a(jax.random.fold_in(key, i), shape[0], self.rank, dt),
+                           "b": jnp.zeros((self.rank, shape[1]), dt)}
+        return train, {}
+
+    def factors(self, node):
+        group = shared_state(node)[_shape_key(node.base.shape)]
+        return group["a"] * (self.scale * node.train["lam"]), group["b"]
+
+    @property
+    def step_hook(self):  # type: ignore[override]
+        return self._soft_threshold if self.threshold > 0 else None
+
+    def _soft_threshold(self, nodes, moments, *, step, keys, grads=None):
+        tau = self.threshold
+
+        def prox(node):
+            lam = node.train["lam"]
+            return node.replace(train={**node.train, "lam": jnp.sign(lam) * jnp.maximum(jnp.abs(lam) - tau, 0.0)})
+
+        return HookResult([prox(n) for n in nodes], moments, restarted=None)
+
+
+# ----------------------------------------------------------------------------------- MSPLoRA
+_NUMBER = re.compile(r"\d+")
+
+
+def layer_and_module(path: str) -> tuple[int, str]:
+    """The layer index (the first integer in the path) and the module key (the path with that integer
+    replaced by `*`), as the MSPLoRA reference finds them (`re.findall(r"\\d+", key)[0]`)."""
+    match = _NUMBER.search(path)
+    if match is None:
+        return 0, path
+    return int(match.group()), path[: match.start()] + "*" + path[match.end():]
+
+
+@register
+@dataclasses.dataclass(frozen=True)
+class MSPLoRA(BankMethod):
+    """MSPLoRA (METHODS.md §3.26; reference `msplora.py` in the authors' PEFT fork):
+    `ΔW_l = s_G B_G A_G + s_M B_{g(l)} A_{g(l)} + s_L B_l A_l`, `s_x = α/r_x`.
+
+    - global LoRA (rank `rank`) shared by the same module in every layer (the reference shares
+      the module whose path has the layer number replaced);
+    - mid-level LoRA (rank `mid_rank`) shared by that module within each of `groups` runs of
+      consecutive layers (the reference splits the layers into 3 equal parts); with P distinct
+      layers present, layer position p belongs to group `⌊p·G/P⌋`, `G = min(groups, P)`;
+    - layer-specific LoRA (rank `layer_rank`).
+
+    The layer index of a leaf is the first integer in its path. Shared factors are stacked per
+    kernel shape; each node keeps its int32 slot indices `frozen["global"]`, `frozen["mid"]`.
+    Init: every `a` kaiming uniform, every `b = 0` (identity at init).
+    """
+
+    name = "msplora"
+
+    rank: int = 8
+    mid_rank: int = 4
+    layer_rank: int = 2
+    alpha: float = 16.0
+    groups: int = 3
+
+    def __post_init__(self):
+        for field in ("rank", "mid_rank", "layer_rank"):
+            v = getattr(self, field)
+            require(isinstance(v, int) and v >= 1, f"{self.name}: {field} must be a positive int, got {v!r}")
+        require(isinstance(self.groups, int) and self.groups >= 1, f"{self.name}: groups must be a positive int")
+
+    def check(self, path, w):
+        require_float_matrix(path, w)
+        require_rank(path, w, self.rank)
+        require_rank(path, w, self.mid_rank)
+        require_rank(path, w, self.layer_rank)
+
+    def create(self, key, w, calib=None):
+        dt = _float_dtype(w.dtype)
+        return self.node(w, train={"a": _kaiming_a(key, w.shape[0], self.layer_rank, dt),
+                                   "b": jnp.zeros((self.layer_rank, w.shape[1]), dt)})
+
+    def assignment(self, paths_shapes) -> tuple[dict[str, list], list[tuple[str, int, int]]]:
+        """Per shape key: the module slots `[(module, n_groups)]`; per leaf: `(shape key, module slot,
+        mid slot)`."""
+        modules: dict[str, list[tuple[int, int, tuple]]] = {}
+        for i, (path, shape) in enumerate(paths_shapes):
+            layer, module = layer_and_module(path)
+            modules.setdefault(module, []).append((i, layer, tuple(shape)))
+        by_shape: dict[str, list[tuple[str, int]]] = {}
+        per_leaf: list[Any] = [None] * len(paths_shapes)
+        for module in sorted(modules):
+            members = modules[module]
+            shapes = {s for _, _, s in members}
+            if len(shapes) > 1:
+                raise AdapterError(f"msplora: the layers of module {module!r} have different shapes {sorted(shapes)}; "
+                                   "the global / mid-level factors of a module need one shape")
+            skey = _shape_key(next(iter(shapes)))
+            layers = sorted({layer for _, layer, _ in members})
+            n_groups = min(self.groups, len(layers))
+            slots = by_shape.setdefault(skey, [])
+            module_slot = len(slots)
+            mid_base = sum(g for _, g in slots)
+            slots.append((module, n_groups))
+            for i, layer, _ in members:
+                group = layers.index(layer) * n_groups // len(layers)
+                per_leaf[i] = (skey, module_slot, mid_base + group)
+        return by_shape, per_leaf
+
+    def create_shared(self, key, leaves):
+        by_shape, per_leaf = self.assignment([(p, w.shape) for p, w in leaves])
+        dtypes = {}
+        for (_, w), (skey, _, _) in zip(leaves, per_leaf):
+            dtypes.setdefault(skey, w.dtype)
+        train = {}
+        for i, skey in enumerate(sorted(by_shape)):
+            n, m = (int(d) for d in skey.split("x"))
+            dt = _float_dtype(dtypes[skey])
+            n_modules = len(by_shape[skey])
+            n_mid = sum(g for _, g in by_shape[skey])
+            kg, km = jax.random.split(jax.random.fold_in(key, i))
+            bound = 1.0 / math.sqrt(n)
+            train[skey] = {
+                "global_a": jax.random.uniform(kg, (n_modules, n, self.rank), dt, -bound, bound),
+                "global_b": jnp.zeros((n_modules, self.rank, m), dt),
+                "mid_a": jax.random.uniform(km, (n_mid, n, self.mid_rank), dt, -bound, bound),
+                "mid_b": jnp.zeros((n_mid, self.mid_rank, m), dt),
+            }
+        extras = [{"global": jnp.asarray(g, jnp.int32), "mid": jnp.asarray(mid, jnp.int32)}
+                  for _, g, mid in per_leaf]
+        return train, {}, extras
+
+    def level_factors(self, node) -> list[tuple[float, jax.Array, jax.Array]]:
+        """`[(s, a, b)]` for the global, mid-level and layer LoRA of this node (kernel layout)."""
+        sh = shared_state(node)[_shape_key(node.base.shape)]
+        g, mid = node.frozen["global"], node.frozen["mid"]
+        return [(self.alpha / self.rank, sh["global_a"][g], sh["global_b"][g]),
+                (self.alpha / self.mid_rank, sh["mid_a"][mid], sh["mid_b"][mid]),
+                (self.alpha / self.layer_rank, node.train["a"], node.train["b"])]
+
+    def factors(self, node):
+        levels = self.level_factors(node)
+        return (jnp.concatenate([s * a for s, a, _ in levels], axis=1),
+                jnp.concatenate([b for _, _, b in levels], axis=0))
+
+
+# ----------------------------------------------------------------------------------- Block-LoRA
+@register
+@dataclasses.dataclass(frozen=True)
+class BlockLoRA(BankMethod):
+    """Block-LoRA (METHODS.md §3.27): the rank-r LoRA split into `blocks` blocks of rank `r/n`
+    whose down-projections are one shared matrix `A_s`: `ΔW = Σ_i B_i A_s = (Σ_i B_i) A_s`, so the
+    product becomes a sum of up-projection blocks followed by one rank-`r/n` down-projection.
+    Kernel layout: `a_s (in, r/n)`, `b (n, r/n, out)`; `ΔK = s·a_s@(Σ_i b_i)`, `s = α/r`
+    **[UNVERIFIED scale; LoRA's]**. Init: `a_s` kaiming uniform, `b = 0` (identity at init).
+    Parameters per layer `n·out·(r/n) + (r/n)·in`. The sharing is within the layer: no model-level
+    state.
+    """
+
+    name = "block_lora"
+
+    rank: int = 8
+    alpha: float = 8.0
+    blocks: int = 2
+
+    def __post_init__(self):
+        require(isinstance(self.rank, int) and self.rank >= 1, f"{self.name}: rank must be a positive int")
+        require(isinstance(self.blocks, int) and self.blocks >= 1 and self.rank % self.blocks == 0,
+                f"{self.name}: blocks must be a positive divisor of rank = {self.rank}, got {self.blocks!r}")
+
+    @property
+    def scale(self) -> float:
+        return self.alpha / self.rank
+
+    @property
+    def block_rank(self) -> int:
+        return self.rank // self.blocks
+
+    def check(self, path, w):
+        require_float_matrix(path, w)
+        require_rank(path, w, self.rank)
+
+    def create(self, key, w, calib=None):
+        dt = _float_dtype(w.dtype)
+        n, m = w.shape
+        return self.node(w, train={"a": _kaiming_a(key, n, self.block_rank, dt),
+                                   "b": jnp.zeros((self.blocks, self.block_rank, m), dt)})
+
+    def factors(self, node):
+        return self.scale * node.train["a"], jnp.sum(node.train["b"], axis=0)
+
+
+# ----------------------------------------------------------------------------------- LoRI
+@register
+@dataclasses.dataclass(frozen=True)
+class LoRI(BankMethod):
+    """LoRI (METHODS.md §3.3; `juzhengz/LoRI`): `W' = W + s·(M ⊙ B)·A` with `A` a frozen random
+    projection (PEFT kaiming uniform) and `B` trained (init 0, identity at init) under a fixed
+    binary mask `M`, `s = α/r`. Kernel layout: `a (in, r)` frozen, `b (r, out)`, `mask (r, out)`.
+
+    LoRI-D trains with `M = 1`. `lori_sparsify(params)` then extracts the mask globally (the
+    magnitude top-`(1−sparsity)` of `|B|` pooled over all layers of the config) and restarts `B` from
+    0 with the same `A` (LoRI-S); masked entries get no gradient, so they stay exactly 0.
+    """
+
+    name = "lori"
+
+    rank: int = 32
+    alpha: float = 64.0
+    sparsity: float = 0.9
+
+    def __post_init__(self):
+        require(isinstance(self.rank, int) and self.rank >= 1, f"{self.name}: rank must be a positive int")
+        require(0.0 <= self.sparsity < 1.0, f"{self.name}: sparsity must be in [0, 1), got {self.sparsity!r}")
+
+    @property
+    def scale(self) -> float:
+        return self.alpha / self.rank
+
+    def check(self, path, w):
+        require_float_matrix(path, w)
+        require_rank(path, w, self.rank)
+
+    def create(self, key, w, calib=None):
+        dt = _float_dtype(w.dtype)
+        n, m = w.shape
+        return self.node(w, train={"b": jnp.zeros((self.rank, m), dt)},
+                         frozen={"a": _kaiming_a(key, n, self.rank, dt), "mask": jnp.ones((self.rank, m), dt)})
+
+    def factors(self, node):
+        return self.scale * node.frozen["a"], node.frozen["mask"] * node.train["b"]
+
+
+def lori_sparsify(params: Any, sparsity: float | None = None, *, reset: bool = True) -> Any:
+    """LoRI-D → LoRI-S: for each LoRI config, keep the `round((1−ρ)·total)` largest `|M ⊙ B|` entries
+    pooled over all its layers (ties broken by position), write them as the new masks, and (with
+    `reset`) restart `B` from 0. `ρ` defaults to the config's `sparsity`."""
+    pairs = leaves_with_paths(params, is_leaf=is_adapter)
+    groups: dict[Any, list[int]] = {}
+    for i, (_, node) in enumerate(pairs):
+        if isinstance(node, Adapter) and isinstance(node.method, LoRI):
+            groups.setdefault(node.method, []).append(i)
+    leaves = [leaf for _, leaf in pairs]
+    for method, members in groups.items():
+        rho = method.sparsity if sparsity is None else sparsity
+        scores = [jnp.abs(leaves[i].frozen["mask"] * leaves[i].train["b"]).ravel() for i in members]
+        flat = jnp.concatenate(scores)
+        keep = int(round((1.0 - rho) * flat.size))
+        chosen = jnp.zeros(flat.size, bool).at[lax.top_k(flat, keep)[1]].set(True) if keep else jnp.zeros(flat.size, bool)
+        offset = 0
+        for i in members:
+            node = leaves[i]
+            size = node.train["b"].size
+            mask = chosen[offset: offset + size].reshape(node.train["b"].shape).astype(node.frozen["mask"].dtype)
+            offset += size
+            train = {**node.train, "b": jnp.zeros_like(node.train["b"])} if reset else node.train
+            leaves[i] = node.replace(train=train, frozen={**node.frozen, "mask": mask})
+    return jax.tree_util.tree_unflatten(jax.tree_util.tree_structure(params, is_leaf=is_adapter), leaves)

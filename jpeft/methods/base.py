@@ -1,0 +1,98 @@
+"""The method protocol every adapter method implements.
+
+A method is a frozen dataclass of options (hashable, static under `jit`). In Flax kernel layout
+(`K ∈ R^{in×out}`, `y = x @ K`; METHODS.md §0) it provides:
+
+- `check(path, w)`: raise `AdapterError` naming the path, shape and constraint if `w` cannot be
+  adapted;
+- `create(key, w, calib)` → `Adapter` (trainable leaves, frozen buffers, state, possibly rewritten
+  base);
+- `materialise(node, rng)` → the effective kernel `K'`;
+- `matmul(node, x, rng)` → `x @ K'` without building `K'` where the method has a cheaper factored
+  form (`None` otherwise);
+- `create_shared` (optional): model-level state shared by every leaf of this config;
+- `step_hook` (optional): a pure, jit-able rewrite after each optimizer step (see `jpeft.hooks`).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, ClassVar
+
+import jax
+import jax.numpy as jnp
+
+from jpeft.adapter import Adapter
+from jpeft.errors import leaf_error
+
+
+@dataclasses.dataclass(frozen=True)
+class Method:
+    name: ClassVar[str] = ""
+    version: ClassVar[int] = 1
+    #: Whether `materialise(init(w)) == w` (the conformance suite checks it).
+    identity_at_init: ClassVar[bool] = True
+    #: Whether `init` needs a calibration gradient (`jpeft.init(..., calib=grads)`).
+    needs_calib: ClassVar[bool] = False
+    #: Pure step hook `(nodes, moments, *, step, keys, grads) -> HookResult` over all the nodes
+    #: that use this config (see `jpeft.hooks`), or None.
+    step_hook: ClassVar[Any] = None
+
+    # ----------------------------------------------------------------- to override
+    def check(self, path: str, w: jax.Array) -> None:
+        """Default constraint: a floating-point matrix."""
+        require_float_matrix(path, w)
+
+    def create(self, key: jax.Array, w: jax.Array, calib: jax.Array | None = None) -> Adapter:
+        raise NotImplementedError
+
+    def materialise(self, node: Adapter, rng: jax.Array | None = None) -> jax.Array:
+        raise NotImplementedError
+
+    def matmul(self, node: Adapter, x: jax.Array, rng: jax.Array | None = None) -> jax.Array | None:
+        return None
+
+    #: Whether checkpoints must store the node's base (a step hook rewrites it); otherwise the base
+    #: is rebuilt from the original weight with `rebuild_base`.
+    checkpoint_base: ClassVar[bool] = False
+
+    def rebuild_base(self, w: jax.Array, node: Adapter) -> jax.Array:
+        """The node's base from the original weight `w` (identity unless `create` rewrote it)."""
+        return w
+
+    def create_shared(self, key: jax.Array, leaves: list[tuple[str, jax.Array]]) -> tuple[dict, dict] | None:
+        """Model-level state for all leaves using this config, as `(train, frozen)` dicts, or None.
+
+        It is stored once (see `jpeft.shared`); while a node is evaluated its `train["shared"]` /
+        `frozen["shared"]` hold it. A method may return `(train, frozen, per_leaf)` instead, where
+        `per_leaf[i]` is a dict of frozen arrays merged into the node of `leaves[i]` (e.g. that
+        leaf's index into stacked shared factors)."""
+        return None
+
+    # ----------------------------------------------------------------- shared
+    def to_dict(self) -> dict[str, Any]:
+        return {"method": self.name, **{f.name: getattr(self, f.name) for f in dataclasses.fields(self)}}
+
+    def node(self, base, train=None, frozen=None, state=None) -> Adapter:
+        return Adapter(base=base, train=dict(train or {}), frozen=dict(frozen or {}),
+                       state=dict(state or {}), method=self)
+
+
+def require_float_matrix(path: str, w: jax.Array) -> None:
+    if not jnp.issubdtype(w.dtype, jnp.floating):
+        raise leaf_error(path, w.shape, w.dtype, "expected a floating-point array")
+    if w.ndim != 2:
+        raise leaf_error(path, w.shape, w.dtype,
+                         "expected a 2-D kernel (in, out); this method adapts matrices only")
+
+
+def require_rank(path: str, w: jax.Array, rank: int) -> None:
+    if not 1 <= rank <= min(w.shape):
+        raise leaf_error(path, w.shape, w.dtype,
+                         f"rank {rank} must satisfy 1 <= rank <= min(in, out) = {min(w.shape)}")
+
+
+def require(cond: bool, message: str) -> None:
+    """Validate a method option at construction time."""
+    if not cond:
+        raise ValueError(message)

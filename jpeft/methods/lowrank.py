@@ -1,0 +1,286 @@
+"""Family A: additive low-rank adapters `K' = K_base + s·a@b` (METHODS.md §1.2, §2.1–2.4, §2.8,
+§3.9, §3.24).
+
+Kernel layout: `a ∈ R^{in×r}` is the paper's `Aᵀ`, `b ∈ R^{r×out}` is the paper's `Bᵀ`, so
+`ΔK = s·a@b = (s·B A)ᵀ`. The inits differ (LoRA, gaussian, PiSSA, OLoRA, orthogonal, LoRA-GA);
+rsLoRA is the scale `α/√r`; FFA-LoRA freezes `a`; PeriodicLoRA adds a merge-and-restart hook.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+
+from jpeft import linalg
+from jpeft.adapter import Adapter
+from jpeft.errors import leaf_error
+from jpeft.hooks import HookResult
+from jpeft.methods.base import Method, require, require_float_matrix, require_rank
+from jpeft.registry import register, register_alias
+
+INITS = ("kaiming", "gaussian", "pissa", "olora", "orthogonal", "lora_ga")
+GA_DIRECTIONS = ("ArB2r", "A2rBr", "ArBr", "random")
+GA_SCALES = ("stable", "gd", "unit", "weightS")
+
+
+def lora_scale(rank: int, alpha: float, rslora: bool) -> float:
+    """`α/r`, or rsLoRA's `α/√r` (METHODS.md §2.2)."""
+    return alpha / math.sqrt(rank) if rslora else alpha / rank
+
+
+def dropout_mask(rng: jax.Array, shape, rate: float, dtype) -> jax.Array:
+    """Inverted-dropout multiplier: 0 with probability `rate`, `1/(1-rate)` otherwise."""
+    keep = jax.random.bernoulli(rng, 1.0 - rate, shape)
+    return keep.astype(dtype) / (1.0 - rate)
+
+
+@register
+@dataclasses.dataclass(frozen=True)
+class LoRA(Method):
+    """LoRA (Hu et al. 2021) and its inits. `K' = K_base + s·a@b`.
+
+    init:       "kaiming" (a ~ U(±1/√in), b = 0; PEFT default), "gaussian" (a ~ N(0, 1/r²)),
+                "pissa" (principal SVD part, residual base; §2.4), "olora" (QR; PEFT `olora`),
+                "orthogonal" (PEFT `orthogonal`; rank even), "lora_ga" (needs `calib`; §2.8).
+    svd_niter:  None for an exact SVD (PiSSA / LoRA-GA); k for a randomised SVD with k power
+                iterations (PEFT `pissa_niter_k`; the LoRA-GA reference uses 4).
+    dropout:    adapter-branch dropout. The factored path drops inputs of the adapter branch per
+                token (PEFT); the materialised path drops input rows of `a`, one mask per step
+                (only when an `rng` is given to `jpeft.apply`).
+    freeze_a:   keep `a` frozen at its init (FFA-LoRA, §3.24).
+    """
+
+    name = "lora"
+
+    rank: int = 8
+    alpha: float = 8.0
+    rslora: bool = False
+    dropout: float = 0.0
+    init: str = "kaiming"
+    svd_niter: int | None = None
+    freeze_a: bool = False
+    ga_direction: str = "ArB2r"
+    ga_scale: str = "stable"
+    ga_gamma: float = 16.0
+
+    def __post_init__(self):
+        require(isinstance(self.rank, int) and self.rank >= 1, f"{self.name}: rank must be a positive int, got {self.rank!r}")
+        require(0.0 <= self.dropout < 1.0, f"{self.name}: dropout must be in [0, 1), got {self.dropout!r}")
+        require(self.init in INITS, f"{self.name}: init must be one of {INITS}, got {self.init!r}")
+        require(self.init != "orthogonal" or self.rank % 2 == 0,
+                f"{self.name}: init='orthogonal' needs an even rank, got {self.rank}")
+        require(self.svd_niter is None or self.svd_niter >= 0, f"{self.name}: svd_niter must be None or >= 0")
+        require(self.ga_direction in GA_DIRECTIONS, f"{self.name}: ga_direction must be one of {GA_DIRECTIONS}")
+        require(self.ga_scale in GA_SCALES, f"{self.name}: ga_scale must be one of {GA_SCALES}")
+
+    @property
+    def needs_calib(self) -> bool:  # type: ignore[override]
+        return self.init == "lora_ga"
+
+    @property
+    def scale(self) -> float:
+        return lora_scale(self.rank, self.alpha, self.rslora)
+
+    def check(self, path, w):
+        require_float_matrix(path, w)
+        require_rank(path, w, self.rank)
+        if self.init == "lora_ga" and 2 * self.rank > min(w.shape):
+            raise leaf_error(path, w.shape, w.dtype,
+                             f"init='lora_ga' needs 2*rank = {2 * self.rank} <= min(in, out) = {min(w.shape)}")
+
+    # ------------------------------------------------------------------ init
+    @property
+    def rewrites_base(self) -> bool:
+        """Inits that move the principal / gradient part into the adapter (`K_res = K − s·a₀@b₀`)."""
+        return self.init in ("pissa", "olora", "lora_ga")
+
+    def create(self, key, w, calib=None):
+        base, a, b = self.factors(key, w, calib)
+        a, b = a.astype(w.dtype), b.astype(w.dtype)
+        node = self.lowrank_node(base, a, b)
+        if self.rewrites_base:  # keep the init factors: the base is `rebuild_base(K)` from them
+            node = node.replace(frozen={**node.frozen, "a0": a, "b0": b})
+        return node
+
+    def lowrank_node(self, base, a, b) -> Adapter:
+        if self.freeze_a:
+            return self.node(base, train={"b": b}, frozen={"a": a})
+        return self.node(base, train={"a": a, "b": b})
+
+    def rebuild_base(self, w, node):
+        if "a0" not in node.frozen:
+            return w
+        return residual_base(w, node.frozen["a0"], node.frozen["b0"], self.scale)
+
+    def factors(self, key, w, calib=None):
+        """`(K_base, a, b)` in kernel layout for this config's `init`."""
+        n, m = w.shape
+        r, s = self.rank, self.scale
+        dt = jnp.promote_types(w.dtype, jnp.float32)
+        if self.init == "kaiming":
+            bound = 1.0 / math.sqrt(n)
+            return w, jax.random.uniform(key, (n, r), dt, -bound, bound), jnp.zeros((r, m), dt)
+        if self.init == "gaussian":
+            return w, jax.random.normal(key, (n, r), dt) / r, jnp.zeros((r, m), dt)
+        if self.init == "orthogonal":
+            a, b = orthogonal_factors(key, n, m, r, dt)
+            return w, a, b
+        if self.init == "pissa":
+            a, b = pissa_factors(key, w, r, s, self.svd_niter)
+        elif self.init == "olora":
+            a, b = olora_factors(w, r)
+        else:
+            a, b = self.lora_ga_factors(key, w, calib)
+        return residual_base(w, a, b, s), a, b
+
+    def lora_ga_factors(self, key, w, grad):
+        """LoRA-GA (METHODS.md §2.8, official repo): factors from the SVD of the gradient."""
+        r, s = self.rank, self.scale
+        n, m = w.shape
+        svd_key, split_key = jax.random.split(key)
+        # Paper layout G_p = gradᵀ (out, in); its SVD is the transpose of the kernel-layout one.
+        u_k, _, vh_k = linalg.leading_svd(svd_key, grad, 2 * r, self.svd_niter)
+        v_p, u_p = u_k, vh_k.T  # right singular vectors of G_p (in) / left (out)
+        a_idx, b_idx = ga_split(self.ga_direction, r, split_key)
+        a = v_p[:, a_idx]            # = A₀ᵀ, (in, r)
+        b = u_p[:, b_idx].T          # = B₀ᵀ, (r, out)
+        factor = self.ga_factor(w, m, s)
+        return a * factor, b * factor
+
+    def ga_factor(self, w, m, s):
+        if self.ga_scale == "stable":
+            return m ** 0.25 / math.sqrt(self.ga_gamma)
+        if self.ga_scale == "gd":
+            return 1.0 / s
+        if self.ga_scale == "unit":
+            return 1.0
+        sigma = jnp.linalg.svd(linalg.upcast(w), compute_uv=False)[: self.rank]
+        return jnp.mean(jnp.sqrt(sigma / s))
+
+    # ------------------------------------------------------------------ forward
+    def lowrank_factors(self, node: Adapter, rng=None):
+        a = node.train["a"] if "a" in node.train else node.frozen["a"]
+        b = node.train["b"]
+        if rng is not None and self.dropout > 0:
+            a = a * dropout_mask(rng, (a.shape[0], 1), self.dropout, a.dtype)
+        return a, b
+
+    def delta(self, node: Adapter, rng=None) -> jax.Array:
+        a, b = self.lowrank_factors(node, rng)
+        return self.scale * (linalg.upcast(a) @ linalg.upcast(b))
+
+    def materialise(self, node, rng=None):
+        return (node.base + self.delta(node, rng)).astype(node.base.dtype)
+
+    def matmul(self, node, x, rng=None):
+        a = node.train["a"] if "a" in node.train else node.frozen["a"]
+        b = node.train["b"]
+        xa = x if rng is None or self.dropout == 0 else x * dropout_mask(rng, x.shape, self.dropout, x.dtype)
+        return x @ node.base + self.scale * ((xa @ a) @ b)
+
+
+def residual_base(w, a, b, s):
+    """`K − s·a@b` computed in fp32 from the factors as stored (METHODS.md §2.4, §2.8)."""
+    a_up = linalg.upcast(a.astype(w.dtype))
+    b_up = linalg.upcast(b.astype(w.dtype))
+    return (linalg.upcast(w) - s * (a_up @ b_up)).astype(w.dtype)
+
+
+def pissa_factors(key, w, r, s, niter):
+    """PiSSA (§2.4, PEFT convention): `s·a@b` is the best rank-r part of `K`."""
+    u, sig, vh = linalg.leading_svd(key, w, r, niter)
+    root = jnp.sqrt(sig / s)
+    return u * root, root[:, None] * vh
+
+
+def olora_factors(w, r):
+    """OLoRA (PEFT `olora_init`): `W = QR` in paper layout, `B = Q_r`, `A = R_r`."""
+    q, rr = jnp.linalg.qr(linalg.upcast(w.T))
+    return rr[:r].T, q[:, :r].T
+
+
+def orthogonal_factors(key, n, m, r, dtype):
+    """PEFT `orthogonal` init: `a`, `b` built from disjoint rows of one random orthogonal r×r
+    matrix, so `a@b = 0` while both factors are non-zero."""
+    kq, ka, kb = jax.random.split(key, 3)
+    q, _ = jnp.linalg.qr(jax.random.normal(kq, (r, r), dtype))
+    a = jax.random.normal(ka, (n, r // 2), dtype) @ q[0::2]
+    b = q[1::2].T @ jax.random.normal(kb, (r // 2, m), dtype)
+    return a, b
+
+
+def ga_split(direction, r, key):
+    """Which of the first 2r singular vectors go to A and to B (LoRA-GA `direction`)."""
+    idx = jnp.arange(2 * r)
+    if direction == "ArB2r":
+        return idx[:r], idx[r:]
+    if direction == "A2rBr":
+        return idx[r:], idx[:r]
+    if direction == "ArBr":
+        return idx[1::2], idx[0::2]
+    perm = jax.random.permutation(key, 2 * r)
+    return perm[:r], perm[r:]
+
+
+@register
+@dataclasses.dataclass(frozen=True)
+class PeriodicLoRA(LoRA):
+    """PeriodicLoRA (METHODS.md §3.9): LoRA whose adapter is unloaded into the base every `period`
+    optimizer steps: `K ← K + μ·s·a@b`, `b ← (1−μ)·b`; with `μ = 1` the adapter restarts from a
+    fresh init (`a` re-drawn, `b = 0`). The adapter's optimizer moments are zeroed at each unload.
+    """
+
+    name = "periodic_lora"
+    checkpoint_base = True  # the unload hook folds the adapter into the base
+
+    period: int = 100
+    unload_fraction: float = 1.0
+
+    def __post_init__(self):
+        super().__post_init__()
+        require(self.period >= 1, f"{self.name}: period must be >= 1, got {self.period}")
+        require(0.0 < self.unload_fraction <= 1.0, f"{self.name}: unload_fraction must be in (0, 1]")
+        require(self.init in ("kaiming", "gaussian"),
+                f"{self.name}: the restart re-draws the adapter, so init must be 'kaiming' or 'gaussian'")
+
+    def step_hook(self, nodes, moments, *, step, keys, grads=None):
+        """`step` counts the optimizer updates applied so far; unload when it is a multiple of
+        `period`."""
+        due = jnp.logical_and(step > 0, step % self.period == 0)
+        new_nodes = [lax.cond(due, lambda n=n, k=k: self.unload(n, k), lambda n=n: n) for n, k in zip(nodes, keys)]
+        zero = lambda t: jnp.where(due, jnp.zeros_like(t), t)  # noqa: E731
+        new_moments = [[jax.tree.map(zero, mom) for mom in node_moments] for node_moments in moments]
+        return HookResult(new_nodes, new_moments, restarted=due)
+
+    def unload(self, node, key):
+        mu = self.unload_fraction
+        base = (node.base + mu * self.delta(node)).astype(node.base.dtype)
+        if mu < 1.0:
+            return node.replace(base=base, train={**node.train, "b": (1.0 - mu) * node.train["b"]})
+        _, a, b = self.factors(key, node.base)
+        dtype = node.base.dtype
+        return self.lowrank_node(base, a.astype(dtype), b.astype(dtype)).replace(state=node.state)
+
+
+def PiSSA(**cfg) -> LoRA:
+    """PiSSA (§2.4) = `LoRA(init="pissa")`."""
+    return LoRA(**{**cfg, "init": "pissa"})
+
+
+def LoRAGA(**cfg) -> LoRA:
+    """LoRA-GA (§2.8) = `LoRA(init="lora_ga")`; pass the gradient tree as `jpeft.init(..., calib=)`."""
+    return LoRA(**{**cfg, "init": "lora_ga"})
+
+
+def FFALoRA(**cfg) -> LoRA:
+    """FFA-LoRA (§3.24) = `LoRA(freeze_a=True)`."""
+    return LoRA(**{**cfg, "freeze_a": True})
+
+
+register_alias("pissa", "lora", init="pissa")
+register_alias("lora_ga", "lora", init="lora_ga")
+register_alias("ffa_lora", "lora", freeze_a=True)

