@@ -31,7 +31,7 @@ def compare(methods: list[str]) -> list[dict]:
     for name in methods:
         FLAGS.method = name
         FLAGS.out_dir = os.path.join(FLAGS.compare_dir, name)
-        out = finetune.main([])
+        out = finetune.train()
         row = {"method": name, "trainable": out["trainable"], "step_s": out["step_s"], "peak_mb": out["peak_mb"]}
         for when in ("before", "after"):
             for metric, value in out[when].items():

@@ -113,8 +113,8 @@ def optimizer(name: str, learning_rate: float, steps: int) -> optax.GradientTran
     return getattr(jpeft.optim, name)(schedule)
 
 
-def main(argv):
-    del argv
+def train() -> dict:
+    """One run as the flags describe it; returns the evaluations, final parameters, spec and figures."""
     task = tasks.TASKS[FLAGS.task]
     classifier = FLAGS.model == "minilm"
     if classifier != (task.kind == "classify"):
@@ -207,6 +207,11 @@ def main(argv):
     return {"before": before, "after": after, "params": jpeft.combine(trainable, frozen), "spec": spec,
             "trainable": jpeft.count(params).trainable, "peak_mb": peak_mb,
             "step_s": statistics.median(seconds[1:] or seconds or [float("nan")])}
+
+
+def main(argv):
+    del argv
+    train()  # app.run exits with main's return value: return nothing
 
 
 if __name__ == "__main__":

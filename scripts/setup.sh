@@ -3,6 +3,12 @@
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
 PY="${PYTHON:-python3}"
+# The fortunes topic-classification task reads Debian's `fortunes` package (see OFFLINE.md).
+if [ ! -d /usr/share/games/fortunes ] && command -v apt-get >/dev/null; then
+  SUDO=$([ "$(id -u)" = 0 ] || echo sudo)
+  $SUDO apt-get install -y -qq fortunes >/dev/null \
+    || { $SUDO apt-get update -qq && $SUDO apt-get install -y -qq fortunes >/dev/null; }
+fi
 if [ ! -x .venv/bin/python ]; then
   "$PY" -m venv .venv
 fi

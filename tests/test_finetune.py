@@ -17,7 +17,7 @@ def run(tmp_path, *args):
     FLAGS.unparse_flags()
     FLAGS(["finetune", "--model=tiny", "--task=arithmetic", "--batch=2", "--eval_count=8", "--forgetting=false",
            f"--data_dir={tmp_path / 'tfds'}", "--steps=4", "--ckpt_every=2", *args])
-    return finetune.main([])
+    return finetune.train()
 
 
 @pytest.mark.slow
@@ -43,3 +43,20 @@ def test_compare_tabulates_methods(tmp_path):
     lines = (tmp_path / "cmp" / "compare.csv").read_text().splitlines()
     assert lines[0].startswith("method,trainable,step_s,peak_mb,accuracy_before") and len(lines) == 3
     assert (tmp_path / "cmp" / "compare.png").read_bytes()[:4] == b"\x89PNG"
+
+
+@pytest.mark.slow
+def test_minilm_learns_fortune_topics_as_a_program(tmp_path):
+    """`python -m experiments.finetune` exits 0 and the real MiniLM classifier's accuracy rises."""
+    import csv
+    import subprocess
+    import sys
+
+    done = subprocess.run([sys.executable, "-m", "experiments.finetune", "--model=minilm", "--task=fortunes",
+                           "--steps=20", "--batch=16", "--eval_count=128", f"--data_dir={tmp_path / 'tfds'}",
+                           f"--out_dir={tmp_path / 'out'}"], capture_output=True, text=True, timeout=900)
+    assert done.returncode == 0, done.stderr[-3000:]
+    evals = [float(r["eval_accuracy"]) for r in csv.DictReader(open(tmp_path / "out" / "metrics.csv"))
+             if r["eval_accuracy"]]
+    assert len(evals) == 2 and evals[1] > evals[0] + 0.1, evals  # 8 topics: chance is 1/8
+    assert "after: accuracy" in done.stdout
