@@ -70,14 +70,16 @@ def jax_configs(model, params, ids, rank):
     tx = optax.adamw(1e-4)
 
     def make(loss_fn, trainable, frozen):
+        """The frozen weights are an argument of the step (not a closed-over constant, which
+        `memory_analysis` would not count), so every row's peak includes them."""
         @jax.jit
         def step(state):
-            trainable, opt_state = state
+            trainable, frozen, opt_state = state
             loss, grads = jax.value_and_grad(loss_fn)(trainable, frozen)
             updates, opt_state = tx.update(grads, opt_state, trainable)
-            return (optax.apply_updates(trainable, updates), opt_state), loss
+            return (optax.apply_updates(trainable, updates), frozen, opt_state), loss
 
-        return step, (trainable, tx.init(trainable))
+        return step, (trainable, frozen, tx.init(trainable))
 
     out = {"full": make(lambda p, _: next_token_loss(model.apply({"params": p}, ids), ids), params, None)}
     for name, method, path in [("lora_materialised", jpeft.LoRA(rank=rank, alpha=2 * rank), "materialised"),

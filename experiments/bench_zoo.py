@@ -12,7 +12,6 @@ they lack) get the error in the row instead of stopping the table.
 
 from __future__ import annotations
 
-import dataclasses
 import os
 
 import jax
@@ -22,6 +21,7 @@ from absl import app, flags
 
 import jpeft
 from experiments.benchlib import TARGET, next_token_loss, reference_setup, write_table, xla_figures
+from jpeft.registry import method_with_defaults
 
 def define_flags() -> None:
     """The command-line flags (defined only when run as a program, so tests can import this module)."""
@@ -34,9 +34,9 @@ def define_flags() -> None:
 FLAGS = flags.FLAGS
 
 
-def configured(name: str, rank: int) -> jpeft.Method:
-    fields = {f.name for f in dataclasses.fields(type(jpeft.method(name)))}
-    return jpeft.method(name, **({"rank": rank} if "rank" in fields else {}))
+def configured(name: str, rank: int, steps: int) -> jpeft.Method:
+    """The method's defaults, with `rank` and the schedule length `steps` where it has them."""
+    return method_with_defaults(name, {"rank": rank, "total_step": steps})
 
 
 def planted_problem(width: int = 512, seed: int = 0):
@@ -72,7 +72,7 @@ def fit_ratio(method: jpeft.Method, steps: int) -> float:
 
 
 def row(name, model, params, ids, rank, fit_steps):
-    method = configured(name, rank)
+    method = configured(name, rank, fit_steps)
     spec = jpeft.Spec({TARGET: method})
     calib = (jax.grad(lambda p: next_token_loss(model.apply({"params": p}, ids), ids))(params)
              if method.needs_calib else None)
@@ -83,14 +83,17 @@ def row(name, model, params, ids, rank, fit_steps):
 
     @jax.jit
     def step(state):
-        t, opt_state = state
-        grads = jax.grad(lambda t: next_token_loss(run({"params": jpeft.combine(t, frozen)}, ids), ids))(t)
+        """One training step, the method's step hook included (it may rewrite the frozen base)."""
+        t, f, opt_state = state
+        grads = jax.grad(lambda t: next_token_loss(run({"params": jpeft.combine(t, f)}, ids), ids))(t)
         updates, opt_state = tx.update(grads, opt_state, t)
-        return optax.apply_updates(t, updates), opt_state
+        p, opt_state = jpeft.after_step(jpeft.combine(optax.apply_updates(t, updates), f), opt_state, spec,
+                                        step=1, key=jax.random.PRNGKey(0), grads=grads)
+        return (*jpeft.split(p), opt_state)
 
-    figures = xla_figures(step, (trainable, tx.init(trainable)))
+    figures = xla_figures(step, (trainable, frozen, tx.init(trainable)))
     return {"method": name, "trainable": jpeft.count(tree).trainable, "gflops": figures["gflops"],
-            "peak_mb": figures["peak_mb"], "fit_loss_ratio": fit_ratio(configured(name, 8), fit_steps)}
+            "peak_mb": figures["peak_mb"], "fit_loss_ratio": fit_ratio(configured(name, 8, fit_steps), fit_steps)}
 
 
 def main(argv):

@@ -29,6 +29,7 @@ import jpeft
 from experiments import tasks
 from experiments.runlog import RunLog
 from jpeft.checkpoint import TrainCheckpointer
+from jpeft.registry import method_with_defaults
 
 flags.DEFINE_enum("model", "smollm2_135m", ["smollm2_135m", "tiny", "minilm"],
                   "base model (minilm: a mean-pooled BertClassifier on all-MiniLM-L6-v2, for --task=fortunes)")
@@ -99,9 +100,8 @@ def method_from_flags() -> jpeft.Method:
         with open(options) as f:
             options = f.read()
     extra = json.loads(options) if options else {}
-    fields = {f.name for f in dataclasses.fields(type(jpeft.method(FLAGS.method)))}
-    base = {k: v for k, v in (("rank", FLAGS.rank), ("alpha", FLAGS.alpha)) if k in fields}
-    return jpeft.method(FLAGS.method, **{**base, **extra})
+    run_level = {"rank": FLAGS.rank, "alpha": FLAGS.alpha, "total_step": FLAGS.steps}
+    return method_with_defaults(FLAGS.method, run_level, **extra)
 
 
 def optimizer(name: str, learning_rate: float, steps: int) -> optax.GradientTransformation:

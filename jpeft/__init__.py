@@ -9,6 +9,7 @@ See docs/DESIGN.md for the contract and docs/METHODS.md for the formulas.
 """
 
 from jpeft.adapter import Adapter, is_adapter
+from jpeft.compact import compact  # the function; the module stays importable as jpeft.compact
 from jpeft.core import ParamCount, apply, check_fits, combine, count, init, labels, merge, split
 from jpeft.errors import AdapterError, SpecError
 from jpeft.factored import factored, factored_nnx
@@ -20,5 +21,5 @@ from jpeft.spec import Spec
 __all__ = [
     "Adapter", "AdapterError", "DoRA", "FFALoRA", "Full", "HookResult", "LoRA", "LoRAGA", "Method",
     "ParamCount", "PeriodicLoRA", "PiSSA", "Spec", "SpecError", "after_step", "apply", "check_fits",
-    "combine", "count", "factored", "factored_nnx", "init", "is_adapter", "labels", "merge", "method", "methods", "split",
+    "combine", "compact", "count", "factored", "factored_nnx", "init", "is_adapter", "labels", "merge", "method", "methods", "split",
 ]

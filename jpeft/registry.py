@@ -33,6 +33,19 @@ def methods() -> list[str]:
     return sorted([*_CLASSES, *_ALIASES])
 
 
+def _class_of(name: str) -> type:
+    target = _ALIASES[name][0] if name in _ALIASES else name
+    if target not in _CLASSES:
+        raise KeyError(f"unknown method {name!r}; known methods: {', '.join(methods())}")
+    return _CLASSES[target]
+
+
+def options(name: str) -> set[str]:
+    """The option names a registry name accepts (without building a config, which may need some)."""
+    fixed = _ALIASES[name][1] if name in _ALIASES else {}
+    return {f.name for f in dataclasses.fields(_class_of(name))} - set(fixed)
+
+
 def method(name: str, **cfg: Any):
     """Build a method config by registry name, e.g. `method("lora", rank=8)`."""
     if name in _ALIASES:
@@ -41,14 +54,19 @@ def method(name: str, **cfg: Any):
         if clash:
             raise TypeError(f"method {name!r} fixes {fixed}; cannot set {clash}")
         return method(target, **{**cfg, **fixed})
-    if name not in _CLASSES:
-        raise KeyError(f"unknown method {name!r}; known methods: {', '.join(methods())}")
-    cls = _CLASSES[name]
+    cls = _class_of(name)
     fields = {f.name for f in dataclasses.fields(cls)}
     unknown = sorted(set(cfg) - fields)
     if unknown:
         raise TypeError(f"method {name!r} has no option(s) {unknown}; options are {sorted(fields)}")
     return cls(**cfg)
+
+
+def method_with_defaults(name: str, defaults: dict[str, Any], **cfg: Any):
+    """`method(name, **cfg)` with run-level `defaults` (e.g. a launcher's `rank`, `alpha`,
+    `total_step`) for the options this method has; `cfg` wins over `defaults`."""
+    accepted = options(name)
+    return method(name, **{**{k: v for k, v in defaults.items() if k in accepted}, **cfg})
 
 
 def method_from_dict(d: dict[str, Any]):

@@ -98,3 +98,7 @@ def test_fully_masked_node_compacts_to_rank_zero():
     assert small["blk"]["q_proj"]["kernel"].train["a"].shape == (32, 0)
     np.testing.assert_array_equal(jpeft.merge(small, spec)["blk"]["q_proj"]["kernel"],
                                   base_params()["blk"]["q_proj"]["kernel"])
+
+
+def test_compact_is_a_top_level_function():
+    assert jpeft.compact is compact

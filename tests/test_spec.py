@@ -140,3 +140,16 @@ def test_split_combine_roundtrip_and_holes():
     assert set(node_t.train) == {"b"} and node_t.frozen == {"a": None} and node_t.base is None
     assert node_f.train == {"b": None} and node_f.frozen["a"].shape == (32, 2)
     jax.tree.map(np.testing.assert_array_equal, jpeft.combine(trainable, frozen), ad)
+
+
+def test_method_with_defaults_takes_only_the_options_a_method_has():
+    from jpeft.registry import method_with_defaults, options
+
+    run_level = {"rank": 4, "alpha": 8.0, "total_step": 50}
+    assert method_with_defaults("lora", run_level) == jpeft.LoRA(rank=4, alpha=8.0)
+    assert method_with_defaults("pissa", run_level, alpha=2.0) == jpeft.PiSSA(rank=4, alpha=2.0)
+    assert method_with_defaults("adalora", run_level).total_step == 50     # which jpeft.method("adalora") lacks
+    assert method_with_defaults("full", run_level) == jpeft.Full()
+    assert "init" not in options("pissa") and "init" in options("lora")   # an alias's fixed options
+    with pytest.raises(KeyError, match="unknown method 'nope'"):
+        options("nope")
