@@ -55,7 +55,7 @@ def method(name: str, **cfg: Any):
             raise TypeError(f"method {name!r} fixes {fixed}; cannot set {clash}")
         return method(target, **{**cfg, **fixed})
     cls = _class_of(name)
-    fields = {f.name for f in dataclasses.fields(cls)}
+    fields = options(name)  # `name` is a class here: all of its fields
     unknown = sorted(set(cfg) - fields)
     if unknown:
         raise TypeError(f"method {name!r} has no option(s) {unknown}; options are {sorted(fields)}")
