@@ -6,7 +6,8 @@ Rows: full fine-tuning, LoRA materialised (`jpeft.apply`), LoRA factored (`jpeft
 a hand-written factored LoRA (`x@W + s·(x@A)@B` in the model itself: the floor), PiSSA and DoRA
 (factored) — r=16 on all seven projections of a Llama-shaped model (vocab 4096, hidden 512, MLP
 1376, 4 layers, 8 heads, batch 8×128, fp32), AdamW. FLOPs come from `cost_analysis`, bytes from
-`memory_analysis` (arguments + temporaries), wall time is the median step. When torch and peft are
+`memory_analysis` (arguments + temporaries of a step that donates its state, as a training loop
+does; see `benchlib.jit_step`), wall time is the median step. When torch and peft are
 installed the same configurations run in HF PEFT in the same process, interleaved with the JAX
 steps, and each row gets the ratio jpeft / HF PEFT.
 """
@@ -24,7 +25,7 @@ import optax
 from absl import app, flags
 
 import jpeft
-from experiments.benchlib import TARGET, next_token_loss, reference_setup, write_table, xla_figures
+from experiments.benchlib import TARGET, jit_step, next_token_loss, reference_setup, write_table, xla_figures
 from jpeft.models.llama import LlamaConfig
 
 def define_flags() -> None:
@@ -72,7 +73,7 @@ def jax_configs(model, params, ids, rank):
     def make(loss_fn, trainable, frozen):
         """The frozen weights are an argument of the step (not a closed-over constant, which
         `memory_analysis` would not count), so every row's peak includes them."""
-        @jax.jit
+        @jit_step
         def step(state):
             trainable, frozen, opt_state = state
             loss, grads = jax.value_and_grad(loss_fn)(trainable, frozen)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import csv
+import functools
 import os
 
 import jax
@@ -18,14 +19,24 @@ def next_token_loss(logits, ids):
     return optax.softmax_cross_entropy_with_integer_labels(logits[:, :-1], ids[:, 1:]).mean()
 
 
+#: `jax.jit` for a training step `step(state) -> state | (state, aux)` that consumes its state, as a
+#: training loop does. Donation matters for the byte figures: without it XLA parks temporaries in
+#: the step's output buffers, which `arguments + temporaries` does not count (full fine-tuning's
+#: peak read 409 MB instead of 481 MB on the reference workload).
+jit_step = functools.partial(jax.jit, donate_argnums=0)
+
+
 def xla_figures(step, state):
-    compiled = step.lower(state).compile()
+    """FLOPs (`cost_analysis`) and bytes (`memory_analysis`) of a jitted step. `peak_mb` is
+    arguments + temporaries + outputs not aliased to a donated argument; `state` may be donated."""
+    abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), state)
+    compiled = step.lower(abstract).compile()
     mem = compiled.memory_analysis()
     cost = compiled.cost_analysis()
     cost = cost[0] if isinstance(cost, list) else cost
-    return {"gflops": cost["flops"] / 1e9,
-            "peak_mb": (mem.argument_size_in_bytes + mem.temp_size_in_bytes) / 2 ** 20,
-            "temp_mb": mem.temp_size_in_bytes / 2 ** 20}
+    peak = (mem.argument_size_in_bytes + mem.temp_size_in_bytes + mem.output_size_in_bytes
+            - mem.alias_size_in_bytes)
+    return {"gflops": cost["flops"] / 1e9, "peak_mb": peak / 2 ** 20, "temp_mb": mem.temp_size_in_bytes / 2 ** 20}
 
 
 def reference_setup(batch, seq):

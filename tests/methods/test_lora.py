@@ -115,3 +115,25 @@ def test_ffa_lora_aggregation_is_exact():
     avg = clients[0].replace(train={"b": sum(c.train["b"] for c in clients) / 3})
     np.testing.assert_allclose(method.delta(avg), sum(method.delta(c) for c in clients) / 3, rtol=1e-5, atol=1e-7)
     assert "a" not in jpeft.split({"w": clients[0]})[0]["w"].train
+
+
+@pytest.mark.parametrize("tokens", [3, 40])  # fewer tokens than inputs: two matmuls; more: one
+@pytest.mark.parametrize("dropout", [False, True])
+def test_lowrank_matmul_values_and_gradients_equal_the_two_matmul_form(tokens, dropout):
+    from jpeft.methods.lowrank import lowrank_matmul
+    k = jax.random.split(jax.random.PRNGKey(0), 6)
+    x = jax.random.normal(k[0], (2, tokens // 2 + tokens % 2, 16))
+    w, a, b = (jax.random.normal(kk, s) for kk, s in zip(k[1:4], [(16, 12), (16, 4), (4, 12)]))
+    mask = (jax.random.uniform(k[4], x.shape) > 0.3) / 0.7 if dropout else jnp.ones_like(x)
+    ct = jax.random.normal(k[5], x.shape[:-1] + (12,))
+
+    def loss(fn, x, w, a, b):
+        return jnp.sum(ct * fn(x, x * mask, w, a, b, 1.5))
+
+    two = lambda x, xd, w, a, b, s: x @ w + s * ((xd @ a) @ b)  # noqa: E731
+    np.testing.assert_allclose(lowrank_matmul(x, x * mask, w, a, b, 1.5), two(x, x * mask, w, a, b, 1.5),
+                               rtol=1e-5, atol=1e-5)
+    got = jax.grad(lambda *p: loss(lowrank_matmul, *p), argnums=(0, 1, 2, 3))(x, w, a, b)
+    want = jax.grad(lambda *p: loss(two, *p), argnums=(0, 1, 2, 3))(x, w, a, b)
+    for g, h in zip(got, want):
+        np.testing.assert_allclose(g, h, rtol=1e-5, atol=1e-4)
