@@ -51,32 +51,22 @@ def lowrank_matmul(x, xd, w, a, b, s):
     return x @ w + s * ((xd @ a) @ b)
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(5,))
+@functools.partial(jax.custom_jvp, nondiff_argnums=(5,))
 def _single_matmul(x, xd, w, a, b, s):
-    return _single_matmul_fwd(x, xd, w, a, b, s)[0]
-
-
-def _single_matmul_fwd(x, xd, w, a, b, s):
     dt = jnp.result_type(x, xd, w, a, b)
-    xa = xd.astype(dt) @ a.astype(dt)
-    lhs = jnp.concatenate([x.astype(dt), s * xa], axis=-1)
-    y = lhs @ jnp.concatenate([w.astype(dt), b.astype(dt)], axis=0)
-    return y, (x, xd, w, a, b, xa)
+    lhs = jnp.concatenate([x.astype(dt), s * (xd.astype(dt) @ a.astype(dt))], axis=-1)
+    return lhs @ jnp.concatenate([w.astype(dt), b.astype(dt)], axis=0)
 
 
-def _single_matmul_bwd(s, res, g):
-    """The two-matmul form's gradients; residuals `x`, `xd`, `xd@a` (no `[tokens, in+r]` one)."""
-    x, xd, w, a, b, xa = res
-    gb = s * (g @ b.T.astype(g.dtype))
-    flat = lambda t: t.reshape(-1, t.shape[-1])  # noqa: E731  (tokens, features)
-    return ((g @ w.T.astype(g.dtype)).astype(x.dtype),
-            (gb @ a.T.astype(g.dtype)).astype(xd.dtype),
-            (flat(x).T @ flat(g)).astype(w.dtype),
-            (flat(xd).T @ flat(gb)).astype(a.dtype),
-            (s * (flat(xa).T @ flat(g))).astype(b.dtype))
-
-
-_single_matmul.defvjp(_single_matmul_fwd, _single_matmul_bwd)
+@_single_matmul.defjvp
+def _single_matmul_jvp(s, primals, tangents):
+    """The tangent of the two-matmul form: its transpose saves `x`, `xd`, `xd@a` (no `[tokens,
+    in+r]` concatenation) and computes no `[in+r, out]` gradient."""
+    x, xd, w, a, b = primals
+    dx, dxd, dw, da, db = tangents
+    xa = xd @ a
+    tangent = dx @ w + x @ dw + s * ((dxd @ a + xd @ da) @ b + xa @ db)
+    return _single_matmul(x, xd, w, a, b, s), tangent
 
 
 def dropout_mask(rng: jax.Array, shape, rate: float, dtype) -> jax.Array:

@@ -137,3 +137,6 @@ def test_lowrank_matmul_values_and_gradients_equal_the_two_matmul_form(tokens, d
     want = jax.grad(lambda *p: loss(two, *p), argnums=(0, 1, 2, 3))(x, w, a, b)
     for g, h in zip(got, want):
         np.testing.assert_allclose(g, h, rtol=1e-5, atol=1e-4)
+    tangents = tuple(jnp.ones_like(p) for p in (x, w, a, b))  # forward mode works too
+    np.testing.assert_allclose(jax.jvp(lambda *p: loss(lowrank_matmul, *p), (x, w, a, b), tangents)[1],
+                               jax.jvp(lambda *p: loss(two, *p), (x, w, a, b), tangents)[1], rtol=1e-4)
