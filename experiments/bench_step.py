@@ -141,7 +141,8 @@ def hf_configs(config: LlamaConfig, rank, batch, seq):
 
 def measure(jax_rows, hf_rows, steps):
     """Median step seconds per configuration, JAX and torch steps interleaved."""
-    states = {name: state for name, (_, state) in jax_rows.items()}
+    # Steps donate their state and rows share the frozen weights: each row runs on its own copy.
+    states = {name: jax.tree.map(jnp.copy, state) for name, (_, state) in jax_rows.items()}
     for name, (step, _) in jax_rows.items():  # compile and warm up
         states[name] = jax.block_until_ready(step(states[name]))[0]
     for fn in hf_rows.values():
