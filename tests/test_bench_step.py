@@ -14,11 +14,11 @@ def test_factored_lora_flops_and_bytes():
     full, hand = rows["full"], rows["lora_hand"]
     for name in ("lora_factored", "pissa_factored"):
         assert abs(rows[name]["gflops"] / hand["gflops"] - 1) < 0.03          # within 3% of hand-written
-        assert rows[name]["gflops"] / full["gflops"] < 0.72                     # ~0.69 measured
+        assert rows[name]["gflops"] / full["gflops"] < 0.72                     # 0.702 measured
+        assert rows[name]["peak_mb"] < 0.95 * hand["peak_mb"]                    # one matmul: 0.91 of hand-written
     assert rows["lora_materialised"]["gflops"] > 1.25 * rows["lora_factored"]["gflops"]
     # Frozen weights counted (an argument of every step), state donated. 0.711 measured (the
     # hand-written LoRA, two matmuls and an add: 0.783); the 0.62 is missed because XLA:CPU
     # saves ~59 MB of activations per layer where the floor counts ~36 (see the note).
     assert rows["lora_factored"]["peak_mb"] / full["peak_mb"] < 0.74
-    assert rows["lora_factored"]["peak_mb"] < 0.95 * hand["peak_mb"]
     assert rows["dora_factored"]["gflops"] / rows["lora_factored"]["gflops"] < 1.03

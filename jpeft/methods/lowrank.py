@@ -53,8 +53,13 @@ def lowrank_matmul(x, xd, w, a, b, s):
 
 @functools.partial(jax.custom_jvp, nondiff_argnums=(5,))
 def _single_matmul(x, xd, w, a, b, s):
-    dt = jnp.result_type(x, xd, w, a, b)
-    lhs = jnp.concatenate([x.astype(dt), s * (xd.astype(dt) @ a.astype(dt))], axis=-1)
+    return _stacked_matmul(x, xd @ a, w, b, s)
+
+
+def _stacked_matmul(x, xa, w, b, s):
+    """`[x, s·xa] @ [w; b]` in the common dtype."""
+    dt = jnp.result_type(x, xa, w, b)
+    lhs = jnp.concatenate([x.astype(dt), s * xa.astype(dt)], axis=-1)
     return lhs @ jnp.concatenate([w.astype(dt), b.astype(dt)], axis=0)
 
 
@@ -66,7 +71,7 @@ def _single_matmul_jvp(s, primals, tangents):
     dx, dxd, dw, da, db = tangents
     xa = xd @ a
     tangent = dx @ w + x @ dw + s * ((dxd @ a + xd @ da) @ b + xa @ db)
-    return _single_matmul(x, xd, w, a, b, s), tangent
+    return _stacked_matmul(x, xa, w, b, s), tangent
 
 
 def dropout_mask(rng: jax.Array, shape, rate: float, dtype) -> jax.Array:
