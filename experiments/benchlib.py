@@ -26,11 +26,15 @@ def next_token_loss(logits, ids):
 jit_step = functools.partial(jax.jit, donate_argnums=0)
 
 
+def compile_step(step, state):
+    """The compiled executable of a jitted step for `state`'s shapes (`state` may be donated)."""
+    return step.lower(jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), state)).compile()
+
+
 def xla_figures(step, state):
     """FLOPs (`cost_analysis`) and bytes (`memory_analysis`) of a jitted step. `peak_mb` is
     arguments + temporaries + outputs not aliased to a donated argument; `state` may be donated."""
-    abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), state)
-    compiled = step.lower(abstract).compile()
+    compiled = compile_step(step, state)
     mem = compiled.memory_analysis()
     cost = compiled.cost_analysis()
     cost = cost[0] if isinstance(cost, list) else cost

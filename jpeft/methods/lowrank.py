@@ -36,42 +36,55 @@ def lora_scale(rank: int, alpha: float, rslora: bool) -> float:
 def lowrank_matmul(x, xd, w, a, b, s):
     """`x@w + s·(xd@a)@b`; `xd` is the adapter branch's input (`x`, or its dropped-out copy).
 
-    When there are at least as many tokens as input features this is ONE matmul
-    `[x, s·xd@a] @ [w; b]` (`_single_matmul`). The reason is memory, not flops: written as two
-    matmuls and an add, XLA fuses the cheap add into every consumer (SwiGLU's `silu(gate)·up`, in
-    the forward and the backward) and keeps both `[tokens, out]` summands alive until the backward
-    instead of their sum — seven `[tokens, 1376]` buffers per reference MLP instead of five
-    (`experiments/bench_step.py`: LoRA peak 0.78 → 0.71 of full fine-tuning). The `[in+r, out]`
-    weight copy it costs is transient and, under that condition, no larger than the buffer it
-    saves; with fewer tokens (decoding, small batches) the two-matmul form is kept.
+    Two choices here are about XLA:CPU, not maths (`experiments/bench_step.py` measures both):
+
+    - When there are at least as many tokens as input features the product is ONE matmul
+      `[x, s·xd@a] @ [w; b]`. Written as two matmuls and an add, XLA fuses the cheap add into every
+      consumer (SwiGLU's `silu(gate)·up`, forward and backward) and keeps both `[tokens, out]`
+      summands alive until the backward instead of their sum (LoRA peak 0.78 → 0.71 of full
+      fine-tuning). The `[in+r, out]` weight copy it costs is transient and, under that condition,
+      no larger than the buffer it saves; with fewer tokens (decoding, small batches) the
+      two-matmul form is kept.
+    - The adapter gradients `da = s·xdᵀ(g bᵀ)` and `db = s·(xd a)ᵀ g` contract over tokens. Left to
+      itself XLA transposes the big operand (`xd`, or the output gradient `g` with the SwiGLU
+      backward fused into a strided copy); `_lowrank_jvp` pins the transposes on the rank-r
+      operands instead (LoRA step wall time −15–20% on the reference workload).
     """
     tokens = math.prod(x.shape[:-1])
-    if tokens >= w.shape[0]:
-        return _single_matmul(x, xd, w, a, b, s)
-    return x @ w + s * ((xd @ a) @ b)
+    flat = lambda t: t.reshape(tokens, t.shape[-1])  # noqa: E731
+    y = _lowrank(flat(x), flat(xd), w, a, b, s, tokens >= w.shape[0])
+    return y.reshape(*x.shape[:-1], w.shape[1])
 
 
-@functools.partial(jax.custom_jvp, nondiff_argnums=(5,))
-def _single_matmul(x, xd, w, a, b, s):
-    return _stacked_matmul(x, xd @ a, w, b, s)
+@functools.partial(jax.custom_jvp, nondiff_argnums=(5, 6))
+def _lowrank(x, xd, w, a, b, s, stacked):
+    return _lowrank_primal(x, xd @ a, w, b, s, stacked)
 
 
-def _stacked_matmul(x, xa, w, b, s):
-    """`[x, s·xa] @ [w; b]` in the common dtype."""
+def _lowrank_primal(x, xa, w, b, s, stacked):
+    """`x@w + s·xa@b`: as `[x, s·xa] @ [w; b]` in the common dtype when `stacked`."""
+    if not stacked:
+        return x @ w + s * (xa @ b)
     dt = jnp.result_type(x, xa, w, b)
     lhs = jnp.concatenate([x.astype(dt), s * xa.astype(dt)], axis=-1)
     return lhs @ jnp.concatenate([w.astype(dt), b.astype(dt)], axis=0)
 
 
-@_single_matmul.defjvp
-def _single_matmul_jvp(s, primals, tangents):
-    """The tangent of the two-matmul form: its transpose saves `x`, `xd`, `xd@a` (no `[tokens,
-    in+r]` concatenation) and computes no `[in+r, out]` gradient."""
+@_lowrank.defjvp
+def _lowrank_jvp(s, stacked, primals, tangents):
+    """The tangent of the two-matmul form (2-D `x`, `xd`). Its transpose saves `x`, `xd`, `xd@a`
+    (no `[tokens, in+r]` concatenation) and computes no `[in+r, out]` gradient. The two
+    `optimization_barrier`s (linear: the transpose of a barrier is a barrier) fix which operand of
+    the token contraction is transposed: `(xd a)ᵀ` `[r, tokens]` for `db`, and `(g bᵀ)ᵀ` for
+    `da`, whose tangent is written `((daᵀ xdᵀ))ᵀ` so that its cotangent passes through the barrier
+    as `[r, tokens]`."""
     x, xd, w, a, b = primals
     dx, dxd, dw, da, db = tangents
     xa = xd @ a
-    tangent = dx @ w + x @ dw + s * ((dxd @ a + xd @ da) @ b + xa @ db)
-    return _stacked_matmul(x, xa, w, b, s), tangent
+    xa_t = lax.optimization_barrier(xa.T)
+    xd_da = lax.optimization_barrier(da.T @ xd.T).T
+    tangent = dx @ w + x @ dw + s * ((dxd @ a + xd_da) @ b + xa_t.T @ db)
+    return _lowrank_primal(x, xa, w, b, s, stacked), tangent
 
 
 def dropout_mask(rng: jax.Array, shape, rate: float, dtype) -> jax.Array:
