@@ -76,7 +76,7 @@ def _lowrank_jvp(s, stacked, primals, tangents):
     (no `[tokens, in+r]` concatenation) and computes no `[in+r, out]` gradient. The two
     `optimization_barrier`s (linear: the transpose of a barrier is a barrier) fix which operand of
     the token contraction is transposed: `(xd a)ᵀ` `[r, tokens]` for `db`, and `(g bᵀ)ᵀ` for
-    `da`, whose tangent is written `((daᵀ xdᵀ))ᵀ` so that its cotangent passes through the barrier
+    `da`, whose tangent is written `(daᵀ xdᵀ)ᵀ` so that its cotangent passes through the barrier
     as `[r, tokens]`."""
     x, xd, w, a, b = primals
     dx, dxd, dw, da, db = tangents
