@@ -12,14 +12,16 @@ from jpeft.adapter import Adapter, is_adapter
 from jpeft.compact import compact  # the function; the module stays importable as jpeft.compact
 from jpeft.core import ParamCount, apply, check_fits, combine, count, init, labels, merge, split
 from jpeft.errors import AdapterError, SpecError
-from jpeft.factored import factored, factored_nnx
+from jpeft.factored import factored, factored_nnx, infer_views
 from jpeft.hooks import HookResult, after_step
 from jpeft.methods import DoRA, FFALoRA, Full, LoRA, LoRAGA, Method, PeriodicLoRA, PiSSA
 from jpeft.registry import method, methods
 from jpeft.spec import Spec
+from jpeft.views import View
+from jpeft import optim  # noqa: E402  (`import jpeft` makes `jpeft.optim` available, as optax.contrib)
 
 __all__ = [
     "Adapter", "AdapterError", "DoRA", "FFALoRA", "Full", "HookResult", "LoRA", "LoRAGA", "Method",
-    "ParamCount", "PeriodicLoRA", "PiSSA", "Spec", "SpecError", "after_step", "apply", "check_fits",
-    "combine", "compact", "count", "factored", "factored_nnx", "init", "is_adapter", "labels", "merge", "method", "methods", "split",
+    "ParamCount", "PeriodicLoRA", "PiSSA", "Spec", "SpecError", "View", "after_step", "apply", "check_fits",
+    "combine", "compact", "count", "factored", "factored_nnx", "infer_views", "init", "is_adapter", "labels", "merge", "method", "methods", "split",
 ]

@@ -18,6 +18,9 @@ class Adapter:
     frozen: frozen buffers (random bases, indices, masks, singular vectors).
     state:  non-trainable arrays that step hooks rewrite (schedules, EMA scores).
     method: the method config (static: part of the tree structure, hashable under `jit`).
+    view:   the `jpeft.View` of an N-D kernel (static), or None for a plain `(in, out)` kernel.
+            Viewed nodes keep `base` in the leaf's own shape; their other arrays carry the view's
+            batch axes in front (one adapter per slice; `jpeft.views`).
     """
 
     base: Any
@@ -25,6 +28,7 @@ class Adapter:
     frozen: dict[str, Any]
     state: dict[str, Any]
     method: Any = struct.field(pytree_node=False)
+    view: Any = struct.field(pytree_node=False, default=None)
 
 
 def is_adapter(x: Any) -> bool:

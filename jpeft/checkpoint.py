@@ -28,6 +28,7 @@ from jpeft.core import check_fits, init
 from jpeft.errors import SpecError
 from jpeft.paths import leaves_with_paths
 from jpeft.spec import Spec
+from jpeft.views import rebuild_base
 
 FORMAT = 1
 META = "jpeft.json"
@@ -69,8 +70,9 @@ def restore_adapters(base_params: Any, spec: Spec, arrays: dict[str, dict[str, A
             _check_same(f"{path}:{part}", getattr(node, part), saved.get(part, {}))
         base = saved["base"] if node.method.checkpoint_base else None
         rebuilt = node.method.node(base, saved["train"], saved.get("frozen", {}), saved.get("state", {}))
+        rebuilt = rebuilt.replace(view=node.view)
         if base is None:
-            rebuilt = rebuilt.replace(base=node.method.rebuild_base(originals[path], rebuilt))
+            rebuilt = rebuilt.replace(base=rebuild_base(rebuilt, jax.numpy.asarray(originals[path])))
         nodes[path] = jax.tree.map(lambda x, like: np.asarray(x).astype(like.dtype), rebuilt, node)
     leaves = [nodes.get(p, leaf) for p, leaf in leaves_with_paths(base_params)]
     return jax.tree_util.tree_unflatten(jax.tree_util.tree_structure(base_params), leaves)

@@ -14,16 +14,38 @@ from __future__ import annotations
 from typing import Any
 
 import jax
+import jax.numpy as jnp
+import numpy as np
 
 from jpeft.adapter import Adapter, is_adapter
 from jpeft.core import check_fits
 from jpeft.spec import Spec
+from jpeft.views import matrix_node, stack_nodes, unstack_node
 
 
 def compact_node(node: Adapter) -> Adapter:
-    """One node through its method's `compact`, or unchanged if the method has none."""
+    """One node through its method's `compact`, or unchanged if the method has none.
+
+    A viewed node is compacted slice by slice; where slices keep different numbers of components,
+    each is zero-padded to the largest (padded components are zero, so the merge is unchanged)."""
     fn = getattr(node.method, "compact", None)
-    return node if fn is None else fn(node)
+    if fn is None:
+        return node
+    if node.view is None:
+        return fn(node)
+    shape = node.view.batch_shape(node.base.shape)
+    mnode = matrix_node(node)
+    pieces = [fn(p) for p in (unstack_node(mnode, shape) if shape else [mnode])]
+    if shape:
+        sizes = [jax.tree.map(np.shape, p.replace(base=None)) for p in pieces]
+        widest = jax.tree.map(lambda *s: tuple(max(d) for d in zip(*s)), *sizes, is_leaf=lambda x: isinstance(x, tuple))
+        pad = lambda x, to: jnp.pad(x, [(0, t - d) for d, t in zip(x.shape, to)])  # noqa: E731
+        pieces = [p.replace(**{part: jax.tree.map(pad, getattr(p, part), getattr(widest, part))
+                               for part in ("train", "frozen", "state")}) for p in pieces]
+        stacked = stack_nodes(pieces, shape)
+    else:
+        stacked = pieces[0]
+    return stacked.replace(base=node.base, view=node.view)
 
 
 def compact(params: Any, spec: Spec) -> Any:

@@ -8,6 +8,7 @@ from __future__ import annotations
 from typing import Any, NamedTuple
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 
 from jpeft.adapter import Adapter, is_adapter, map_adapters
@@ -16,6 +17,7 @@ from jpeft.hooks import leaf_key
 from jpeft.paths import leaves_with_paths
 from jpeft.shared import SHARED, attach_shared
 from jpeft.spec import Spec
+from jpeft.views import check_leaf, create_node, materialise_node, missing_view_error
 
 
 def init(key: jax.Array, params: Any, spec: Spec, *, calib: Any = None) -> Any:
@@ -29,6 +31,7 @@ def init(key: jax.Array, params: Any, spec: Spec, *, calib: Any = None) -> Any:
         raise SpecError("params already contain adapter nodes; call jpeft.init on the base tree "
                         "(jpeft.merge gives a plain tree back)")
     assignment = spec.resolve([p for p, _ in pairs])
+    views = leaf_views(pairs, assignment, spec)
     calib_map = dict(leaves_with_paths(calib)) if calib is not None else {}
     new_leaves = []
     for path, leaf in pairs:
@@ -36,17 +39,46 @@ def init(key: jax.Array, params: Any, spec: Spec, *, calib: Any = None) -> Any:
         if method is None:
             new_leaves.append(leaf)
             continue
-        method.check(path, leaf)
-        new_leaves.append(method.create(leaf_key(key, path), leaf, _calib_for(method, path, leaf, calib_map)))
+        check_leaf(method, path, leaf, views.get(path))
+        node = create_node(method, path, leaf_key(key, path), leaf, _calib_for(method, path, leaf, calib_map),
+                           views.get(path))
+        new_leaves.append(_cast_adapter(node, spec.adapter_dtype))
     _add_shared(key, pairs, assignment, new_leaves)
     return jax.tree_util.tree_unflatten(jax.tree_util.tree_structure(params, is_leaf=is_adapter), new_leaves)
 
 
+def leaf_views(pairs, assignment, spec: Spec) -> dict:
+    """`{path: View}` for the targeted leaves that are seen through a view (None: plain 2-D).
+    A matrix method on a leaf that is not 2-D and has no view is an error naming the path."""
+    declared = spec.resolve_views([p for p, _ in pairs])
+    out = {}
+    for path, leaf in pairs:
+        method = assignment.get(path)
+        if method is None:
+            continue
+        view = declared.get(path)
+        if not method.adapts_matrix:
+            if view is not None:
+                raise SpecError(f"{path}: {method.name} trains the whole leaf; the view {view!r} does not apply "
+                                f"(narrow the view rule)")
+            continue
+        if view is None and np.ndim(leaf) != 2:
+            raise missing_view_error(path, leaf)
+        if view is not None:
+            view.check(path, np.shape(leaf), getattr(leaf, "dtype", None))
+            if not view.is_plain:
+                out[path] = view
+    return out
+
+
 def _add_shared(key, pairs, assignment, new_leaves):
-    """Create each method config's shared state once and store it in its first node."""
+    """Create each method config's shared state once and store it in its first node. A viewed
+    leaf is shown to `create_shared` as one slice of its matrix view; per-leaf extras are
+    broadcast over its batch axes."""
     for method in dict.fromkeys(assignment.values()):
         members = [i for i, (path, _) in enumerate(pairs) if assignment.get(path) == method]
-        shared = method.create_shared(leaf_key(key, f"shared:{method!r}"), [pairs[i] for i in members])
+        shown = [(pairs[i][0], _first_slice(new_leaves[i], pairs[i][1])) for i in members]
+        shared = method.create_shared(leaf_key(key, f"shared:{method!r}"), shown)
         if shared is None:
             continue
         train, frozen, *per_leaf = shared
@@ -54,10 +86,30 @@ def _add_shared(key, pairs, assignment, new_leaves):
         # indices into the shared state, e.g. MSPLoRA's module/group slots).
         for i, extra in zip(members, per_leaf[0] if per_leaf else ()):
             if extra:
-                new_leaves[i] = new_leaves[i].replace(frozen={**new_leaves[i].frozen, **extra})
+                node = new_leaves[i]
+                if node.view is not None:
+                    lead = node.view.batch_shape(node.base.shape)
+                    extra = jax.tree.map(lambda x: jnp.broadcast_to(x, (*lead, *jnp.shape(x))), extra)
+                new_leaves[i] = node.replace(frozen={**node.frozen, **extra})
         owner = new_leaves[members[0]]
         new_leaves[members[0]] = owner.replace(train={**owner.train, **({SHARED: train} if train else {})},
                                                frozen={**owner.frozen, **({SHARED: frozen} if frozen else {})})
+
+
+def _cast_adapter(node: Adapter, dtype: str | None) -> Adapter:
+    """The node's floating-point arrays other than its base in `dtype` (the Spec's adapter_dtype)."""
+    if dtype is None:
+        return node
+    cast = lambda x: x.astype(dtype) if jnp.issubdtype(x.dtype, jnp.floating) else x  # noqa: E731
+    return node.replace(train=jax.tree.map(cast, node.train), frozen=jax.tree.map(cast, node.frozen),
+                        state=jax.tree.map(cast, node.state))
+
+
+def _first_slice(node, leaf):
+    if not isinstance(node, Adapter) or node.view is None:
+        return leaf
+    m = node.view.to_matrix(leaf)
+    return m.reshape(-1, *m.shape[-2:])[0]
 
 
 def _calib_for(method, path, leaf, calib_map):
@@ -77,6 +129,7 @@ def check_fits(params: Any, spec: Spec) -> None:
     """Raise `SpecError` unless the adapter nodes of `params` are exactly what `spec` targets."""
     pairs = leaves_with_paths(params, is_leaf=is_adapter)
     assignment = spec.resolve([p for p, _ in pairs])
+    declared = spec.resolve_views([p for p, _ in pairs])
     for path, leaf in pairs:
         method = assignment.get(path)
         if isinstance(leaf, Adapter):
@@ -84,6 +137,9 @@ def check_fits(params: Any, spec: Spec) -> None:
                 raise SpecError(f"{path} holds a {leaf.method.name} adapter but the spec targets no such leaf")
             if method != leaf.method:
                 raise SpecError(f"{path} holds {leaf.method!r} but the spec says {method!r}")
+            view = declared.get(path)
+            if (None if view is None or view.is_plain else view) != leaf.view:
+                raise SpecError(f"{path} was adapted through the view {leaf.view!r} but the spec says {view!r}")
         elif method is not None:
             raise SpecError(f"{path} (shape {tuple(np.shape(leaf))}) is targeted by the spec ({method.name}) but is "
                             f"not an adapter node; build the tree with jpeft.init first")
@@ -97,11 +153,7 @@ def _materialise_with_paths(params, spec, materialise):
     return jax.tree_util.tree_unflatten(jax.tree_util.tree_structure(params, is_leaf=is_adapter), leaves)
 
 
-def _materialise(node: Adapter, rng):
-    return node.method.materialise(node, rng)
-
-
-_remat_materialise = jax.checkpoint(_materialise)
+_remat_materialise = jax.checkpoint(materialise_node)
 
 
 def apply(params: Any, spec: Spec, *, rng: jax.Array | None = None) -> Any:
@@ -120,7 +172,7 @@ def apply(params: Any, spec: Spec, *, rng: jax.Array | None = None) -> Any:
 
 def merge(params: Any, spec: Spec) -> Any:
     """An ordinary parameter tree with every adapter folded in (export / inference)."""
-    return _materialise_with_paths(params, spec, lambda path, node: _materialise(node, None))
+    return _materialise_with_paths(params, spec, lambda path, node: materialise_node(node, None))
 
 
 def _holes(d: dict) -> dict:

@@ -1,151 +1,576 @@
-"""The factored execution path (DESIGN.md §2), for Flax Linen and NNX.
+"""The factored execution path (DESIGN.md §2, §11), for Flax Linen, NNX and custom layers.
 
 `jpeft.factored(model.apply, spec)` returns a function with `model.apply`'s signature that takes
-the *adapted* tree. Every `nn.Dense` whose kernel is an adapter computes `method.matmul(node, x)`
-(`x@K + s·(x@a)@b` for LoRA: `ΔK` and `K'` are never built). Any other use of an adapted leaf —
-another layer type, a module reading its param directly — gets the materialised weight.
+the *adapted* tree. Wherever the model multiplies an adapted kernel, the method's factored form
+runs (`x@K + s·(x@a)@b` for LoRA: neither `ΔK` nor `K'` is built); every other use of an adapted
+leaf gets the materialised weight.
 
-Which adapted leaves the Dense layers own is found by tracing the model once abstractly
-(`jax.eval_shape`); it costs trace time only.
+The mechanism is op-level, over public functions only (no custom tracers, no JAX internals):
 
-`jpeft.factored_nnx(graphdef, spec)` is the NNX equivalent: it rebuilds the module from the adapted
-state, swaps every `nnx.Linear` whose kernel is an adapter for a factored stand-in, and gives every
-other adapted `Param` its materialised weight.
+- The model is handed each adapted kernel's *base* array, and the array is registered (by
+  identity) with its adapter node. While the model runs, `jax.lax.dot_general`, `jax.numpy.einsum`,
+  `jax.numpy.dot`, `jax.numpy.matmul`, `jax.numpy.take` and `jax.numpy.asarray` (Flax's dtype
+  promotion) are intercepted; an op that receives a registered array computes the method's
+  factored form through the kernel's `jpeft.View` instead. That covers Linen `Dense`,
+  `DenseGeneral`, `Einsum`, `Embed` (lookup; `attend` is intercepted as a method), NNX `Linear`,
+  `LinearGeneral`, `Einsum`, `Embed`, and custom layers that call those functions.
+- Linen `nn.scan` stacks: the adapter arrays ride in the params tree beside their kernel
+  (`kernel` holds the base, `kernel<SUFFIX>` the node without its base), so `nn.scan` slices both
+  together; `nn.intercept_methods` registers each module's kernels as the module runs.
+- Which kernels an intercepted op actually consumes is found by one abstract trace first
+  (`jax.eval_shape`). A kernel no intercepted op consumes (a bare `x @ kernel`, an `astype`, a
+  reduction) gets the materialised weight, with a one-time warning naming the path.
+
+`jpeft.infer_views(model.apply, variables, *args)` uses the same interception to read each
+kernel's view off the ops that multiply it.
 """
 
 from __future__ import annotations
 
+import contextlib
+import dataclasses
+import re
+import threading
+import warnings
 from typing import Any, Callable
 
 import flax.linen as nn
-from flax import nnx
 import jax
 import jax.numpy as jnp
+import numpy as np
+from flax import nnx
 from flax.core import unfreeze
 
 from jpeft.adapter import Adapter, is_adapter
-from jpeft.core import _materialise, check_fits, merge
+from jpeft.core import check_fits
+from jpeft.errors import SpecError
+from jpeft.execution import using_impl
 from jpeft.hooks import leaf_key
-from jpeft.paths import leaves_with_paths
-from jpeft.shared import attach_shared
+from jpeft.methods.base import Method
+from jpeft.paths import leaves_with_paths, path_str
+from jpeft.shared import SHARED, attach_shared
 from jpeft.spec import Spec
+from jpeft.views import PLAIN, View, materialise_node, matrix_node, node_axes, slice_keys
+
+#: The params-tree key beside a kernel that carries its adapter node (Linen factored path).
+SUFFIX = "~jpeft"
 
 
-def _dense_kernel(module: nn.Module) -> Any:
-    if not isinstance(module, nn.Dense) or not module.has_variable("params", "kernel"):
+# ============================================================================ the registry
+@dataclasses.dataclass
+class _Kernel:
+    path: str
+    node: Adapter | None     # None while only inferring views
+    full_shape: tuple        # the leaf's shape outside any nn.scan
+    rng: Any = None
+
+
+class _State(threading.local):
+    def __init__(self):
+        self.kernels: dict[int, tuple[Any, _Kernel]] = {}   # id(array) -> (array, kernel)
+        self.consumed: set[str] = set()
+        self.declined: set[str] = set()
+        self.views: dict[str, View] = {}
+        self.active = False
+        self.inside = False                                 # inside a jpeft op: no interception
+        self.infer = False
+        self.meta: dict[str, _Kernel] = {}                 # Linen: path -> kernel info
+
+
+_STATE = _State()
+
+
+def _lookup(x) -> _Kernel | None:
+    if not _STATE.active or _STATE.inside:
         return None
-    return module.get_variable("params", "kernel")
+    hit = _STATE.kernels.get(id(x))
+    return hit[1] if hit is not None and hit[0] is x else None
 
 
-def _dense_factored(module: nn.Dense, node: Adapter, x: jax.Array, rng) -> jax.Array:
-    """`nn.Dense.__call__` with an adapter kernel: dtype promotion, factored matmul, bias."""
-    x = jnp.asarray(x, module.dtype or jnp.result_type(x, node.base if node.base is not None else x))
-    y = node.method.matmul(node, x, rng)
+def _register(array, kernel: _Kernel) -> None:
+    _STATE.kernels[id(array)] = (array, kernel)
+
+
+# ============================================================================ the contraction
+def _op_view(kernel: _Kernel, array) -> View:
+    """The kernel's view as this op sees it (leading stack axes sliced away by `nn.scan`)."""
+    view = kernel.node.view if kernel.node is not None and kernel.node.view is not None else PLAIN
+    return view.drop_leading(view.ndim - array.ndim)
+
+
+def _contract(kernel: _Kernel, karray, x, k_contract, x_contract, k_batch, x_batch, kernel_first, out_dtype):
+    """`dot_general` of `x` with the adapted kernel (the base array `karray` as the op saw it), by
+    the method's factored form through the kernel's view; None if the op does not fit the view
+    or the method has no factored form (then the caller runs the plain op on the materialised
+    weight). Output axes in `dot_general` order: batch, lhs free, rhs free."""
+    view = _op_view(kernel, karray)
+    node = kernel.node
+    nk = karray.ndim
+    k_free = [a for a in range(nk) if a not in k_contract and a not in k_batch]
+    if set(k_contract) == set(view.inputs) and set(k_free) | set(k_batch) == set(view.outputs) | set(view.batch) \
+            and set(k_batch) <= set(view.batch):
+        fn, side_in, side_out = "matmul", view.inputs, view.outputs
+    elif set(k_contract) == set(view.outputs) and set(k_batch) <= set(view.batch) \
+            and set(k_free) | set(k_batch) == set(view.inputs) | set(view.batch):
+        fn, side_in, side_out = "matmul_t", view.outputs, view.inputs
+    else:
+        return None
+    # x: dot-batch axes first (in view.batch order), free axes, then contracted axes (in the
+    # order the view flattens them).
+    pair = dict(zip(k_contract, x_contract))
+    bpair = dict(zip(k_batch, x_batch))
+    xb = [bpair[b] for b in view.batch if b in bpair]
+    xc = [pair[a] for a in side_in]
+    xf = [a for a in range(x.ndim) if a not in xc and a not in xb]
+    xt = jnp.transpose(x, (*xb, *xf, *xc)) if (*xb, *xf, *xc) != tuple(range(x.ndim)) else x
+    xt = xt.reshape(*xt.shape[:len(xb) + len(xf)], -1)
+
+    here = node.replace(base=karray, view=view)
+    mnode = matrix_node(here)
+    method = node.method
+    out_shape = tuple(karray.shape[a] for a in side_out)
+
+    def one(n, xs, key):
+        y = getattr(method, fn)(n, xs, key)
+        return None if y is None else y.reshape(*xs.shape[:-1], *out_shape)
+
+    # Probe for a factored form on one abstract slice before building the vmaps.
+    if getattr(type(method), fn) is getattr(Method, fn):
+        return None
+    f = one
+    keys = slice_keys(kernel.rng, view.batch_shape(karray.shape))
+    for b in reversed(view.batch):
+        x_axis = 0 if b in bpair else None
+        f = _vmap_slice(f, x_axis, keys is not None)
+    y = f(mnode, xt, keys)
     if y is None:
-        y = _materialised_matmul(node, x, rng)
-    if module.use_bias:
-        y = y + jnp.asarray(module.get_variable("params", "bias"), y.dtype)
-    return y
+        _STATE.declined.add(kernel.path)   # the method has no factored form for this config
+        return None
+    # y axes: view.batch..., x free..., side_out...; reorder to dot_general's output order.
+    labels = [("k", b) for b in view.batch] + [("x", a) for a in xf] + [("k", o) for o in side_out]
+    x_free = [("x", a) for a in xf]
+    k_free_labels = [("k", a) for a in k_free]
+    target = [("k", b) for b in k_batch] + (k_free_labels + x_free if kernel_first else x_free + k_free_labels)
+    order = [labels.index(t) for t in target]
+    if order != list(range(len(order))):
+        y = jnp.transpose(y, order)
+    _STATE.consumed.add(kernel.path)
+    return y.astype(out_dtype)
 
 
-@jax.checkpoint
-def _materialised_matmul(node: Adapter, x: jax.Array, rng) -> jax.Array:
-    """`x @ K'` for a method without a factored form; `K'` is recomputed in the backward pass."""
-    return x @ _materialise(node, rng).astype(x.dtype)
+def _vmap_slice(f, x_axis, keyed):
+    def g(n, xs, key):
+        return f(n, xs, key)
+
+    def mapped(n, xs, keys):
+        return jax.vmap(g, in_axes=(node_axes(n), x_axis, 0 if keyed else None))(n, xs, keys)
+
+    return mapped
 
 
-def _owned_paths(apply_fn, variables, args, kwargs) -> set[str]:
-    """Paths (relative to `params`) of the kernels of the `nn.Dense` layers the model calls."""
-    owned: set[str] = set()
-
-    def record(next_fun, a, kw, context):
-        if context.method_name == "__call__" and _dense_kernel(context.module) is not None:
-            owned.add("/".join((*context.module.path, "kernel")))
-        return next_fun(*a, **kw)
-
-    def trace(variables):
-        with nn.intercept_methods(record):
-            return apply_fn(variables, *args, **kwargs)
-
-    jax.eval_shape(trace, variables)
-    return owned
+# ============================================================================ the intercepted ops
+_ORIG: dict[str, Callable] = {}
 
 
-def factored(apply_fn: Callable, spec: Spec, *, rng: jax.Array | None = None) -> Callable:
-    """Wrap `model.apply` so that it takes the adapted tree and runs LoRA-style layers factored.
+def _result_dtype(x, k, preferred):
+    return preferred if preferred is not None else jnp.result_type(x, k)
 
-    `rng` enables adapter dropout (per token in factored layers).
-    """
+
+def _record_view(kernel: _Kernel, karray, k_contract, k_batch):
+    """infer_views: the view this op implies (stack axes sliced by nn.scan become batch axes)."""
+    lead = len(kernel.full_shape) - karray.ndim
+    shift = lambda axes: tuple(sorted(a + lead for a in axes))  # noqa: E731
+    free = [a for a in range(karray.ndim) if a not in k_contract and a not in k_batch]
+    view = View(inputs=shift(k_contract), outputs=shift(free), batch=tuple(range(lead)) + shift(k_batch))
+    old = _STATE.views.setdefault(kernel.path, view)
+    if old != view:
+        raise SpecError(f"{kernel.path}: the model multiplies this kernel as {old!r} in one place and as {view!r} "
+                        f"in another; declare its view in the Spec")
+    _STATE.consumed.add(kernel.path)
+
+
+def _dot_general(lhs, rhs, dimension_numbers, precision=None, preferred_element_type=None, **kw):
+    orig = _ORIG["dot_general"]
+    for kernel_first, karr, x in ((False, rhs, lhs), (True, lhs, rhs)):
+        kernel = _lookup(karr)
+        if kernel is None:
+            continue
+        (lc, rc), (lb, rb) = dimension_numbers
+        kc, xc, kb, xb = (lc, rc, lb, rb) if kernel_first else (rc, lc, rb, lb)
+        kc, xc, kb, xb = (tuple(int(a) for a in t) for t in (kc, xc, kb, xb))
+        if _STATE.infer:
+            _record_view(kernel, karr, kc, kb)
+            break
+        _STATE.inside = True
+        try:
+            y = _contract(kernel, karr, x, kc, xc, kb, xb, kernel_first,
+                          _result_dtype(x, karr, preferred_element_type))
+        finally:
+            _STATE.inside = False
+        if y is not None:
+            return y
+        break
+    return orig(lhs, rhs, dimension_numbers, precision=precision, preferred_element_type=preferred_element_type, **kw)
+
+
+def _einsum(subscripts, *operands, **kw):
+    orig = _ORIG["einsum"]
+    if (_STATE.active and not _STATE.inside and isinstance(subscripts, str) and len(operands) == 2
+            and "->" in subscripts and "." not in subscripts
+            and any(_lookup(o) is not None for o in operands)):
+        ins, out = subscripts.replace(" ", "").split("->")
+        parts = ins.split(",")
+        if len(parts) == 2 and all(len(p) == o.ndim for p, o in zip(parts, operands)):
+            a, b = parts
+            ok = all(c in b or c in out for c in a) and all(c in a or c in out for c in b) and \
+                len(set(a)) == len(a) and len(set(b)) == len(b)
+            if ok:
+                contract = [c for c in a if c in b and c not in out]
+                batch = [c for c in a if c in b and c in out]
+                dims = (([a.index(c) for c in contract], [b.index(c) for c in contract]),
+                        ([a.index(c) for c in batch], [b.index(c) for c in batch]))
+                y = _dot_general(operands[0], operands[1], dims,
+                                 preferred_element_type=kw.get("preferred_element_type"))
+                got = batch + [c for c in a if c not in b] + [c for c in b if c not in a]
+                if got != list(out):
+                    y = jnp.transpose(y, [got.index(c) for c in out])
+                return y
+    return orig(subscripts, *operands, **kw)
+
+
+def _dot(a, b, *args, **kw):
+    orig = _ORIG["dot"]
+    if _STATE.active and not _STATE.inside and not args and set(kw) <= {"precision", "preferred_element_type"} \
+            and (_lookup(a) is not None or _lookup(b) is not None) and np.ndim(a) >= 1 and np.ndim(b) >= 1:
+        ca = (np.ndim(a) - 1,)
+        cb = (max(np.ndim(b) - 2, 0),)
+        return _dot_general(a, b, ((ca, cb), ((), ())), preferred_element_type=kw.get("preferred_element_type"))
+    return orig(a, b, *args, **kw)
+
+
+def _matmul(a, b, *args, **kw):
+    orig = _ORIG["matmul"]
+    if _STATE.active and not _STATE.inside and not args and set(kw) <= {"precision", "preferred_element_type"} \
+            and ((_lookup(b) is not None and np.ndim(b) == 2 and np.ndim(a) >= 1)
+                 or (_lookup(a) is not None and np.ndim(a) == 2 and np.ndim(b) == 2)):
+        return _dot_general(a, b, (((np.ndim(a) - 1,), (0,)), ((), ())),
+                            preferred_element_type=kw.get("preferred_element_type"))
+    return orig(a, b, *args, **kw)
+
+
+def _take(a, indices, axis=None, *args, **kw):
+    orig = _ORIG["take"]
+    kernel = _lookup(a)
+    if kernel is not None and axis == 0 and not args and not kw and a.ndim == 2:
+        if _STATE.infer:
+            _STATE.views.setdefault(kernel.path, PLAIN)
+            _STATE.consumed.add(kernel.path)
+        elif kernel.node.view is None or kernel.node.view.is_plain:
+            method = kernel.node.method
+            if type(method).lookup is Method.lookup:
+                _STATE.declined.add(kernel.path)   # no factored lookup: materialised rows
+            else:
+                _STATE.inside = True
+                try:
+                    y = method.lookup(kernel.node.replace(base=a), indices, kernel.rng)
+                finally:
+                    _STATE.inside = False
+                if y is not None:
+                    _STATE.consumed.add(kernel.path)
+                    return y.astype(a.dtype)
+                _STATE.declined.add(kernel.path)
+    return orig(a, indices, axis, *args, **kw)
+
+
+def _asarray(a, dtype=None, *args, **kw):
+    out = _ORIG["asarray"](a, dtype, *args, **kw)
+    kernel = _lookup(a)
+    if kernel is not None and out is not a:
+        _register(out, kernel)   # a dtype promotion of the kernel (Flax's promote_dtype)
+    return out
+
+
+def _attend_factored(kernel: _Kernel, embedding, query):
+    """`query @ E'ᵀ` for an adapted embedding table (Embed.attend)."""
+    _STATE.inside = True
+    try:
+        return _contract(kernel, embedding, query, (1,), (query.ndim - 1,), (), (), False,
+                         jnp.result_type(query, embedding))
+    finally:
+        _STATE.inside = False
+
+
+def _nnx_attend(self, query, out_sharding=None):
+    kernel = _lookup(self.embedding.get_value())
+    if kernel is not None and out_sharding is None:
+        if _STATE.infer:
+            return _ORIG["nnx_attend"](self, query)
+        query, embedding = self.promote_dtype((query, self.embedding.get_value()), dtype=self.dtype)
+        kernel = _lookup(embedding) or kernel
+        y = _attend_factored(kernel, embedding, query)
+        if y is not None:
+            return y
+    return _ORIG["nnx_attend"](self, query, out_sharding=out_sharding) if out_sharding is not None \
+        else _ORIG["nnx_attend"](self, query)
+
+
+_PATCHES = (
+    (jax.lax, "dot_general", _dot_general),
+    (jnp, "einsum", _einsum),
+    (jnp, "dot", _dot),
+    (jnp, "matmul", _matmul),
+    (jnp, "take", _take),
+    (jnp, "asarray", _asarray),
+)
+
+
+@contextlib.contextmanager
+def _intercepting(kernels: dict[int, tuple[Any, _Kernel]], *, infer: bool = False):
+    """Install the interceptors for the duration of one model call (re-entrant: a nested call
+    reuses the outer installation)."""
+    if _STATE.active:
+        raise RuntimeError("jpeft.factored calls cannot be nested")
+    for mod, name, fn in _PATCHES:
+        _ORIG[name] = getattr(mod, name)
+        setattr(mod, name, fn)
+    _ORIG["nnx_attend"] = nnx.Embed.attend
+    nnx.Embed.attend = _nnx_attend
+    _STATE.kernels, _STATE.consumed, _STATE.views, _STATE.declined = dict(kernels), set(), {}, set()
+    _STATE.active, _STATE.infer = True, infer
+    try:
+        yield _STATE
+    finally:
+        _STATE.active, _STATE.infer, _STATE.inside = False, False, False
+        _STATE.kernels = {}
+        for mod, name, _ in _PATCHES:
+            setattr(mod, name, _ORIG[name])
+        nnx.Embed.attend = _ORIG["nnx_attend"]
+
+
+def _bind_nnx_ops(model):
+    """NNX layers that hold the default op as an attribute (`LinearGeneral.dot_general`,
+    `Einsum.einsum_op`) get the interceptor instead (a fresh module per call: nothing leaks)."""
+    for _, module in nnx.iter_modules(model):
+        for attr, name in (("dot_general", "dot_general"), ("einsum_op", "einsum")):
+            if getattr(module, attr, None) is _ORIG[name]:
+                object.__setattr__(module, attr, dict((n, f) for _, n, f in _PATCHES)[name])
+
+
+# ============================================================================ Linen
+def _linen_register(next_fun, args, kwargs, context):
+    """Register the adapted kernels of the module that is about to run (inside `nn.scan` these
+    are the sliced arrays)."""
+    module = context.module
+    scope_params = module.variables.get("params", {}) if module.scope is not None else {}
+    for name, value in scope_params.items():
+        if isinstance(name, str) and name.endswith(SUFFIX) and isinstance(value, (Adapter, _Kernel)):
+            base_name = name[: -len(SUFFIX)]
+            array = scope_params.get(base_name)
+            if array is None:
+                continue
+            if isinstance(value, Adapter):
+                outer = _STATE.meta["/".join((*module.path, base_name))]
+                _register(array, dataclasses.replace(outer, node=value.replace(base=array)))
+    if context.method_name == "attend" and isinstance(module, nn.Embed):
+        embedding = scope_params.get("embedding")
+        kernel = _lookup(embedding)
+        if kernel is not None and not _STATE.infer:
+            query, emb = module.promote_dtype(args[0], embedding, dtype=module.dtype)
+            y = _attend_factored(_lookup(emb) or kernel, emb, query)
+            if y is not None:
+                return y
+    return next_fun(*args, **kwargs)
+
+
+def _has_factored_form(node: Adapter) -> bool:
+    t = type(node.method)
+    return t.matmul is not Method.matmul or t.lookup is not Method.lookup
+
+
+def _candidates(pairs) -> dict[str, Adapter]:
+    """Adapter nodes that may run factored: the method has a factored form; shared state (lent to
+    every node) is not batched, so a stacked node with shared state is materialised instead."""
+    out = {}
+    for path, leaf in pairs:
+        if isinstance(leaf, Adapter) and _has_factored_form(leaf):
+            shared = SHARED in leaf.train or SHARED in leaf.frozen
+            if not (shared and leaf.view is not None and leaf.view.batch):
+                out[path] = leaf
+    return out
+
+
+def _with_siblings(params, factored_nodes: dict[str, Adapter], materialised: dict[str, Any]):
+    """The params tree the Linen model sees: each factored kernel holds its base, with its node
+    (without the base) beside it under `<name><SUFFIX>`; materialised kernels hold `K'`."""
+    def walk(tree, prefix):
+        if isinstance(tree, Adapter) or not isinstance(tree, dict):
+            return tree
+        out = {}
+        for k, v in tree.items():
+            path = f"{prefix}/{k}" if prefix else str(k)
+            if path in factored_nodes:
+                node = factored_nodes[path]   # with its shared state lent
+                out[k] = node.base
+                out[f"{k}{SUFFIX}"] = node.replace(base=None)
+            elif path in materialised:
+                out[k] = materialised[path]
+            else:
+                out[k] = walk(v, path)
+        return out
+
+    return walk(params, "")
+
+
+def _probe(call, cand, nodes, keyed):
+    """One abstract pass (`jax.eval_shape`): the candidates an intercepted op consumes run
+    factored; the rest get the materialised weight (with a warning unless their method declined,
+    i.e. has no factored form for its config)."""
+    seen: list = []
+
+    def probe():
+        out, used = call(cand, {p: _remat(n, keyed(p)) for p, n in nodes.items() if p not in cand})
+        seen.append(used)
+        return out
+
+    jax.eval_shape(probe)
+    consumed, declined = seen[0]
+    fact = {p: n for p, n in cand.items() if p in consumed and p not in declined}
+    _warn_fallback(set(cand) - set(fact) - declined)
+    return fact
+
+
+_WARNED: set[str] = set()
+
+
+def _warn_fallback(paths):
+    new = sorted(set(paths) - _WARNED)
+    if new:
+        _WARNED.update(new)
+        warnings.warn(f"jpeft.factored: no factorable op multiplies {new[:8]} (e.g. a bare `x @ kernel`, an "
+                      f"`astype`, or a layer that transposes its kernel); they use the materialised weight",
+                      stacklevel=3)
+
+
+def factored(apply_fn: Callable, spec: Spec, *, rng: jax.Array | None = None, impl: str = "auto") -> Callable:
+    """Wrap a Linen `model.apply` so that it takes the adapted tree and runs every adapted kernel
+    it multiplies factored (see the module docstring). `rng` enables adapter dropout. `impl`
+    selects the fused kernels (`jpeft.execution`: "auto" | "kernel" | "reference")."""
 
     def run(variables, *args, **kwargs):
+        with using_impl(impl):
+            return _run_linen(variables, *args, **kwargs)
+
+    def _run_linen(variables, *args, **kwargs):
         variables = unfreeze(variables)
         params = variables["params"]
         check_fits(params, spec)
-        owned = _owned_paths(apply_fn, {**variables, "params": merge(params, spec)}, args, kwargs)
         pairs = leaves_with_paths(params, is_leaf=is_adapter)
         lent = attach_shared([leaf for _, leaf in pairs])
-        leaves = [leaf if not isinstance(leaf, Adapter) or path in owned
-                  else _materialise(leaf, None if rng is None else leaf_key(rng, path))
-                  for (path, _), leaf in zip(pairs, lent)]
-        mixed = jax.tree_util.tree_unflatten(jax.tree_util.tree_structure(params, is_leaf=is_adapter), leaves)
+        pairs = [(p, leaf) for (p, _), leaf in zip(pairs, lent)]
+        nodes = {p: n for p, n in pairs if isinstance(n, Adapter)}
+        shapes = {p: tuple(n.base.shape) for p, n in nodes.items() if n.base is not None}
+        cand = {p: n for p, n in _candidates(pairs).items() if p in shapes}
+        keyed = lambda p: None if rng is None else leaf_key(rng, p)  # noqa: E731
 
-        def intercept(next_fun, a, kw, context):
-            node = _dense_kernel(context.module) if context.method_name == "__call__" else None
-            if not isinstance(node, Adapter):
-                return next_fun(*a, **kw)
-            path = "/".join((*context.module.path, "kernel"))
-            return _dense_factored(context.module, node, a[0], None if rng is None else leaf_key(rng, path))
+        def call(fact, mat):
+            tree = _with_siblings(params, fact, mat)
+            with _intercepting({}) as state:
+                state.meta = {p: _Kernel(p, None, shapes[p], keyed(p)) for p in fact}
+                with nn.intercept_methods(_linen_register):
+                    out = apply_fn({**variables, "params": tree}, *args, **kwargs)
+                return out, (set(state.consumed), set(state.declined))
 
-        with nn.intercept_methods(intercept):
-            return apply_fn({**variables, "params": mixed}, *args, **kwargs)
+        fact = _probe(call, cand, nodes, keyed)
+        mat = {p: _remat(n, keyed(p)) for p, n in nodes.items() if p not in fact}
+        return call(fact, mat)[0]
 
     return run
 
 
-class _FactoredLinear(nnx.Module):
-    """Stands in for an `nnx.Linear` whose kernel is an adapter (same call, factored matmul)."""
-
-    def __init__(self, linear: nnx.Linear, rng):
-        self.node = nnx.data(linear.kernel.get_value())
-        self.bias = linear.bias
-        self.dtype = linear.dtype
-        self.rng = nnx.data(rng)
-
-    def __call__(self, x):
-        x = jnp.asarray(x, self.dtype or jnp.result_type(x, self.node.base if self.node.base is not None else x))
-        y = self.node.method.matmul(self.node, x, self.rng)
-        if y is None:
-            y = _materialised_matmul(self.node, x, self.rng)
-        return y if self.bias is None else y + jnp.asarray(self.bias[...], y.dtype)
+_remat = jax.checkpoint(materialise_node)
 
 
-def factored_nnx(graphdef: Any, spec: Spec, *, rng: jax.Array | None = None) -> Callable:
+# ============================================================================ NNX
+def factored_nnx(graphdef: Any, spec: Spec, *, rng: jax.Array | None = None, impl: str = "auto") -> Callable:
     """`fn(adapted_state, *args, **kwargs)`: the NNX module of `graphdef` called on the adapted
-    state, with its adapted `nnx.Linear` layers factored."""
+    state, with every adapted kernel it multiplies factored (`impl` as in `factored`)."""
 
     def run(state, *args, **kwargs):
+        with using_impl(impl):
+            return _run_nnx(state, *args, **kwargs)
+
+    def _run_nnx(state, *args, **kwargs):
         check_fits(state, spec)
         pairs = leaves_with_paths(state, is_leaf=is_adapter)
-        linears = {"/".join(map(str, path)) + "/kernel": (path, module)
-                   for path, module in nnx.iter_modules(nnx.merge(graphdef, jax.eval_shape(lambda: merge(state, spec))))
-                   if isinstance(module, nnx.Linear)}
         lent = attach_shared([leaf for _, leaf in pairs])
-        leaves = [leaf if not isinstance(leaf, Adapter) or path in linears
-                  else _materialise(leaf, None if rng is None else leaf_key(rng, path))
-                  for (path, _), leaf in zip(pairs, lent)]
-        mixed = jax.tree_util.tree_unflatten(jax.tree_util.tree_structure(state, is_leaf=is_adapter), leaves)
-        model = nnx.merge(graphdef, mixed)
-        for path, module in list(nnx.iter_modules(model)):
-            kernel_path = "/".join(map(str, path)) + "/kernel"
-            if isinstance(module, nnx.Linear) and isinstance(module.kernel.get_value(), Adapter):
-                parent = model
-                for key in path[:-1]:
-                    parent = parent[key] if isinstance(key, int) else getattr(parent, key)
-                stand_in = _FactoredLinear(module, None if rng is None else leaf_key(rng, kernel_path))
-                if isinstance(path[-1], int):
-                    parent[path[-1]] = stand_in
-                else:
-                    setattr(parent, path[-1], stand_in)
-        return model(*args, **kwargs)
+        pairs = [(p, leaf) for (p, _), leaf in zip(pairs, lent)]
+        nodes = {p: n for p, n in pairs if isinstance(n, Adapter)}
+        cand = {p: n for p, n in _candidates(pairs).items() if n.base is not None}
+        keyed = lambda p: None if rng is None else leaf_key(rng, p)  # noqa: E731
+        treedef = jax.tree_util.tree_structure(state, is_leaf=is_adapter)
+
+        def call(fact, mat):
+            leaves = [(fact[p].base if p in fact else mat[p] if p in mat else leaf) for p, leaf in pairs]
+            model = nnx.merge(graphdef, jax.tree_util.tree_unflatten(treedef, leaves))
+            kernels = {id(n.base): (n.base, _Kernel(p, n, tuple(n.base.shape), keyed(p))) for p, n in fact.items()}
+            with _intercepting(kernels) as st:
+                _bind_nnx_ops(model)
+                out = model(*args, **kwargs)
+                return out, (set(st.consumed), set(st.declined))
+
+        fact = _probe(call, cand, nodes, keyed)
+        mat = {p: _remat(n, keyed(p)) for p, n in nodes.items() if p not in fact}
+        return call(fact, mat)[0]
 
     return run
+
+
+# ============================================================================ infer_views
+def infer_views(apply_fn: Callable, variables: Any, *args, paths: str | None = None, **kwargs) -> dict[str, View]:
+    """`{escaped path: View}` for the kernels the model multiplies, read off its ops by one
+    abstract trace of `apply_fn(variables, *args, **kwargs)`: a Linen `model.apply` and its
+    variables, or for NNX the `graphdef` and state of `nnx.split(model)`. Only kernels that are not
+    plain `(in, out)` matrices are listed; `paths` (a regex) restricts the search. Pass the result
+    as `jpeft.Spec(rules, views=...)`."""
+    variables = unfreeze(variables) if isinstance(variables, dict) else variables
+    params = variables["params"] if isinstance(variables, dict) and "params" in variables else variables
+    rx = re.compile(paths) if paths is not None else None
+    found: dict[str, View] = {}
+
+    def trace(variables):
+        pairs = leaves_with_paths(params)
+        kernels, full = {}, {}
+        for p, leaf in pairs:
+            if np.ndim(leaf) >= 2 and (rx is None or rx.fullmatch(p)):
+                full[p] = tuple(np.shape(leaf))
+
+        def register_linen(next_fun, a, kw, context):
+            module = context.module
+            scope_params = module.variables.get("params", {}) if module.scope is not None else {}
+            for name, value in scope_params.items():
+                p = "/".join((*module.path, str(name)))
+                if p in full and hasattr(value, "shape"):
+                    _register(value, _Kernel(p, None, full[p]))
+            return next_fun(*a, **kw)
+
+        with _intercepting(kernels, infer=True) as st:
+            if isinstance(variables, dict) and "params" in variables:
+                with nn.intercept_methods(register_linen):
+                    apply_fn(variables, *args, **kwargs)
+            else:
+                flat = jax.tree_util.tree_flatten_with_path(variables)[0]
+                for (kp, leaf) in flat:
+                    p = path_str(kp)
+                    if p in full:
+                        _register(leaf, _Kernel(p, None, full[p]))
+                if isinstance(apply_fn, nnx.GraphDef):
+                    model = nnx.merge(apply_fn, variables)
+                    _bind_nnx_ops(model)
+                    model(*args, **kwargs)
+                else:
+                    apply_fn(variables, *args, **kwargs)
+            found.update(st.views)
+        return 0
+
+    jax.eval_shape(trace, variables)
+    return {re.escape(p): v for p, v in sorted(found.items()) if not v.is_plain}

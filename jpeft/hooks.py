@@ -15,11 +15,13 @@ from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from jpeft.adapter import Adapter, is_adapter_or_hole
 from jpeft.errors import SpecError
 from jpeft.paths import leaves_with_paths
 from jpeft.shared import attach_shared, detach_shared, owns_shared
+from jpeft.views import matrix_node, stack_nodes, unstack_node
 
 
 class HookResult(NamedTuple):
@@ -59,6 +61,32 @@ def _reset_counts(opt_state, flag):
     return jax.tree_util.tree_map_with_path(visit, opt_state)
 
 
+def _slices(node, moments, grads, key):
+    """`(nodes, moments, grads, keys)`, one entry per matrix slice of a node (itself if plain)."""
+    if node.view is None:
+        return [node], [moments], [grads], [key]
+    shape = node.view.batch_shape(node.base.shape)
+    n = max(1, int(np.prod(shape)))
+    cut = lambda d: unstack_node(node.replace(base=None, train=d, frozen={}, state={}), shape)  # noqa: E731
+    per_moment = [[s.train for s in cut(m)] if shape else [m] for m in moments]
+    per_grad = [s.train for s in cut(grads)] if grads is not None and shape else [grads] * n
+    pieces = unstack_node(matrix_node(node), shape) if shape else [matrix_node(node)]
+    keys = list(jax.random.split(key, n)) if shape else [key]
+    return pieces, [[pm[i] for pm in per_moment] for i in range(n)], per_grad, keys
+
+
+def _restack(node, new_nodes, new_moments):
+    """Inverse of `_slices` for one node: the hook's slices back into one viewed node."""
+    if node.view is None:
+        return new_nodes[0], new_moments[0]
+    shape = node.view.batch_shape(node.base.shape)
+    stacked = stack_nodes(list(new_nodes), shape) if shape else new_nodes[0]
+    base = node.view.from_matrix(stacked.base, node.base.shape)
+    moments = [stack_nodes([node.replace(base=None, train=ms[k], frozen={}, state={}) for ms in new_moments],
+                           shape).train if shape else new_moments[0][k] for k in range(len(new_moments[0]))]
+    return stacked.replace(base=base, view=node.view), moments
+
+
 def after_step(params, opt_state, spec=None, *, step, key, grads=None):
     """Run every method's step hook. Call after `optax.apply_updates`, on the combined tree.
 
@@ -90,12 +118,18 @@ def after_step(params, opt_state, spec=None, *, step, key, grads=None):
     hooked = {j for members in groups.values() for j in members}
     restarts = []
     for method, members in groups.items():
+        # Viewed nodes enter the hook as their matrix slices (each an independent adapter).
+        slices = [_slices(nodes[j], [m[j].train for m in moment_flats],
+                          None if grads is None else grad_flat[j].train, leaf_key(key, paths[j])) for j in members]
+        flat = [piece for pieces in slices for piece in zip(*pieces)]
         result = method.step_hook(
-            [nodes[j] for j in members],
-            [[m[j].train for m in moment_flats] for j in members],
-            step=step, keys=[leaf_key(key, paths[j]) for j in members],
-            grads=None if grads is None else [grad_flat[j].train for j in members])
-        for j, node, moments in zip(members, result.nodes, result.moments):
+            [p[0] for p in flat], [list(p[1]) for p in flat], step=step, keys=[p[3] for p in flat],
+            grads=None if grads is None else [p[2] for p in flat])
+        at = 0
+        for j, pieces in zip(members, slices):
+            n = len(pieces[0])
+            node, moments = _restack(nodes[j], result.nodes[at:at + n], result.moments[at:at + n])
+            at += n
             nodes[j] = node
             for m, new in zip(moment_flats, moments):
                 m[j] = m[j].replace(train=new)

@@ -9,7 +9,9 @@ A method is a frozen dataclass of options (hashable, static under `jit`). In Fla
   base);
 - `materialise(node, rng)` → the effective kernel `K'`;
 - `matmul(node, x, rng)` → `x @ K'` without building `K'` where the method has a cheaper factored
-  form (`None` otherwise);
+  form (`None` otherwise); `matmul_t` (`x @ K'ᵀ`, a tied embedding's `attend`) and `lookup`
+  (`K'[indices]`, an embedding lookup) likewise. `jpeft.factored` calls them per matrix slice
+  of a viewed kernel;
 - `create_shared` (optional): model-level state shared by every leaf of this config;
 - `step_hook` (optional): a pure, jit-able rewrite after each optimizer step (see `jpeft.hooks`).
 """
@@ -32,6 +34,9 @@ class Method:
     version: ClassVar[int] = 1
     #: Whether `materialise(init(w)) == w` (the conformance suite checks it).
     identity_at_init: ClassVar[bool] = True
+    #: Whether the method adapts a matrix (N-D kernels then need a `jpeft.View`); False for methods
+    #: that train the whole leaf, whatever its shape.
+    adapts_matrix: ClassVar[bool] = True
     #: Whether `init` needs a calibration gradient (`jpeft.init(..., calib=grads)`).
     needs_calib: ClassVar[bool] = False
     #: Pure step hook `(nodes, moments, *, step, keys, grads) -> HookResult` over all the nodes
@@ -50,6 +55,14 @@ class Method:
         raise NotImplementedError
 
     def matmul(self, node: Adapter, x: jax.Array, rng: jax.Array | None = None) -> jax.Array | None:
+        return None
+
+    def matmul_t(self, node: Adapter, x: jax.Array, rng: jax.Array | None = None) -> jax.Array | None:
+        """`x @ K'ᵀ` without building `K'` (a tied embedding's `attend`), or None."""
+        return None
+
+    def lookup(self, node: Adapter, indices: jax.Array, rng: jax.Array | None = None) -> jax.Array | None:
+        """`K'[indices]` (rows: an embedding lookup) without building `K'`, or None."""
         return None
 
     #: Whether checkpoints must store the node's base (a step hook rewrites it); otherwise the base

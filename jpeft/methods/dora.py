@@ -41,7 +41,9 @@ class DoRA(LoRA):
 
     def create(self, key, w, calib=None):
         node = super().create(key, w, calib)
-        magnitude = column_norms(node.base + self.delta(node)).astype(w.dtype)
+        # The magnitude is kept in at least fp32: rounded to bf16 it would put `m / ‖K‖` off 1 and
+        # DoRA off identity at init.
+        magnitude = column_norms(node.base + self.delta(node)).astype(jnp.promote_types(w.dtype, jnp.float32))
         return node.replace(train={**node.train, "m": magnitude})
 
     def gain(self, node, norms):
@@ -56,3 +58,12 @@ class DoRA(LoRA):
         a, b = self.lowrank_factors(node)
         norms = factored_column_norms(node.base, a, b, self.scale)
         return (super().matmul(node, x, rng) * self.gain(node, norms)).astype(x.dtype)
+
+    def matmul_t(self, node, x, rng=None):
+        return None  # the magnitude scales K's columns, which `x @ K'ᵀ` contracts: materialise
+
+    def lookup(self, node, indices, rng=None):
+        a, b = self.lowrank_factors(node)
+        norms = factored_column_norms(node.base, a, b, self.scale)
+        rows = super().lookup(node, indices)
+        return (rows * self.gain(node, norms)).astype(node.base.dtype)

@@ -17,6 +17,7 @@ class Full(Method):
     """Train the whole leaf: `train["w"]` is the leaf itself (any shape, floating dtype)."""
 
     name = "full"
+    adapts_matrix = False
 
     def check(self, path, w):
         if not jnp.issubdtype(w.dtype, jnp.floating):

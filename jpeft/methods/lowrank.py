@@ -16,7 +16,10 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
+from pallas_kernels import fused_lora_matmul, on_accelerator, resolve_impl
+
 from jpeft import linalg
+from jpeft.execution import kernel_impl
 from jpeft.adapter import Adapter
 from jpeft.errors import leaf_error
 from jpeft.hooks import HookResult
@@ -36,6 +39,11 @@ def lora_scale(rank: int, alpha: float, rslora: bool) -> float:
 def lowrank_matmul(x, xd, w, a, b, s):
     """`x@w + s·(xd@a)@b`; `xd` is the adapter branch's input (`x`, or its dropped-out copy).
 
+    Per backend (`jpeft.execution`): on GPU/TPU, without dropout, the fused Pallas kernel
+    (`pallas_kernels.fused_lora_matmul`; `impl="kernel"` forces it, in interpret mode on CPU); on
+    GPU/TPU with `impl="reference"` (or dropout) the plain two-matmul form, which their compilers
+    schedule well. On XLA:CPU the form below.
+
     Two choices here are about XLA:CPU, not maths (`experiments/bench_step.py` measures both):
 
     - When there are at least as many tokens as input features the product is ONE matmul
@@ -50,6 +58,11 @@ def lowrank_matmul(x, xd, w, a, b, s):
       backward fused into a strided copy); `_lowrank_jvp` pins the transposes on the rank-r
       operands instead (LoRA step wall time −15–20% on the reference workload).
     """
+    impl = resolve_impl(kernel_impl())
+    if impl == "kernel" and xd is x:
+        return fused_lora_matmul(x, w, a, b, s, impl="kernel")
+    if on_accelerator():
+        return x @ w + s * ((xd @ a) @ b)
     tokens = math.prod(x.shape[:-1])
     flat = lambda t: t.reshape(tokens, t.shape[-1])  # noqa: E731
     y = _lowrank(flat(x), flat(xd), w, a, b, s, tokens >= w.shape[0])
@@ -232,10 +245,25 @@ class LoRA(Method):
         return (node.base + self.delta(node, rng)).astype(node.base.dtype)
 
     def matmul(self, node, x, rng=None):
+        # Computed in the layer's dtype (`x` and the base as the layer promotes them): fp32
+        # adapters on a bf16 layer are cast at use; their gradients stay fp32.
+        dt = jnp.result_type(x, node.base)
+        a = (node.train["a"] if "a" in node.train else node.frozen["a"]).astype(dt)
+        b = node.train["b"].astype(dt)
+        xd = x if rng is None or self.dropout == 0 else x * dropout_mask(rng, x.shape, self.dropout, x.dtype)
+        return lowrank_matmul(x, xd, node.base, a, b, self.scale)
+
+    def matmul_t(self, node, x, rng=None):
         a = node.train["a"] if "a" in node.train else node.frozen["a"]
         b = node.train["b"]
         xd = x if rng is None or self.dropout == 0 else x * dropout_mask(rng, x.shape, self.dropout, x.dtype)
-        return lowrank_matmul(x, xd, node.base, a, b, self.scale)
+        return x @ node.base.T + self.scale * ((xd @ b.T) @ a.T)
+
+    def lookup(self, node, indices, rng=None):
+        """Embedding rows `K[i] + s·a[i]@b` (PEFT's embedding LoRA, dropout-free as PEFT's is)."""
+        a = node.train["a"] if "a" in node.train else node.frozen["a"]
+        b = node.train["b"]
+        return jnp.take(node.base, indices, axis=0) + self.scale * (jnp.take(a, indices, axis=0) @ b)
 
 
 def residual_base(w, a, b, s):
