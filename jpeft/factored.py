@@ -282,6 +282,55 @@ def _take(a, indices, axis=None, *args, **kw):
     return orig(a, indices, axis, *args, **kw)
 
 
+def _conv_general_dilated(lhs, rhs, window_strides, padding, lhs_dilation=None, rhs_dilation=None,
+                          dimension_numbers=None, feature_group_count=1, batch_group_count=1, **kw):
+    """A convolution with an adapted kernel: the method's `conv` (LoRA: PEFT's low-rank conv, a
+    conv to r channels with `a` then a 1×1 map with `b`) when the view's outputs are the kernel's
+    output-feature axis and its inputs the rest."""
+    orig = _ORIG["conv_general_dilated"]
+    call = lambda x, k: orig(x, k, window_strides, padding, lhs_dilation, rhs_dilation,  # noqa: E731
+                             dimension_numbers, feature_group_count, batch_group_count, **kw)
+    kernel = _lookup(rhs)
+    if kernel is None or feature_group_count != 1 or batch_group_count != 1:
+        return call(lhs, rhs)
+    dn = jax.lax.conv_dimension_numbers(lhs.shape, rhs.shape, dimension_numbers)
+    o_axis, out_feature = dn.rhs_spec[0], dn.out_spec[1]
+    if _STATE.infer:
+        lead = len(kernel.full_shape) - rhs.ndim
+        others = tuple(a + lead for a in range(rhs.ndim) if a != o_axis)
+        _STATE.views.setdefault(kernel.path, View(inputs=others, outputs=(o_axis + lead,), batch=tuple(range(lead))))
+        _STATE.consumed.add(kernel.path)
+        return call(lhs, rhs)
+    view = _op_view(kernel, rhs)
+    if view.batch or view.outputs != (o_axis,) or sorted(view.inputs) != [a for a in range(rhs.ndim) if a != o_axis]:
+        return call(lhs, rhs)
+    method = kernel.node.method
+    if type(method).conv is Method.conv:
+        _STATE.declined.add(kernel.path)
+        return call(lhs, rhs)
+    node = matrix_node(kernel.node.replace(base=rhs, view=view))
+
+    def conv_to(x, a_cols):
+        """`x` convolved with the kernel whose output features are the columns of `a_cols`
+        (`(prod inputs, c)`, rows in the view's input order); output features last."""
+        c = a_cols.shape[-1]
+        shaped = a_cols.reshape(*(rhs.shape[i] for i in view.inputs), c)
+        perm = list(view.inputs) + [o_axis]   # shaped's axes are these kernel axes, in order
+        k = jnp.transpose(shaped, np.argsort(perm))
+        return jnp.moveaxis(call(x, k.astype(rhs.dtype)), out_feature, -1)
+
+    _STATE.inside = True
+    try:
+        y = method.conv(node, lhs, lambda x: jnp.moveaxis(call(x, rhs), out_feature, -1), conv_to, kernel.rng)
+    finally:
+        _STATE.inside = False
+    if y is None:
+        _STATE.declined.add(kernel.path)
+        return call(lhs, rhs)
+    _STATE.consumed.add(kernel.path)
+    return jnp.moveaxis(y, -1, out_feature).astype(jnp.result_type(lhs, rhs))
+
+
 def _asarray(a, dtype=None, *args, **kw):
     out = _ORIG["asarray"](a, dtype, *args, **kw)
     kernel = _lookup(a)
@@ -321,6 +370,7 @@ _PATCHES = (
     (jnp, "matmul", _matmul),
     (jnp, "take", _take),
     (jnp, "asarray", _asarray),
+    (jax.lax, "conv_general_dilated", _conv_general_dilated),
 )
 
 
@@ -351,7 +401,8 @@ def _bind_nnx_ops(model):
     """NNX layers that hold the default op as an attribute (`LinearGeneral.dot_general`,
     `Einsum.einsum_op`) get the interceptor instead (a fresh module per call: nothing leaks)."""
     for _, module in nnx.iter_modules(model):
-        for attr, name in (("dot_general", "dot_general"), ("einsum_op", "einsum")):
+        for attr, name in (("dot_general", "dot_general"), ("einsum_op", "einsum"),
+                           ("conv_general_dilated", "conv_general_dilated")):
             if getattr(module, attr, None) is _ORIG[name]:
                 object.__setattr__(module, attr, dict((n, f) for _, n, f in _PATCHES)[name])
 
@@ -384,7 +435,7 @@ def _linen_register(next_fun, args, kwargs, context):
 
 def _has_factored_form(node: Adapter) -> bool:
     t = type(node.method)
-    return t.matmul is not Method.matmul or t.lookup is not Method.lookup
+    return any(getattr(t, f) is not getattr(Method, f) for f in ("matmul", "matmul_t", "lookup", "conv"))
 
 
 def _candidates(pairs) -> dict[str, Adapter]:

@@ -148,8 +148,51 @@ def _default_roles(key: str, shape: tuple, base_shape: tuple | None) -> tuple:
     return (None,) * ndim
 
 
+def _group_entry(entries, axes):
+    """The mesh axes of a flattened group of base axes: those of its major (first) axis when the
+    others are unsharded (the flattened dimension is then split in the same contiguous blocks),
+    else None (replicated)."""
+    if any(entries[a] is not None for a in axes[1:]):
+        return None
+    return entries[axes[0]]
+
+
+def _viewed_partition_specs(node: Adapter, base_spec: PartitionSpec, mesh: Mesh, stack_axis) -> Adapter:
+    """A viewed node: batch axes keep the base's mesh axes of those axes (a scanned stack stays
+    sharded like its base); the per-slice arrays follow the matrix view's in / out groups."""
+    view = node.view
+    shape = tuple(np.shape(node.base))
+    entries = _entries(base_spec, len(shape))
+    nb = len(view.batch)
+    lead = [entries[b] for b in view.batch]
+    lead = [e if shape[b] % math.prod(mesh.shape[n] for n in _axis_names(e)) == 0 else None
+            for e, b in zip(lead, view.batch)]
+    taken = {n for e in lead for n in _axis_names(e)}
+    free = lambda e: None if taken & set(_axis_names(e)) else e  # noqa: E731
+    matrix_spec = P(free(_group_entry(entries, view.inputs)), free(_group_entry(entries, view.outputs)))
+    abstract = lambda x: jax.ShapeDtypeStruct(np.shape(x)[nb:], getattr(x, "dtype", np.float32))  # noqa: E731
+
+    def part(d):
+        return {k: (v if k == SHARED else jax.tree.map(abstract, v)) for k, v in d.items()}
+
+    one = node.replace(base=jax.ShapeDtypeStruct(view.matrix_shape(shape), node.base.dtype), view=None,
+                       train=part(node.train), frozen=part(node.frozen), state=part(node.state))
+    inner = node_partition_specs(one, matrix_spec, mesh, stack_axis=stack_axis)
+
+    def prepend(d):
+        return {k: (v if k == SHARED else jax.tree.map(lambda sp: P(*lead, *tuple(sp)), v,
+                                                        is_leaf=lambda x: isinstance(x, PartitionSpec)))
+                for k, v in d.items()}
+
+    base = _spec_from_roles(tuple(f"base:{i}" for i in range(len(shape))), shape, entries, mesh, None)
+    return node.replace(base=base, train=prepend(inner.train), frozen=prepend(inner.frozen),
+                        state=prepend(inner.state))
+
+
 def node_partition_specs(node: Adapter, base_spec: PartitionSpec, mesh: Mesh, *, stack_axis=None) -> Adapter:
     """The `PartitionSpec`s of one adapter node's arrays (an `Adapter` holding specs)."""
+    if node.view is not None and node.base is not None:
+        return _viewed_partition_specs(node, base_spec, mesh, stack_axis)
     base_shape = None if node.base is None else tuple(np.shape(node.base))
     ref_ndim = len(base_shape) if base_shape is not None else max(
         (len(np.shape(x)) for x in jax.tree.leaves(node.train)), default=0)

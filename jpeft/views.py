@@ -259,6 +259,30 @@ def unstack_node(node: Adapter, batch_shape: tuple[int, ...]) -> list[Adapter]:
     return [cut(i) for i in range(n)]
 
 
+def matrix_slices(node: Adapter) -> list[Adapter]:
+    """The node as a list of plain 2-D nodes, one per batch slice (itself if it has no view).
+    Works on halves of a split tree (holes stay None). For code that reads a node's arrays
+    directly, such as loss regularisers."""
+    if node.view is None:
+        return [node]
+    shape = node.view.batch_shape(node.base.shape) if node.base is not None else _lead_shape(node)
+    mnode = matrix_node(node) if node.base is not None else node.replace(view=None)
+    return unstack_node(mnode, shape) if shape else [mnode]
+
+
+def _lead_shape(node: Adapter) -> tuple[int, ...]:
+    """The batch shape of a node without its base (a trainable half): the leading axes of its
+    first non-shared array."""
+    k = len(node.view.batch)
+    for part in (node.train, node.frozen, node.state):
+        for name, v in part.items():
+            if name != SHARED:
+                leaves = [x for x in jax.tree.leaves(v) if x is not None]
+                if leaves:
+                    return tuple(leaves[0].shape[:k])
+    return ()
+
+
 def slice_keys(key: jax.Array | None, batch_shape: tuple[int, ...]):
     """One key per slice (row-major), or None."""
     if key is None:

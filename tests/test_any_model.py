@@ -422,3 +422,78 @@ def test_factored_lora_lowers_to_the_kernel_on_accelerators(monkeypatch, platfor
     grad = jax.jit(jax.grad(lambda t: jnp.sum(run({"params": jpeft.combine(t, frozen)}, xs) ** 2)))
     text = grad.trace(trainable).lower(lowering_platforms=(lowered_as,)).as_text()
     assert text.count("triton" if platform == "gpu" else "tpu_custom_call") >= 2
+
+
+# ------------------------------------------------------------------------ per-slice consumers
+def test_regularisers_and_lora_pro_treat_each_slice_as_a_matrix():
+    """A stacked node's loss regularisers and LoRA-Pro's adjusted update equal those of the same
+    slices adapted one by one (unrolled layers)."""
+    from jpeft.optim import lora_pro
+
+    w = jax.random.normal(jax.random.PRNGKey(0), (3, 12, 10))
+    view = jpeft.View(inputs=(1,), outputs=(2,), batch=(0,))
+
+    def pair(method):
+        stacked = _perturb(jpeft.init(jax.random.PRNGKey(1), {"w": w}, jpeft.Spec({"w": method}, views={"w": view})))
+        node = stacked["w"]
+        flat = {f"w{i}": node.replace(base=node.base[i], view=None,
+                                      **{part: jax.tree.map(lambda x: x[i], getattr(node, part))
+                                         for part in ("train", "frozen", "state")}) for i in range(3)}
+        jpeft.check_fits(flat, jpeft.Spec({r"w\d": method}))
+        return stacked, flat
+
+    stacked, flat = pair(adaptive.AdaLoRA(init_r=4, target_r=2, alpha=8.0, total_step=10))
+    np.testing.assert_allclose(adaptive.orthogonality_loss(stacked), adaptive.orthogonality_loss(flat), rtol=1e-5)
+    stacked, flat = pair(svdcore.KaSA(rank=2))
+    np.testing.assert_allclose(svdcore.regularizer(stacked), svdcore.regularizer(flat), rtol=1e-5)
+
+    stacked, flat = pair(jpeft.LoRA(rank=2, alpha=4))
+    tx = lora_pro(1e-2)
+    ts, tf = jpeft.split(stacked)[0], jpeft.split(flat)[0]
+    gs = jax.tree.map(lambda x: jnp.cos(x), ts)
+    gf = {f"w{i}": gs["w"].replace(train=jax.tree.map(lambda x: x[i], gs["w"].train)) for i in range(3)}
+    us, _ = tx.update(gs, tx.init(ts), ts)
+    uf, _ = tx.update(gf, tx.init(tf), tf)
+    for i in range(3):
+        for k in ("a", "b"):
+            np.testing.assert_allclose(us["w"].train[k][i], uf[f"w{i}"].train[k], rtol=1e-5, atol=1e-7)
+
+
+# ------------------------------------------------------------------------ convolutions
+class ConvNet(nn.Module):
+    @nn.compact
+    def __call__(self, x):
+        x = nn.relu(nn.Conv(16, (3, 3), name="c1")(x))
+        return nn.Conv(16, (3, 3), strides=2, padding="VALID", name="c2")(x)
+
+
+@pytest.mark.parametrize("method_name", ["lora", "dora", "pissa"])
+@pytest.mark.parametrize("kind", ["linen", "nnx"])
+def test_low_rank_conv_runs_factored(kind, method_name):
+    """PEFT's low-rank conv: `conv(x, K) + s·conv(x, a) @ b` with `a` as a conv to r channels;
+    view inputs = (kh, kw, in), outputs = out; equal to the materialised conv, no dense delta."""
+    x = jax.random.normal(jax.random.PRNGKey(4), (1, 5, 5, 8))
+    if kind == "linen":
+        model = ConvNet()
+        apply_fn, variables = model.apply, model.init(jax.random.PRNGKey(0), x)
+        params = variables["params"]
+        run = lambda spec, t: jpeft.factored(apply_fn, spec)({"params": t}, x)  # noqa: E731
+        ref = lambda spec, t: apply_fn({"params": jpeft.merge(t, spec)}, x)  # noqa: E731
+    else:
+        apply_fn, params = nnx.split(nnx.Conv(8, 16, (3, 3), rngs=nnx.Rngs(0)))
+        variables = params
+        run = lambda spec, t: jpeft.factored_nnx(apply_fn, spec)(t, x)  # noqa: E731
+        ref = lambda spec, t: nnx.merge(apply_fn, jpeft.merge(t, spec))(x)  # noqa: E731
+    views = jpeft.infer_views(apply_fn, variables, x)
+    assert set(views.values()) == {jpeft.View(inputs=(0, 1, 2), outputs=(3,))}
+    spec = jpeft.Spec({r".*kernel": FACTORED_METHODS[method_name]}, views=views)
+    tree = _perturb(jpeft.init(jax.random.PRNGKey(1), params, spec))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        np.testing.assert_allclose(run(spec, tree), ref(spec, tree), atol=2e-5)
+    trainable, frozen = jpeft.split(tree)
+    loss = lambda t: jnp.sum(jnp.square(run(spec, jpeft.combine(t, frozen))))  # noqa: E731
+    loss_m = lambda t: jnp.sum(jnp.square(ref(spec, jpeft.combine(t, frozen))))  # noqa: E731
+    for a, b in zip(jax.tree.leaves(jax.grad(loss)(trainable)), jax.tree.leaves(jax.grad(loss_m)(trainable))):
+        np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-4 * float(jnp.max(jnp.abs(b))))
+    assert big_dependents(jax.grad(loss), (trainable,), lambda p, leaf: True, _kernel_slice_size(tree)) == []

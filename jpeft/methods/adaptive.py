@@ -25,6 +25,7 @@ from jpeft.adapter import Adapter, is_adapter
 from jpeft.hooks import HookResult
 from jpeft.methods.base import Method, require, require_float_matrix, require_rank
 from jpeft.registry import register
+from jpeft.views import matrix_slices
 
 
 # ------------------------------------------------------------------------------------ shared
@@ -52,8 +53,9 @@ def _keep_components(node: Adapter, keep: np.ndarray, gate_key: str, state_keys:
 
 
 def _adapter_nodes(params, cls):
-    return [x for x in jax.tree.leaves(params, is_leaf=is_adapter)
-            if isinstance(x, Adapter) and isinstance(x.method, cls)]
+    """The `cls` nodes of `params`, a viewed node as its matrix slices (each its own adapter)."""
+    return [piece for x in jax.tree.leaves(params, is_leaf=is_adapter)
+            if isinstance(x, Adapter) and isinstance(x.method, cls) for piece in matrix_slices(x)]
 
 
 def _safe_fro(m: jax.Array) -> jax.Array:

@@ -65,6 +65,13 @@ class Method:
         """`K'[indices]` (rows: an embedding lookup) without building `K'`, or None."""
         return None
 
+    def conv(self, node: Adapter, x: jax.Array, conv_base, conv_to, rng: jax.Array | None = None):
+        """A convolution with `K'` without building `K'`, or None. `node` is the matrix view
+        (inputs: spatial and input-feature axes; outputs: output features); `conv_base(x)` is the
+        layer's convolution with the base kernel and `conv_to(x, cols)` with the kernel whose
+        output features are the columns of `cols` (`(in, c)`); both put features last."""
+        return None
+
     #: Whether checkpoints must store the node's base (a step hook rewrites it); otherwise the base
     #: is rebuilt from the original weight with `rebuild_base`.
     checkpoint_base: ClassVar[bool] = False

@@ -62,6 +62,11 @@ class DoRA(LoRA):
     def matmul_t(self, node, x, rng=None):
         return None  # the magnitude scales K's columns, which `x @ K'ᵀ` contracts: materialise
 
+    def conv(self, node, x, conv_base, conv_to, rng=None):
+        a, b = self.lowrank_factors(node)
+        norms = factored_column_norms(node.base, a, b, self.scale)
+        return (super().conv(node, x, conv_base, conv_to, rng) * self.gain(node, norms)).astype(x.dtype)
+
     def lookup(self, node, indices, rng=None):
         a, b = self.lowrank_factors(node)
         norms = factored_column_norms(node.base, a, b, self.scale)

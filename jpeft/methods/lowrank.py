@@ -259,6 +259,14 @@ class LoRA(Method):
         xd = x if rng is None or self.dropout == 0 else x * dropout_mask(rng, x.shape, self.dropout, x.dtype)
         return x @ node.base.T + self.scale * ((xd @ b.T) @ a.T)
 
+    def conv(self, node, x, conv_base, conv_to, rng=None):
+        """PEFT's low-rank conv: `conv(x, K) + s·(conv(x, a) @ b)` (`a` as a conv to r channels,
+        `b` a 1×1 map); dropout on the adapter branch's input."""
+        a = node.train["a"] if "a" in node.train else node.frozen["a"]
+        b = node.train["b"]
+        xd = x if rng is None or self.dropout == 0 else x * dropout_mask(rng, x.shape, self.dropout, x.dtype)
+        return conv_base(x) + self.scale * (conv_to(xd, a) @ b.astype(x.dtype))
+
     def lookup(self, node, indices, rng=None):
         """Embedding rows `K[i] + s·a[i]@b` (PEFT's embedding LoRA, dropout-free as PEFT's is)."""
         a = node.train["a"] if "a" in node.train else node.frozen["a"]

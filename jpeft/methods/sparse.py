@@ -47,6 +47,7 @@ from jpeft.hooks import HookResult
 from jpeft.methods.base import Method, require, require_float_matrix, require_rank
 from jpeft.paths import leaves_with_paths
 from jpeft.registry import register
+from jpeft.views import matrix_slices
 
 PATHS = ("sparse", "dense")
 PROBE = "probe"  # frozen key of the zero probe that `value_and_hook_grads` differentiates
@@ -1001,7 +1002,8 @@ def difference(new: jax.Array, old: jax.Array, k: int | None = None) -> SparseDe
 
 def l1_penalty(params: Any) -> jax.Array:
     """`Σ |val|` over the sparse-family nodes of `params` (LT-SFT's optional pull toward θ₀)."""
-    terms = [jnp.sum(jnp.abs(node.method.sparse_delta(node).val))
+    terms = [jnp.sum(jnp.abs(node.method.sparse_delta(piece).val))
              for node in jax.tree.leaves(params, is_leaf=is_adapter)
-             if isinstance(node, Adapter) and isinstance(node.method, SparseMethod)]
+             if isinstance(node, Adapter) and isinstance(node.method, SparseMethod)
+             for piece in matrix_slices(node)]
     return sum(terms) if terms else jnp.zeros(())

@@ -40,6 +40,8 @@ from jpeft.errors import leaf_error
 from jpeft.hooks import HookResult
 from jpeft.methods.base import Method, require, require_float_matrix, require_rank
 from jpeft.registry import register, register_alias
+from jpeft.views import matrix_slices
+
 
 CORE_KINDS = ("dense", "diag", "sparse", "lowrank", "identity")
 
@@ -590,9 +592,10 @@ def regularizer(params: Any) -> jax.Array:
     total = jnp.zeros(())
     for node in jax.tree.leaves(params, is_leaf=is_adapter):
         if isinstance(node, Adapter) and isinstance(node.method, SVDCore):
-            p = node.method.penalty(node)
-            if p is not None:
-                total = total + p
+            for piece in matrix_slices(node):   # a viewed node: one penalty per slice
+                p = node.method.penalty(piece)
+                if p is not None:
+                    total = total + p
     return total
 
 

@@ -26,6 +26,8 @@ FFA-LoRA's lone `b`, plain leaves) goes through `inner` (Adam by default).
 
 from __future__ import annotations
 
+import functools
+
 from typing import Any, Callable, NamedTuple
 
 import jax
@@ -98,7 +100,11 @@ def is_lora_pair(node: Any) -> bool:
     if not isinstance(node, Adapter) or not isinstance(node.method, LoRA):
         return False
     train = {k: v for k, v in node.train.items() if v is not None}
-    return set(train) == {"a", "b"} and all(getattr(v, "ndim", 0) == 2 for v in train.values())
+    if set(train) != {"a", "b"}:
+        return False
+    a, b = train["a"], train["b"]
+    # 2-D pairs, or stacks of them (a viewed node's batch axes in front)
+    return getattr(a, "ndim", 0) >= 2 and getattr(b, "ndim", 0) == a.ndim and a.shape[:-2] == b.shape[:-2]
 
 
 def _split(tree):
@@ -129,15 +135,21 @@ def scale_by_lora_pro(b1: float = 0.9, b2: float = 0.999, eps: float = 1e-8, *, 
         pairs = {}
         for p, node in zip(paths, leaves):
             if is_lora_pair(node):
-                shape = (node.train["a"].shape[0], node.train["b"].shape[1])
+                shape = (*node.train["a"].shape[:-1], node.train["b"].shape[-1])
                 dt = jnp.promote_types(node.train["a"].dtype, jnp.float32)
                 pairs[p] = PairMoments(jnp.zeros(shape, dt), jnp.zeros(shape, dt)) if adam else None
         return LoRAProState(jnp.zeros([], jnp.int32), pairs, inner.init(rest_tree(paths, leaves, treedef)))
 
     def pair_update(node_g, node_p, moments, count):
+        """One pair, or each slice of a stacked pair (`vmap`ped over its leading axes)."""
         a, b = linalg.upcast(node_p.train["a"]), linalg.upcast(node_p.train["b"])
         g_a, g_b = linalg.upcast(node_g.train["a"]), linalg.upcast(node_g.train["b"])
-        s = node_p.method.scale
+        f = functools.partial(pair_update_2d, s=node_p.method.scale, count=count)
+        for _ in range(a.ndim - 2):
+            f = jax.vmap(f)
+        return f(a, b, g_a, g_b, moments)
+
+    def pair_update_2d(a, b, g_a, g_b, moments, *, s, count):
         first = count == 0
         if not adam:
             ua, ub = lora_pro_adjust(a, b, g_a, g_b, s, delta=delta, first_step=first)

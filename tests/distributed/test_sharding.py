@@ -141,3 +141,24 @@ def test_jitted_train_step_on_a_2x4_mesh_keeps_the_derived_shardings():
     np.testing.assert_allclose(float(value), float(ref_value), rtol=1e-5)
     for got, want in zip(jax.tree.leaves(t), jax.tree.leaves(ref_t)):
         np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-6)
+
+
+def test_viewed_nodes_follow_the_base_axes_and_keep_the_stack_sharded():
+    """A scanned stack `(layers, in, heads, hd)` sharded `P("fsdp", None, "tp")`: the adapters keep
+    the layer axis on fsdp; `b` (rank, heads·hd) follows the output group's major axis (heads on tp);
+    an attention-out kernel `(heads, hd, out)` with `P("tp", None, "fsdp")`: `a` follows heads."""
+    m = mesh()
+    params = {"q": jnp.ones((2, 16, 4, 8)), "o": jnp.ones((4, 8, 16))}
+    views = {"q": jpeft.View(inputs=(1,), outputs=(2, 3), batch=(0,)), "o": jpeft.View(inputs=(0, 1), outputs=(2,))}
+    spec = jpeft.Spec({"q|o": jpeft.LoRA(rank=4)}, views=views)
+    tree = jpeft.init(jax.random.PRNGKey(0), params, spec)
+    specs = sharding.partition_specs(tree, {"q": P("fsdp", None, "tp"), "o": P("tp", None, "fsdp")}, m)
+    assert specs["q"].base == P("fsdp", None, "tp")
+    assert specs["q"].train["a"] == P("fsdp")                 # (layers, in, r): in is unsharded
+    assert specs["q"].train["b"] == P("fsdp", None, "tp")     # (layers, r, heads·hd)
+    assert specs["o"].train["a"] == P("tp")                    # (heads·hd, r)
+    assert specs["o"].train["b"] == P(None, "fsdp")            # (r, out)
+    shardings = jax.tree.map(lambda s: NamedSharding(m, s), specs, is_leaf=lambda x: isinstance(x, P))
+    placed = jax.device_put(tree, shardings)
+    merged = jax.jit(lambda t: jpeft.merge(t, spec))(placed)
+    np.testing.assert_allclose(merged["q"], params["q"])
