@@ -216,9 +216,8 @@ def _dot_general(lhs, rhs, dimension_numbers, precision=None, preferred_element_
 def _einsum(subscripts, *operands, **kw):
     orig = _ORIG["einsum"]
     if (_STATE.active and not _STATE.inside and isinstance(subscripts, str) and len(operands) == 2
-            and "->" in subscripts and "." not in subscripts
-            and any(_lookup(o) is not None for o in operands)):
-        ins, out = subscripts.replace(" ", "").split("->")
+            and "->" in subscripts and any(_lookup(o) is not None for o in operands)):
+        ins, out = _expand_ellipsis(subscripts.replace(" ", ""), operands)
         parts = ins.split(",")
         if len(parts) == 2 and all(len(p) == o.ndim for p, o in zip(parts, operands)):
             a, b = parts
@@ -236,6 +235,27 @@ def _einsum(subscripts, *operands, **kw):
                     y = jnp.transpose(y, [got.index(c) for c in out])
                 return y
     return orig(subscripts, *operands, **kw)
+
+
+def _expand_ellipsis(subscripts, operands):
+    """`(inputs, output)` of an explicit einsum with `...` spelled out by fresh letters; an
+    ellipsis on an adapted kernel is left in place (the caller then runs the plain einsum)."""
+    ins, out = subscripts.split("->")
+    if "..." not in subscripts:
+        return ins, out
+    parts = ins.split(",")
+    fresh = (c for c in "ABCDEFGHIJKLMNOPQRSTUVWXYZ" if c not in subscripts)
+    width = max((np.ndim(o) - (len(p) - 3) for p, o in zip(parts, operands) if "..." in p), default=0)
+    letters = "".join(next(fresh) for _ in range(width))
+    expanded = []
+    for p, o in zip(parts, operands):
+        if "..." in p:
+            if _lookup(o) is not None:
+                return ins, out
+            n = np.ndim(o) - (len(p) - 3)
+            p = p.replace("...", letters[width - n:])
+        expanded.append(p)
+    return ",".join(expanded), out.replace("...", letters)
 
 
 def _dot(a, b, *args, **kw):

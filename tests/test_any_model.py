@@ -5,8 +5,8 @@ Models we did not write: Flax's own `MultiHeadDotProductAttention`, `DenseGenera
 `Embed` (lookup and tied `attend`) and `nn.scan`; NNX's `MultiHeadAttention`, `LinearGeneral`,
 `Einsum`, `Embed`; custom layers calling `jnp.dot` / `jnp.einsum` / `jnp.matmul` /
 `lax.dot_general`. On each: the factored path equals the materialised one (outputs and gradients)
-and, walking the jaxpr of the gradient step (`tests/jaxpr_deps.py`), no live value as large as an
-adapted kernel slice depends on the adapters' trainable leaves.
+and, walking the jaxpr of the gradient step (`jpeft/inspect.py`), no live value as large as an
+adapted kernel slice depends on the adapters' trainable leaves (`jpeft.inspect`).
 
 Method × layer pairs covered by the no-dense-delta check (`FACTORED_METHODS` on every model):
 lora, dora, pissa, lora_xs (SVD core), adalora (adaptive), lori (bank), gralora (block),
@@ -14,7 +14,8 @@ sltrain (low-rank + sparse), ether_plus (orthogonal), on the Linen encoder (Embe
 MHA q/k/v/out, DenseGeneral, Einsum, Dense), the `nn.scan` decoder (DenseGeneral q/k/v/o, Dense
 MLP, stacked (layers, …) kernels), the NNX model (Embed + attend, MultiHeadAttention,
 LinearGeneral, Einsum, Linear) and the custom-op layer (jnp.dot, jnp.einsum, jnp.matmul,
-lax.dot_general). RandLoRA is not in the list: its factored form scales `min(in, out)/r` random
+lax.dot_general), and recurrentgemma's Griffin from PyPI (attention, MLP einsum, recurrent linears,
+RG-LRU block-diagonal gates with per-head batch axes). RandLoRA is not in the list: its factored form scales `min(in, out)/r` random
 bases, an `in×out`-sized buffer by construction (the conformance table checks its equality).
 """
 
@@ -33,7 +34,7 @@ from jax import lax
 
 import jpeft
 from jpeft.methods import adaptive, bank, block, lowrank_sparse, orthogonal, svdcore
-from tests.jaxpr_deps import big_dependents
+from jpeft.inspect import big_dependents, kernel_shapes
 
 D, H, HD, F, V = 32, 2, 16, 64, 40   # kernels >= 32*32 elements; activations below that
 
@@ -117,6 +118,19 @@ def _linen(model, x):
     return model.apply, variables, x
 
 
+def _griffin():
+    """recurrentgemma's Griffin (PyPI, third-party Flax): a tiny config, random weights."""
+    import recurrentgemma.jax as rg
+
+    cfg = rg.GriffinConfig(vocab_size=V, width=D, mlp_expanded_width=F, num_heads=H,
+                           block_types=(rg.TemporalBlockType.RECURRENT, rg.TemporalBlockType.ATTENTION),
+                           embeddings_scale_by_sqrt_dim=True, attention_window_size=8, logits_soft_cap=30.0)
+    model = rg.Griffin(cfg)
+    pos = jnp.arange(TOK.shape[1])[None]
+    variables = model.init(jax.random.PRNGKey(0), TOK, pos)
+    return (lambda v, tok, p: model.apply(v, tok, p)[0]), variables, (TOK, pos)
+
+
 def _nnx():
     graphdef, state = nnx.split(NNXModel(nnx.Rngs(0)))
     return graphdef, state, TOK
@@ -127,7 +141,15 @@ MODELS = {
     "scan_decoder": (lambda: _linen(ScanDecoder(), TOK), r"layers/.*/kernel", None),
     "nnx": (_nnx, r".*(embedding|kernel)", None),
     "custom_ops": (lambda: _linen(CustomOps(), XF), r"w_.*", None),
+    # Griffin: attention and MLP projections, the recurrent block's linears and the RG-LRU's
+    # block-diagonal gates (einsum "... h i, h i j -> ... h j": per-head batch axes)
+    "griffin": (_griffin, r"blocks\.\d/(attention_block/proj_\w+/kernel|mlp_block/(ffw_up/w|ffw_down/kernel)"
+                          r"|recurrent_block/(linear_\w+/kernel|rg_lru/\w+_gate/w))", None),
 }
+
+#: Models whose activations outnumber their smallest kernel slice: the no-dense check matches
+#: kernel shapes (`jpeft.inspect.kernel_shapes`) instead of sizes.
+BY_SHAPE = {"griffin"}
 
 FACTORED_METHODS = {
     "lora": jpeft.LoRA(rank=2, alpha=4),
@@ -157,19 +179,20 @@ def _target(model_name, method_name):
 def _setup(model_name):
     make, target, _ = MODELS[model_name]
     apply_fn, variables, x = make()
+    x = x if isinstance(x, tuple) else (x,)
     params = variables["params"] if isinstance(variables, dict) else variables
-    views = jpeft.infer_views(apply_fn, variables, x)
+    views = jpeft.infer_views(apply_fn, variables, *x)
     return apply_fn, variables, params, x, target, views
 
 
 def _run(model_name, apply_fn, variables, spec, tree, x, factored):
     if model_name == "nnx":
         if factored:
-            return jpeft.factored_nnx(apply_fn, spec)(tree, x)
-        return nnx.merge(apply_fn, jpeft.apply(tree, spec))(x)
+            return jpeft.factored_nnx(apply_fn, spec)(tree, *x)
+        return nnx.merge(apply_fn, jpeft.apply(tree, spec))(*x)
     if factored:
-        return jpeft.factored(apply_fn, spec)({**variables, "params": tree}, x)
-    return apply_fn({**variables, "params": jpeft.apply(tree, spec)}, x)
+        return jpeft.factored(apply_fn, spec)({**variables, "params": tree}, *x)
+    return apply_fn({**variables, "params": jpeft.apply(tree, spec)}, *x)
 
 
 def _perturb(tree, seed=3):
@@ -212,13 +235,13 @@ def test_factored_equals_materialised_and_builds_no_dense_delta(model_name, meth
     for (kp, a), b in zip(jax.tree_util.tree_flatten_with_path(gf)[0], jax.tree.leaves(gm)):
         bound = float(jnp.max(jnp.abs(b)))
         assert float(jnp.max(jnp.abs(a - b))) <= 1e-4 * max(bound, 1e-3), jax.tree_util.keystr(kp)
-    found = big_dependents(jax.grad(lambda t: loss(t, True)[0]), (trainable,), lambda p, leaf: True,
-                           _kernel_slice_size(tree))
+    size, shapes = (None, kernel_shapes(tree)) if model_name in BY_SHAPE else (_kernel_slice_size(tree), None)
+    found = big_dependents(jax.grad(lambda t: loss(t, True)[0]), (trainable,), lambda p, leaf: True, size, shapes=shapes)
     assert found == [], found[:5]
     # the same check catches the materialised path (the test can fail)
     if method_name == "lora":
-        assert big_dependents(jax.grad(lambda t: loss(t, False)[0]), (trainable,), lambda p, leaf: True,
-                              _kernel_slice_size(tree))
+        assert big_dependents(jax.grad(lambda t: loss(t, False)[0]), (trainable,), lambda p, leaf: True, size,
+                              shapes=shapes)
 
 
 # ------------------------------------------------------------------------ views
@@ -262,8 +285,8 @@ def test_per_head_batch_axes_give_one_adapter_per_head():
     delta = jpeft.merge(tree, spec)["mha"]["query"]["kernel"] - params["mha"]["query"]["kernel"]
     for h in range(H):
         np.testing.assert_allclose(delta[:, h, :], 2.0 * node.train["a"][h] @ node.train["b"][h], atol=1e-5)
-    out = jpeft.factored(apply_fn, spec)({"params": tree}, x)
-    np.testing.assert_allclose(out, apply_fn({"params": jpeft.merge(tree, spec)}, x), atol=1e-4)
+    out = jpeft.factored(apply_fn, spec)({"params": tree}, *x)
+    np.testing.assert_allclose(out, apply_fn({"params": jpeft.merge(tree, spec)}, *x), atol=1e-4)
 
 
 def test_missing_or_wrong_view_is_a_clear_error():
@@ -391,7 +414,7 @@ def test_factored_lora_through_the_pallas_kernel_in_interpret_mode():
     trainable, frozen = jpeft.split(_perturb(jpeft.init(jax.random.PRNGKey(1), params, spec)))
 
     def loss(t, impl):
-        out = jpeft.factored(apply_fn, spec, impl=impl)({"params": jpeft.combine(t, frozen)}, x)
+        out = jpeft.factored(apply_fn, spec, impl=impl)({"params": jpeft.combine(t, frozen)}, *x)
         return jnp.mean(jnp.square(out))
 
     text = jax.jit(lambda t: loss(t, "kernel")).trace(trainable).lower().as_text()

@@ -1,11 +1,13 @@
-"""A jaxpr walker for "no dense delta is built" assertions.
+"""`jpeft.inspect`: find dense deltas in a training step (a jaxpr walker).
 
 `big_dependents(fn, args, taint, min_size)` traces `fn(*args)` with `jax.make_jaxpr`, marks the
 inputs `taint(path, leaf)` selects (e.g. an adapter's trainable leaves), propagates through every
 equation (into `pjit`, `custom_jvp`/`custom_vjp`, `remat`, `scan`, `while` and `cond` bodies), keeps
 only values that reach an output (dead code removed), and returns the live tainted values with at
 least `min_size` elements, as `(primitive, shape)` pairs. An empty list means no kernel-sized value
-depends on the adapters.
+depends on the adapters. `shapes=` (a set of shapes) instead flags the live tainted values whose
+dimensions, as a multiset, equal one of them: for workloads whose activations outnumber a
+kernel's elements (`kernel_shapes(tree)` gives an adapted tree's kernel and slice shapes).
 """
 
 from __future__ import annotations
@@ -14,6 +16,10 @@ import math
 
 import jax
 from jax.extend import core as jcore
+
+from jpeft.adapter import Adapter
+from jpeft.paths import path_str
+from jpeft.views import PLAIN
 
 _CALLS = {"pjit": "jaxpr", "closed_call": "call_jaxpr", "core_call": "call_jaxpr", "remat": "jaxpr",
           "checkpoint": "jaxpr", "custom_jvp_call": "call_jaxpr", "custom_vjp_call": "call_jaxpr",
@@ -31,9 +37,15 @@ def _size(v):
 
 
 class _Walk:
-    def __init__(self, min_size):
+    def __init__(self, min_size, shapes=None):
         self.min_size = min_size
+        self.shapes = None if shapes is None else {tuple(sorted(s)) for s in shapes}
         self.found = []
+
+    def flagged(self, size, shape):
+        if self.shapes is not None:
+            return tuple(sorted(shape)) in self.shapes
+        return size >= self.min_size
 
     def run(self, jaxpr, tainted_in: list[bool], live_out: list[bool]) -> list[bool]:
         """Taint of `jaxpr`'s outputs given its inputs'; records big live tainted values (with
@@ -58,7 +70,7 @@ class _Walk:
                 for v, t in zip(eqn.outvars, outs):
                     if t and v in live:
                         size, shape = _size(v)
-                        if size >= self.min_size:
+                        if self.flagged(size, shape):
                             self.found.append((eqn.primitive.name, shape))
                 self._eqn(eqn, [is_t(a) for a in eqn.invars], used)
                 live.update(a for a in eqn.invars if isinstance(a, jcore.Var))
@@ -116,13 +128,23 @@ class _Walk:
         return [any(ins)] * len(eqn.outvars)
 
 
-def big_dependents(fn, args, taint, min_size):
+def kernel_shapes(tree) -> set[tuple[int, ...]]:
+    """The shapes a dense delta of an adapted tree would have: each adapted kernel's own shape,
+    its matrix view `(in, out)` and, for a stack, one slice of it."""
+    out = set()
+    for leaf in jax.tree.leaves(tree, is_leaf=lambda x: isinstance(x, Adapter)):
+        if isinstance(leaf, Adapter) and leaf.base is not None:
+            shape = tuple(leaf.base.shape)
+            view = leaf.view or PLAIN
+            out |= {shape, view.matrix_shape(shape), shape[len(view.batch):]}
+    return out
+
+
+def big_dependents(fn, args, taint, min_size=None, *, shapes=None):
     """See the module docstring. `taint(path, leaf) -> bool` over the flattened `args`."""
     closed = jax.make_jaxpr(fn)(*args)
     flat = jax.tree_util.tree_flatten_with_path(args)[0]
-    from jpeft.paths import path_str
-
     marks = [bool(taint(path_str(kp), leaf)) for kp, leaf in flat]
-    walker = _Walk(min_size)
+    walker = _Walk(float("inf") if min_size is None else min_size, shapes)
     walker.run(closed.jaxpr, marks, [True] * len(closed.jaxpr.outvars))
     return walker.found
