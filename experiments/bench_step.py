@@ -25,17 +25,14 @@ import optax
 from absl import app, flags
 
 import jpeft
-from experiments.benchlib import TARGET, jit_step, next_token_loss, reference_setup, write_table, xla_figures
+from experiments.benchlib import define_workload_flags, train_step, TARGET, jit_step, next_token_loss, reference_setup, write_table, xla_figures
 from jpeft.models.llama import LlamaConfig
 
 def define_flags() -> None:
     """The command-line flags (defined only when run as a program, so tests can import this module)."""
     flags.DEFINE_integer("steps", 10, "timed steps per configuration")
-    flags.DEFINE_integer("batch", 8, "sequences per step")
-    flags.DEFINE_integer("seq", 128, "tokens per sequence")
-    flags.DEFINE_integer("rank", 16, "adapter rank")
+    define_workload_flags("out/bench_step")
     flags.DEFINE_bool("hf", True, "also time HF PEFT (torch) when it is installed")
-    flags.DEFINE_string("out_dir", "out/bench_step", "where the CSV and markdown tables go")
 
 
 FLAGS = flags.FLAGS
@@ -71,16 +68,7 @@ def jax_configs(model, params, ids, rank):
     tx = optax.adamw(1e-4)
 
     def make(loss_fn, trainable, frozen):
-        """The frozen weights are an argument of the step (not a closed-over constant, which
-        `memory_analysis` would not count), so every row's peak includes them."""
-        @jit_step
-        def step(state):
-            trainable, frozen, opt_state = state
-            loss, grads = jax.value_and_grad(loss_fn)(trainable, frozen)
-            updates, opt_state = tx.update(grads, opt_state, trainable)
-            return (optax.apply_updates(trainable, updates), frozen, opt_state), loss
-
-        return step, (trainable, frozen, tx.init(trainable))
+        return train_step(loss_fn, trainable, frozen, tx)
 
     out = {"full": make(lambda p, _: next_token_loss(model.apply({"params": p}, ids), ids), params, None)}
     for name, method, path in [("lora_materialised", jpeft.LoRA(rank=rank, alpha=2 * rank), "materialised"),

@@ -27,7 +27,7 @@ import optax
 from absl import app, flags
 
 import jpeft
-from experiments.benchlib import jit_step, next_token_loss, write_table, xla_figures
+from experiments.benchlib import define_workload_flags, train_step, jit_step, next_token_loss, write_table, xla_figures
 from jpeft.inspect import big_dependents, kernel_shapes
 
 VOCAB, HIDDEN, MLP, LAYERS, HEADS = 4096, 512, 1376, 4, 8
@@ -36,11 +36,8 @@ TARGET = r".*/(q|k|v|o|gate|up|down)/kernel"
 
 
 def define_flags() -> None:
-    flags.DEFINE_integer("batch", 8, "sequences per step")
-    flags.DEFINE_integer("seq", 128, "tokens per sequence")
-    flags.DEFINE_integer("rank", 16, "adapter rank")
+    define_workload_flags("out/bench_views")
     flags.DEFINE_bool("qwix", True, "also build qwix's LoRA when qwix is installed")
-    flags.DEFINE_string("out_dir", "out/bench_views", "where the CSV and markdown tables go")
 
 
 FLAGS = flags.FLAGS
@@ -96,14 +93,7 @@ class Decoder(nn.Module):
 
 
 def _make(loss_fn, trainable, frozen, tx):
-    @jit_step
-    def step(state):
-        trainable, frozen, opt_state = state
-        loss, grads = jax.value_and_grad(loss_fn)(trainable, frozen)
-        updates, opt_state = tx.update(grads, opt_state, trainable)
-        return (optax.apply_updates(trainable, updates), frozen, opt_state), loss
-
-    return step, (trainable, frozen, tx.init(trainable)), loss_fn
+    return (*train_step(loss_fn, trainable, frozen, tx), loss_fn)
 
 
 def qwix_row(model, ids, rank):

@@ -26,6 +26,21 @@ def next_token_loss(logits, ids):
 jit_step = functools.partial(jax.jit, donate_argnums=0)
 
 
+def train_step(loss_fn, trainable, frozen, tx):
+    """`(step, state)`: a donating AdamW-style step `step(state) -> (state, loss)` over
+    `state = (trainable, frozen, opt_state)` with `loss_fn(trainable, frozen)`. The frozen weights
+    are an argument of the step (not a closed-over constant, which `memory_analysis` would not
+    count), so every row's peak includes them."""
+    @jit_step
+    def step(state):
+        trainable, frozen, opt_state = state
+        loss, grads = jax.value_and_grad(loss_fn)(trainable, frozen)
+        updates, opt_state = tx.update(grads, opt_state, trainable)
+        return (optax.apply_updates(trainable, updates), frozen, opt_state), loss
+
+    return step, (trainable, frozen, tx.init(trainable))
+
+
 def compile_step(step, state):
     """The compiled executable of a jitted step for `state`'s shapes (`state` may be donated)."""
     return step.lower(jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), state)).compile()
@@ -41,6 +56,16 @@ def xla_figures(step, state):
     peak = (mem.argument_size_in_bytes + mem.temp_size_in_bytes + mem.output_size_in_bytes
             - mem.alias_size_in_bytes)
     return {"gflops": cost["flops"] / 1e9, "peak_mb": peak / 2 ** 20, "temp_mb": mem.temp_size_in_bytes / 2 ** 20}
+
+
+def define_workload_flags(out_dir: str) -> None:
+    """The reference workload's absl flags shared by the step benchmarks (batch, seq, rank, out_dir)."""
+    from absl import flags
+
+    flags.DEFINE_integer("batch", 8, "sequences per step")
+    flags.DEFINE_integer("seq", 128, "tokens per sequence")
+    flags.DEFINE_integer("rank", 16, "adapter rank")
+    flags.DEFINE_string("out_dir", out_dir, "where the CSV and markdown tables go")
 
 
 def reference_setup(batch, seq):

@@ -46,6 +46,7 @@ from jpeft.core import check_fits
 from jpeft.errors import SpecError
 from jpeft.execution import using_impl
 from jpeft.hooks import leaf_key
+from jpeft.inspect import output_sources
 from jpeft.methods.base import Method
 from jpeft.paths import leaves_with_paths, path_str
 from jpeft.shared import SHARED, attach_shared
@@ -74,6 +75,7 @@ class _State(threading.local):
         self.active = False
         self.inside = False                                 # inside a jpeft op: no interception
         self.infer = False
+        self.probing = False                                # the probe pass (see `_probe`)
         self.meta: dict[str, _Kernel] = {}                 # Linen: path -> kernel info
 
 
@@ -125,7 +127,7 @@ def _contract(kernel: _Kernel, karray, x, k_contract, x_contract, k_batch, x_bat
     xt = jnp.transpose(x, (*xb, *xf, *xc)) if (*xb, *xf, *xc) != tuple(range(x.ndim)) else x
     xt = xt.reshape(*xt.shape[:len(xb) + len(xf)], -1)
 
-    here = node.replace(base=karray, view=view)
+    here = node.replace(base=_compute_base(karray), view=view)
     mnode = matrix_node(here)
     method = node.method
     out_shape = tuple(karray.shape[a] for a in side_out)
@@ -292,7 +294,7 @@ def _take(a, indices, axis=None, *args, **kw):
             else:
                 _STATE.inside = True
                 try:
-                    y = method.lookup(kernel.node.replace(base=a), indices, kernel.rng)
+                    y = method.lookup(kernel.node.replace(base=_compute_base(a)), indices, kernel.rng)
                 finally:
                     _STATE.inside = False
                 if y is not None:
@@ -328,7 +330,7 @@ def _conv_general_dilated(lhs, rhs, window_strides, padding, lhs_dilation=None, 
     if type(method).conv is Method.conv:
         _STATE.declined.add(kernel.path)
         return call(lhs, rhs)
-    node = matrix_node(kernel.node.replace(base=rhs, view=view))
+    node = matrix_node(kernel.node.replace(base=_compute_base(rhs), view=view))
 
     def conv_to(x, a_cols):
         """`x` convolved with the kernel whose output features are the columns of `a_cols`
@@ -341,7 +343,8 @@ def _conv_general_dilated(lhs, rhs, window_strides, padding, lhs_dilation=None, 
 
     _STATE.inside = True
     try:
-        y = method.conv(node, lhs, lambda x: jnp.moveaxis(call(x, rhs), out_feature, -1), conv_to, kernel.rng)
+        y = method.conv(node, lhs, lambda x: jnp.moveaxis(call(x, _compute_base(rhs)), out_feature, -1), conv_to,
+                        kernel.rng)
     finally:
         _STATE.inside = False
     if y is None:
@@ -395,7 +398,7 @@ _PATCHES = (
 
 
 @contextlib.contextmanager
-def _intercepting(kernels: dict[int, tuple[Any, _Kernel]], *, infer: bool = False):
+def _intercepting(kernels: dict[int, tuple[Any, _Kernel]], *, infer: bool = False, probing: bool = False):
     """Install the interceptors for the duration of one model call (re-entrant: a nested call
     reuses the outer installation)."""
     if _STATE.active:
@@ -406,11 +409,11 @@ def _intercepting(kernels: dict[int, tuple[Any, _Kernel]], *, infer: bool = Fals
     _ORIG["nnx_attend"] = nnx.Embed.attend
     nnx.Embed.attend = _nnx_attend
     _STATE.kernels, _STATE.consumed, _STATE.views, _STATE.declined = dict(kernels), set(), {}, set()
-    _STATE.active, _STATE.infer = True, infer
+    _STATE.active, _STATE.infer, _STATE.probing = True, infer, probing
     try:
         yield _STATE
     finally:
-        _STATE.active, _STATE.infer, _STATE.inside = False, False, False
+        _STATE.active, _STATE.infer, _STATE.inside, _STATE.probing = False, False, False, False
         _STATE.kernels = {}
         for mod, name, _ in _PATCHES:
             setattr(mod, name, _ORIG[name])
@@ -492,34 +495,54 @@ def _with_siblings(params, factored_nodes: dict[str, Adapter], materialised: dic
     return walk(params, "")
 
 
-def _probe(call, cand, nodes, keyed):
-    """One abstract pass (`jax.eval_shape`): the candidates an intercepted op consumes run
-    factored; the rest get the materialised weight (with a warning unless their method declined,
-    i.e. has no factored form for its config)."""
-    seen: list = []
+def _compute_base(karray):
+    """The base a factored op computes with: itself, or in the probe pass zeros of its shape, so
+    that what still depends on the base afterwards is a use outside the factored ops."""
+    return jnp.zeros(karray.shape, karray.dtype) if _STATE.probing else karray
 
-    def probe():
-        out, used = call(cand, {p: _remat(n, keyed(p)) for p, n in nodes.items() if p not in cand})
+
+def _probe(call, cand, nodes, keyed):
+    """One abstract pass (`jax.make_jaxpr`, trace time only) over the model with the candidates'
+    bases as inputs. A candidate runs factored when an intercepted op consumed it and nothing else
+    used it: factored ops compute with zeros in this pass (`_compute_base`), so an output that
+    still depends on a base (`jpeft.inspect.output_sources`) reveals another use (a bare
+    `x @ kernel`, a regulariser on the weight, ...), which must see `K'`. The rest get the
+    materialised weight, with a warning unless their method declined (it has no factored form for
+    its config)."""
+    paths = sorted(cand)
+    seen: list = []
+    mat = {p: n for p, n in nodes.items() if p not in cand}
+
+    def probe(bases):
+        fact = {p: cand[p].replace(base=b) for p, b in zip(paths, bases)}
+        out, used = call(fact, {p: _remat(n, keyed(p)) for p, n in mat.items()}, probing=True)
         seen.append(used)
         return out
 
-    jax.eval_shape(probe)
+    def source(path, leaf):
+        head, _, rest = path.partition("/")
+        return int(rest.split("/")[0]) if head == "0" and rest else None
+
+    other_mask = output_sources(probe, ([cand[p].base for p in paths],), source)
     consumed, declined = seen[0]
-    fact = {p: n for p, n in cand.items() if p in consumed and p not in declined}
-    _warn_fallback(set(cand) - set(fact) - declined)
+    other = {p for i, p in enumerate(paths) if other_mask >> i & 1}
+    fact = {p: n for p, n in cand.items() if p in consumed and p not in declined and p not in other}
+    mixed = other & consumed
+    _warn_fallback(set(cand) - set(fact) - declined - mixed)
+    _warn_fallback(mixed, "is also used outside a factorable op (so it must see K')")
     return fact
 
 
 _WARNED: set[str] = set()
 
 
-def _warn_fallback(paths):
+def _warn_fallback(paths, why: str | None = None):
     new = sorted(set(paths) - _WARNED)
     if new:
         _WARNED.update(new)
-        warnings.warn(f"jpeft.factored: no factorable op multiplies {new[:8]} (e.g. a bare `x @ kernel`, an "
-                      f"`astype`, or a layer that transposes its kernel); they use the materialised weight",
-                      stacklevel=3)
+        why = why or ("is multiplied by no factorable op (e.g. a bare `x @ kernel`, an `astype`, or a layer "
+                      "that transposes its kernel)")
+        warnings.warn(f"jpeft.factored: {new[:8]} {why}; they use the materialised weight", stacklevel=3)
 
 
 def factored(apply_fn: Callable, spec: Spec, *, rng: jax.Array | None = None, impl: str = "auto") -> Callable:
@@ -543,9 +566,9 @@ def factored(apply_fn: Callable, spec: Spec, *, rng: jax.Array | None = None, im
         cand = {p: n for p, n in _candidates(pairs).items() if p in shapes}
         keyed = lambda p: None if rng is None else leaf_key(rng, p)  # noqa: E731
 
-        def call(fact, mat):
+        def call(fact, mat, probing=False):
             tree = _with_siblings(params, fact, mat)
-            with _intercepting({}) as state:
+            with _intercepting({}, probing=probing) as state:
                 state.meta = {p: _Kernel(p, None, shapes[p], keyed(p)) for p in fact}
                 with nn.intercept_methods(_linen_register):
                     out = apply_fn({**variables, "params": tree}, *args, **kwargs)
@@ -580,11 +603,11 @@ def factored_nnx(graphdef: Any, spec: Spec, *, rng: jax.Array | None = None, imp
         keyed = lambda p: None if rng is None else leaf_key(rng, p)  # noqa: E731
         treedef = jax.tree_util.tree_structure(state, is_leaf=is_adapter)
 
-        def call(fact, mat):
+        def call(fact, mat, probing=False):
             leaves = [(fact[p].base if p in fact else mat[p] if p in mat else leaf) for p, leaf in pairs]
             model = nnx.merge(graphdef, jax.tree_util.tree_unflatten(treedef, leaves))
             kernels = {id(n.base): (n.base, _Kernel(p, n, tuple(n.base.shape), keyed(p))) for p, n in fact.items()}
-            with _intercepting(kernels) as st:
+            with _intercepting(kernels, probing=probing) as st:
                 _bind_nnx_ops(model)
                 out = model(*args, **kwargs)
                 return out, (set(st.consumed), set(st.declined))

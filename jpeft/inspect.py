@@ -12,7 +12,9 @@ kernel's elements (`kernel_shapes(tree)` gives an adapted tree's kernel and slic
 
 from __future__ import annotations
 
+import functools
 import math
+import operator
 
 import jax
 from jax.extend import core as jcore
@@ -21,7 +23,7 @@ from jpeft.adapter import Adapter
 from jpeft.paths import path_str
 from jpeft.views import PLAIN
 
-_CALLS = {"pjit": "jaxpr", "closed_call": "call_jaxpr", "core_call": "call_jaxpr", "remat": "jaxpr",
+_CALLS = {"pjit": "jaxpr", "closed_call": "call_jaxpr", "core_call": "call_jaxpr", "remat": "jaxpr", "remat2": "jaxpr",
           "checkpoint": "jaxpr", "custom_jvp_call": "call_jaxpr", "custom_vjp_call": "call_jaxpr",
           "custom_vjp_call_jaxpr": "fun_jaxpr", "custom_lin": None}
 
@@ -47,14 +49,15 @@ class _Walk:
             return tuple(sorted(shape)) in self.shapes
         return size >= self.min_size
 
-    def run(self, jaxpr, tainted_in: list[bool], live_out: list[bool]) -> list[bool]:
-        """Taint of `jaxpr`'s outputs given its inputs'; records big live tainted values (with
-        `live_out` saying which outputs are used)."""
+    def run(self, jaxpr, tainted_in: list[int], live_out: list[bool]) -> list[int]:
+        """Taint of `jaxpr`'s outputs given its inputs' (bit masks: bit i = depends on source i;
+        booleans work as one source); records big live tainted values (with `live_out` saying
+        which outputs are used)."""
         jaxpr = _open(jaxpr)
         taint = {v: t for v, t in zip(jaxpr.invars, tainted_in)}
         for v in jaxpr.constvars:
-            taint[v] = False
-        is_t = lambda a: isinstance(a, jcore.Var) and taint.get(a, False)  # noqa: E731
+            taint[v] = 0
+        is_t = lambda a: taint.get(a, 0) if isinstance(a, jcore.Var) else 0  # noqa: E731
         eq_out = []
         for eqn in jaxpr.eqns:
             ins = [is_t(a) for a in eqn.invars]
@@ -88,7 +91,7 @@ class _Walk:
         if sub is not None:
             n = len(_open(sub).invars)
             walker = self if record else _Walk(float("inf"))
-            return walker.run(sub, ins[-n:] if len(ins) >= n else ins + [False] * (n - len(ins)),
+            return walker.run(sub, ins[-n:] if len(ins) >= n else ins + [0] * (n - len(ins)),
                               used if record else [True] * len(eqn.outvars))
         if name == "scan":
             nc, ncarry = p["num_consts"], p["num_carry"]
@@ -96,7 +99,7 @@ class _Walk:
             carry = ins[nc:nc + ncarry]
             for _ in range(len(carry) + 1):
                 outs = _Walk(float("inf")).run(body, ins[:nc] + carry + ins[nc + ncarry:], [True] * len(eqn.outvars))
-                new = [a or b for a, b in zip(carry, outs[:ncarry])]
+                new = [a | b for a, b in zip(carry, outs[:ncarry])]
                 if new == carry:
                     break
                 carry = new
@@ -108,7 +111,7 @@ class _Walk:
             carry = ins[cn + bn:]
             for _ in range(len(carry) + 1):
                 outs = _Walk(float("inf")).run(p["body_jaxpr"], ins[cn:cn + bn] + carry, [True] * len(carry))
-                new = [a or b for a, b in zip(carry, outs)]
+                new = [a | b for a, b in zip(carry, outs)]
                 if new == carry:
                     break
                 carry = new
@@ -116,16 +119,21 @@ class _Walk:
                 self.run(p["body_jaxpr"], ins[cn:cn + bn] + carry, [True] * len(carry))
             return carry
         if name == "cond":
-            outs = [False] * len(eqn.outvars)
+            outs = [0] * len(eqn.outvars)
             for br in p["branches"]:
                 walker = self if record else _Walk(float("inf"))
                 bo = walker.run(br, ins[1:], used if record else [True] * len(eqn.outvars))
-                outs = [a or b or ins[0] for a, b in zip(outs, bo)]
+                outs = [a | b | ins[0] for a, b in zip(outs, bo)]
             return outs
         nested = [v for v in p.values() if isinstance(v, (jcore.Jaxpr, jcore.ClosedJaxpr))]
-        if nested:  # an unknown higher-order primitive: conservative
-            return [any(ins)] * len(eqn.outvars)
-        return [any(ins)] * len(eqn.outvars)
+        if len(nested) == 1 and len(_open(nested[0]).invars) == len(ins) \
+                and len(_open(nested[0]).outvars) == len(eqn.outvars):
+            # an unlisted call-like primitive (one body, inputs and outputs one to one)
+            walker = self if record else _Walk(float("inf"))
+            return walker.run(nested[0], ins, used if record else [True] * len(eqn.outvars))
+        # a first-order primitive, or an unknown higher-order one (conservative): every output
+        # depends on every input
+        return [functools.reduce(operator.or_, ins, 0)] * len(eqn.outvars)
 
 
 def kernel_shapes(tree) -> set[tuple[int, ...]]:
@@ -148,3 +156,17 @@ def big_dependents(fn, args, taint, min_size=None, *, shapes=None):
     walker = _Walk(float("inf") if min_size is None else min_size, shapes)
     walker.run(closed.jaxpr, marks, [True] * len(closed.jaxpr.outvars))
     return walker.found
+
+
+def output_sources(fn, args, source) -> int:
+    """Which sources the outputs of `fn(*args)` depend on, as a bit mask: `source(path, leaf)`
+    gives each flattened argument's source number (or None); bit k of the result is set when some
+    output depends on an argument of source k."""
+    closed = jax.make_jaxpr(fn)(*args)
+    flat = jax.tree_util.tree_flatten_with_path(args)[0]
+    marks = []
+    for kp, leaf in flat:
+        k = source(path_str(kp), leaf)
+        marks.append(0 if k is None else 1 << k)
+    outs = _Walk(float("inf")).run(closed.jaxpr, marks, [True] * len(closed.jaxpr.outvars))
+    return functools.reduce(operator.or_, outs, 0)

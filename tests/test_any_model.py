@@ -520,3 +520,21 @@ def test_low_rank_conv_runs_factored(kind, method_name):
     for a, b in zip(jax.tree.leaves(jax.grad(loss)(trainable)), jax.tree.leaves(jax.grad(loss_m)(trainable))):
         np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-4 * float(jnp.max(jnp.abs(b))))
     assert big_dependents(jax.grad(loss), (trainable,), lambda p, leaf: True, _kernel_slice_size(tree)) == []
+
+
+def test_a_kernel_also_used_outside_a_factorable_op_gets_the_materialised_weight():
+    """`jnp.dot(x, w) + sum(w²)`: the dot could run factored, but the other use must see `K'`;
+    the probe pass finds it (`jpeft.inspect.output_sources`) and the whole kernel falls back."""
+    class Mixed(nn.Module):
+        @nn.compact
+        def __call__(self, x):
+            w = self.param("w_mixed", nn.initializers.normal(0.2), (D, D))
+            return jnp.dot(x, w) + jnp.sum(w ** 2)
+
+    model = Mixed()
+    params = model.init(jax.random.PRNGKey(0), XF)["params"]
+    spec = jpeft.Spec({"w_mixed": jpeft.LoRA(rank=2)})
+    tree = _perturb(jpeft.init(jax.random.PRNGKey(1), params, spec))
+    with pytest.warns(UserWarning, match=r"w_mixed.*also used outside a factorable op"):
+        out = jpeft.factored(model.apply, spec)({"params": tree}, XF)
+    np.testing.assert_allclose(out, model.apply({"params": jpeft.merge(tree, spec)}, XF), atol=1e-5)
