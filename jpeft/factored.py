@@ -317,11 +317,8 @@ def _conv_general_dilated(lhs, rhs, window_strides, padding, lhs_dilation=None, 
         return call(lhs, rhs)
     dn = jax.lax.conv_dimension_numbers(lhs.shape, rhs.shape, dimension_numbers)
     o_axis, out_feature = dn.rhs_spec[0], dn.out_spec[1]
-    if _STATE.infer:
-        lead = len(kernel.full_shape) - rhs.ndim
-        others = tuple(a + lead for a in range(rhs.ndim) if a != o_axis)
-        _STATE.views.setdefault(kernel.path, View(inputs=others, outputs=(o_axis + lead,), batch=tuple(range(lead))))
-        _STATE.consumed.add(kernel.path)
+    if _STATE.infer:   # contracted: spatial and input-feature axes; free: output features
+        _record_view(kernel, rhs, tuple(a for a in range(rhs.ndim) if a != o_axis), ())
         return call(lhs, rhs)
     view = _op_view(kernel, rhs)
     if view.batch or view.outputs != (o_axis,) or sorted(view.inputs) != [a for a in range(rhs.ndim) if a != o_axis]:
@@ -399,8 +396,8 @@ _PATCHES = (
 
 @contextlib.contextmanager
 def _intercepting(kernels: dict[int, tuple[Any, _Kernel]], *, infer: bool = False, probing: bool = False):
-    """Install the interceptors for the duration of one model call (re-entrant: a nested call
-    reuses the outer installation)."""
+    """Install the interceptors for the duration of one model call (not re-entrant: a nested
+    call is an error)."""
     if _STATE.active:
         raise RuntimeError("jpeft.factored calls cannot be nested")
     for mod, name, fn in _PATCHES:

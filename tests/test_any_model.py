@@ -348,19 +348,23 @@ def test_step_hooks_and_compact_see_each_slice():
     np.testing.assert_allclose(jpeft.merge(small, spec)["w"], jpeft.merge(tree, spec)["w"], atol=1e-5)
 
 
+def _assert_falls_back(model, name, warning):
+    """`model` (one param `name`, LoRA on it) warns `warning` and equals the materialised path."""
+    params = model.init(jax.random.PRNGKey(0), XF)["params"]
+    spec = jpeft.Spec({name: jpeft.LoRA(rank=2)})
+    tree = _perturb(jpeft.init(jax.random.PRNGKey(1), params, spec))
+    with pytest.warns(UserWarning, match=warning):
+        out = jpeft.factored(model.apply, spec)({"params": tree}, XF)
+    np.testing.assert_allclose(out, model.apply({"params": jpeft.merge(tree, spec)}, XF), atol=1e-5)
+
+
 def test_unfactorable_use_falls_back_with_one_warning():
     class Bare(nn.Module):
         @nn.compact
         def __call__(self, x):
             return x @ self.param("w_bare", nn.initializers.normal(0.2), (D, D))
 
-    model = Bare()
-    params = model.init(jax.random.PRNGKey(0), XF)["params"]
-    spec = jpeft.Spec({"w_bare": jpeft.LoRA(rank=2)})
-    tree = _perturb(jpeft.init(jax.random.PRNGKey(1), params, spec))
-    with pytest.warns(UserWarning, match=r"w_bare.*materialised weight"):
-        out = jpeft.factored(model.apply, spec)({"params": tree}, XF)
-    np.testing.assert_allclose(out, model.apply({"params": jpeft.merge(tree, spec)}, XF), atol=1e-5)
+    _assert_falls_back(Bare(), "w_bare", r"w_bare.*materialised weight")
 
 
 def test_import_jpeft_makes_optim_available():
@@ -531,10 +535,4 @@ def test_a_kernel_also_used_outside_a_factorable_op_gets_the_materialised_weight
             w = self.param("w_mixed", nn.initializers.normal(0.2), (D, D))
             return jnp.dot(x, w) + jnp.sum(w ** 2)
 
-    model = Mixed()
-    params = model.init(jax.random.PRNGKey(0), XF)["params"]
-    spec = jpeft.Spec({"w_mixed": jpeft.LoRA(rank=2)})
-    tree = _perturb(jpeft.init(jax.random.PRNGKey(1), params, spec))
-    with pytest.warns(UserWarning, match=r"w_mixed.*also used outside a factorable op"):
-        out = jpeft.factored(model.apply, spec)({"params": tree}, XF)
-    np.testing.assert_allclose(out, model.apply({"params": jpeft.merge(tree, spec)}, XF), atol=1e-5)
+    _assert_falls_back(Mixed(), "w_mixed", r"w_mixed.*also used outside a factorable op")
