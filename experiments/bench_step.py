@@ -1,6 +1,6 @@
 """Training-step cost on the reference workload (DESIGN.md §8): XLA FLOPs, bytes, wall time.
 
-    python -m experiments.bench_step [--steps=10] [--hf=true] [--out_dir=out/bench_step]
+    python -m experiments.bench_step [--steps=10] [--hf=true] [--views=true] [--out_dir=out/bench_step]
 
 Rows: full fine-tuning, LoRA materialised (`jpeft.apply`), LoRA factored (`jpeft.factored`),
 a hand-written factored LoRA (`x@W + s·(x@A)@B` in the model itself: the floor), PiSSA and DoRA
@@ -9,7 +9,9 @@ a hand-written factored LoRA (`x@W + s·(x@A)@B` in the model itself: the floor)
 `memory_analysis` (arguments + temporaries of a step that donates its state, as a training loop
 does; see `benchlib.jit_step`), wall time is the median step. When torch and peft are
 installed the same configurations run in HF PEFT in the same process, interleaved with the JAX
-steps, and each row gets the ratio jpeft / HF PEFT.
+steps, and each row gets the ratio jpeft / HF PEFT. With `--views` (default) the two Flax-layer
+variants of the same workload follow (`experiments/bench_views.py`: attention as `DenseGeneral`
+3-D kernels, and the decoder as one `nn.scan` stack, beside a hand-written LoRA and qwix's).
 """
 
 from __future__ import annotations
@@ -33,6 +35,7 @@ def define_flags() -> None:
     flags.DEFINE_integer("steps", 10, "timed steps per configuration")
     define_workload_flags("out/bench_step")
     flags.DEFINE_bool("hf", True, "also time HF PEFT (torch) when it is installed")
+    flags.DEFINE_bool("views", True, "also the DenseGeneral / nn.scan variants (experiments/bench_views.py)")
 
 
 FLAGS = flags.FLAGS
@@ -174,6 +177,10 @@ def main(argv):
     cols = ["config", "gflops", "flops_vs_full", "peak_mb", "peak_vs_full", "temp_mb", "step_s", "hf_step_s",
             "jpeft_over_hf"]
     print(write_table(rows, cols, os.path.join(FLAGS.out_dir, "bench_step")))
+    if FLAGS.views:
+        from experiments import bench_views
+        rows = bench_views.table(FLAGS.batch, FLAGS.seq, FLAGS.rank, with_qwix=True)
+        print(write_table(rows, bench_views.COLUMNS, os.path.join(FLAGS.out_dir, "bench_views")))
 
 
 if __name__ == "__main__":

@@ -3,6 +3,8 @@
 
     python -m experiments.bench_views [--out_dir=out/bench_views] [--qwix=true]
 
+(also run by `python -m experiments.bench_step`, after its own table).
+
 The reference workload's shapes (DESIGN.md §8: vocab 4096, hidden 512, MLP 1376, 4 layers, 8
 heads, batch 8×128, fp32, r=16 on all seven projections, AdamW), written with Flax's own layers:
 q/k/v `DenseGeneral` kernels `(512, 8, 64)`, o `(8, 64, 512)`, Dense MLP; variant `dg` loops over
@@ -156,11 +158,72 @@ def table(batch, seq, rank, with_qwix):
     return rows
 
 
+class Layers(nn.Module):
+    """One of each Flax layer kind a fine-tuner adapts, for the coverage table."""
+
+    @nn.compact
+    def __call__(self, ids):
+        emb = nn.Embed(VOCAB // 8, 64, name="embed")
+        x = emb(ids)
+        x = x + nn.MultiHeadDotProductAttention(num_heads=4, name="mha")(x)
+        h = nn.DenseGeneral((4, 16), name="dense_general")(x)
+        x = x + nn.Einsum((4, 16, 64), "bthd,hdo->bto", name="einsum")(h)
+        w = self.param("custom_einsum", nn.initializers.normal(0.02), (64, 64))
+        x = jnp.tanh(jnp.einsum("btd,de->bte", x, w))
+        x = nn.Conv(64, (3,), name="conv")(x)
+        return emb.attend(nn.Dense(64, name="dense")(x))
+
+
+#: Coverage rows: (layer, parameter-path prefix in `Layers`, what the row exercises).
+COVERAGE = [("Dense", "dense"), ("DenseGeneral", "dense_general"), ("MultiHeadDotProductAttention", "mha"),
+            ("Einsum", "einsum"), ("custom jnp.einsum", "custom_einsum"), ("Conv", "conv"),
+            ("Embed (lookup + attend)", "embed")]
+
+
+def coverage(rank=4):
+    """Per layer kind: does jpeft's LoRA run it factored, and does qwix's LoRA adapt it?"""
+    import warnings
+
+    model = Layers()
+    ids = jax.random.randint(jax.random.PRNGKey(0), (2, 8), 0, VOCAB // 8)
+    params = model.init(jax.random.PRNGKey(0), ids)["params"]
+    views = jpeft.infer_views(model.apply, {"params": params}, ids)
+    rows = []
+    for layer, prefix in COVERAGE:
+        target = rf"{prefix}(/.*)?/(kernel|embedding)|{prefix}"
+        spec = jpeft.Spec({target: jpeft.LoRA(rank=rank)}, views=views)
+        tree = jpeft.init(jax.random.PRNGKey(1), params, spec)
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            jax.eval_shape(lambda t: jpeft.factored(model.apply, spec)({"params": t}, ids), tree)
+        fell_back = any("jpeft.factored" in str(w.message) for w in caught)
+        rows.append({"layer": layer, "jpeft_lora": "materialised" if fell_back else "factored",
+                     "qwix_lora": _qwix_covers(model, ids, prefix, rank)})
+    return rows
+
+
+def _qwix_covers(model, ids, prefix, rank) -> str:
+    try:
+        import qwix
+    except ImportError:
+        return "not installed"
+    provider = qwix.LoraProvider(module_path=rf"{prefix}(/.*)?", rank=rank, alpha=2.0 * rank)
+    try:
+        params = qwix.apply_lora_to_model(model, provider).init(jax.random.PRNGKey(0), ids)["params"]
+    except Exception as e:  # noqa: BLE001 - the table records what qwix does with the layer
+        return f"error ({type(e).__name__})"
+    paths = [jax.tree_util.keystr(kp) for kp, _ in jax.tree_util.tree_flatten_with_path(params.get(prefix, {}))[0]]
+    return "adapted" if any("lora" in p for p in paths) else "not adapted"
+
+
+COLUMNS = ["variant", "config", "gflops", "flops_vs_hand", "peak_mb", "peak_vs_full", "temp_mb", "dense_deltas"]
+
+
 def main(argv):
     del argv
     rows = table(FLAGS.batch, FLAGS.seq, FLAGS.rank, FLAGS.qwix)
-    cols = ["variant", "config", "gflops", "flops_vs_hand", "peak_mb", "peak_vs_full", "temp_mb", "dense_deltas"]
-    print(write_table(rows, cols, os.path.join(FLAGS.out_dir, "bench_views")))
+    print(write_table(rows, COLUMNS, os.path.join(FLAGS.out_dir, "bench_views")))
+    print(write_table(coverage(), ["layer", "jpeft_lora", "qwix_lora"], os.path.join(FLAGS.out_dir, "coverage")))
 
 
 if __name__ == "__main__":

@@ -8,18 +8,24 @@ leaf gets the materialised weight.
 The mechanism is op-level, over public functions only (no custom tracers, no JAX internals):
 
 - The model is handed each adapted kernel's *base* array, and the array is registered (by
-  identity) with its adapter node. While the model runs, `jax.lax.dot_general`, `jax.numpy.einsum`,
-  `jax.numpy.dot`, `jax.numpy.matmul`, `jax.numpy.take` and `jax.numpy.asarray` (Flax's dtype
-  promotion) are intercepted; an op that receives a registered array computes the method's
-  factored form through the kernel's `jpeft.View` instead. That covers Linen `Dense`,
+  identity) with its adapter node. While the model runs, `jax.lax.dot_general`,
+  `jax.numpy.einsum`, `jax.numpy.dot`, `jax.numpy.matmul`, `jax.numpy.take`,
+  `jax.numpy.asarray` (Flax's dtype promotion) and `jax.lax.conv_general_dilated` are
+  intercepted; an op that receives a registered array computes the method's factored form
+  through the kernel's `jpeft.View` instead. That covers Linen `Dense`,
   `DenseGeneral`, `Einsum`, `Embed` (lookup; `attend` is intercepted as a method), NNX `Linear`,
   `LinearGeneral`, `Einsum`, `Embed`, and custom layers that call those functions.
-- Linen `nn.scan` stacks: the adapter arrays ride in the params tree beside their kernel
-  (`kernel` holds the base, `kernel<SUFFIX>` the node without its base), so `nn.scan` slices both
-  together; `nn.intercept_methods` registers each module's kernels as the module runs.
-- Which kernels an intercepted op actually consumes is found by one abstract trace first
-  (`jax.eval_shape`). A kernel no intercepted op consumes (a bare `x @ kernel`, an `astype`, a
-  reduction) gets the materialised weight, with a one-time warning naming the path.
+- Linen: the adapter arrays ride in the params tree beside their kernel (`kernel` holds the
+  base, `kernel<SUFFIX>` the node without its base), and `nn.intercept_methods` registers each
+  module's kernels as the module runs, so every Linen lifted transform (`nn.scan`, `nn.remat`,
+  `nn.vmap`, ...) carries both together.
+- NNX and plain JAX: the arrays themselves are registered. `jax.lax.scan` (under `nnx.scan` or a
+  custom scan over stacked weights) and `jax.checkpoint` (under `nnx.remat`) are intercepted: a
+  registered kernel among their inputs takes its node's arrays along, and the inner function
+  registers the kernel it receives (per layer, for a scan) with its node.
+- Which kernels run factored is found by one abstract probe trace first (`_probe`). A kernel no
+  intercepted op consumes (a bare `x @ kernel`, an `astype`) or that is also used elsewhere (a
+  regulariser on the weight) gets the materialised weight, with a one-time warning naming it.
 
 `jpeft.infer_views(model.apply, variables, *args)` uses the same interception to read each
 kernel's view off the ops that multiply it.
@@ -29,6 +35,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import functools
 import re
 import threading
 import warnings
@@ -127,8 +134,6 @@ def _contract(kernel: _Kernel, karray, x, k_contract, x_contract, k_batch, x_bat
     xt = jnp.transpose(x, (*xb, *xf, *xc)) if (*xb, *xf, *xc) != tuple(range(x.ndim)) else x
     xt = xt.reshape(*xt.shape[:len(xb) + len(xf)], -1)
 
-    here = node.replace(base=_compute_base(karray), view=view)
-    mnode = matrix_node(here)
     method = node.method
     out_shape = tuple(karray.shape[a] for a in side_out)
 
@@ -144,7 +149,13 @@ def _contract(kernel: _Kernel, karray, x, k_contract, x_contract, k_batch, x_bat
     for b in reversed(view.batch):
         x_axis = 0 if b in bpair else None
         f = _vmap_slice(f, x_axis, keys is not None)
-    y = f(mnode, xt, keys)
+    # The backward pass recomputes layout ops (reshape, transpose, casts) from the op's own
+    # operands instead of keeping their results. All backends: inside `nn.scan` the kernel the
+    # op sees is a slice of the stacked input, and without this each layer's matrix-shaped copy
+    # of it (and the CPU form's transposed activations) became a stacked scan residual
+    # (bench_views `scan`: peak 453.9 → 407.9 MB, below the hand-written LoRA's 418.7).
+    y = jax.checkpoint(lambda n, xs: f(matrix_node(n), xs, keys), policy=_recompute_layout,
+                       prevent_cse=False)(node.replace(base=_compute_base(karray), view=view), xt)
     if y is None:
         _STATE.declined.add(kernel.path)   # the method has no factored form for this config
         return None
@@ -158,6 +169,15 @@ def _contract(kernel: _Kernel, karray, x, k_contract, x_contract, k_batch, x_bat
         y = jnp.transpose(y, order)
     _STATE.consumed.add(kernel.path)
     return y.astype(out_dtype)
+
+
+_LAYOUT_OPS = frozenset({"reshape", "transpose", "convert_element_type", "broadcast_in_dim", "squeeze",
+                         "expand_dims"})
+
+
+def _recompute_layout(prim, *_, **__) -> bool:
+    """`jax.checkpoint` policy: save every value except the results of layout ops."""
+    return prim.name not in _LAYOUT_OPS
 
 
 def _vmap_slice(f, x_axis, keyed):
@@ -383,6 +403,85 @@ def _nnx_attend(self, query, out_sharding=None):
         else _ORIG["nnx_attend"](self, query)
 
 
+def _scan(f, init, xs=None, length=None, reverse=False, unroll=1, **kw):
+    """`lax.scan` over a stack that holds adapted kernels (`nnx.scan`, a custom scan): each
+    registered kernel among `xs` takes its node's arrays along as extra `xs` (and a dropout key
+    per layer), and the body registers each layer's kernel slice with its node slice. The scanned
+    axis must be the first of the view's batch axes left at that depth; otherwise the kernel is
+    not registered in the body and gets the materialised weight (with the fallback warning)."""
+    orig = _ORIG["scan"]
+    riders = {} if xs is None else _riders(jax.tree_util.tree_leaves(xs), scanned=True)
+    if not riders:
+        return orig(f, init, xs, length, reverse, unroll, **kw)
+
+    def body(carry, both):
+        x, payload = both
+        _register_riders(jax.tree_util.tree_leaves(x), riders, payload)
+        return f(carry, x)
+
+    return orig(body, init, (xs, _payload(riders)), length, reverse, unroll, **kw)
+
+
+def _checkpoint(fun, *ck_args, **ck_kwargs):
+    """`jax.checkpoint` (under `nnx.remat`) of a function that receives adapted kernels: they take
+    their nodes along as an extra argument, registered again inside."""
+    orig = _ORIG["checkpoint"]
+    if not _STATE.active or _STATE.inside or ck_args or ck_kwargs.get("static_argnums"):
+        return orig(fun, *ck_args, **ck_kwargs)
+
+    @functools.wraps(fun)
+    def wrapped(*args, **kwargs):
+        riders = _riders(jax.tree_util.tree_leaves((args, kwargs)), scanned=False)
+        if not riders:
+            return orig(fun, **ck_kwargs)(*args, **kwargs)
+
+        def inner(args, kwargs, payload):
+            _register_riders(jax.tree_util.tree_leaves((args, kwargs)), riders, payload)
+            return fun(*args, **kwargs)
+
+        return orig(inner, **ck_kwargs)(args, kwargs, _payload(riders))
+
+    return wrapped
+
+
+def _riders(leaves, *, scanned: bool) -> dict[int, _Kernel]:
+    """The registered kernels among `leaves` (by position) whose node can go along into a scan
+    body (sliced along axis 0, which must be the next batch axis of its view) or a checkpointed
+    function, each with what it carries in: its node without the base, its dropout key (split per
+    layer for a scan). While inferring views there is no node and nothing is carried."""
+    if not _STATE.active or _STATE.inside:
+        return {}
+    out = {}
+    for i, leaf in enumerate(leaves):
+        kernel = _lookup(leaf)
+        if kernel is None:
+            continue
+        if kernel.node is None:
+            out[i] = (kernel, {"node": None, "key": None})
+            continue
+        key = kernel.rng
+        if scanned:
+            lead = len(kernel.full_shape) - np.ndim(leaf)
+            view = kernel.node.view or PLAIN
+            if np.ndim(leaf) == 0 or tuple(view.batch[:lead + 1]) != tuple(range(lead + 1)):
+                continue
+            key = None if key is None else jax.random.split(key, np.shape(leaf)[0])
+        out[i] = (kernel, {"node": kernel.node.replace(base=None), "key": key})
+    return out
+
+
+def _payload(riders) -> dict:
+    return {str(i): carried for i, (_, carried) in riders.items()}
+
+
+def _register_riders(leaves, riders, payload: dict) -> None:
+    """Inside the scan body / checkpointed function: register each rider's kernel as received."""
+    for i, (kernel, _) in riders.items():
+        node, key = payload[str(i)]["node"], payload[str(i)]["key"]
+        _register(leaves[i], kernel if node is None else
+                  dataclasses.replace(kernel, node=node.replace(base=leaves[i]), rng=key))
+
+
 _PATCHES = (
     (jax.lax, "dot_general", _dot_general),
     (jnp, "einsum", _einsum),
@@ -391,6 +490,8 @@ _PATCHES = (
     (jnp, "take", _take),
     (jnp, "asarray", _asarray),
     (jax.lax, "conv_general_dilated", _conv_general_dilated),
+    (jax.lax, "scan", _scan),
+    (jax, "checkpoint", _checkpoint),
 )
 
 

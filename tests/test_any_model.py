@@ -13,7 +13,7 @@ lora, dora, pissa, lora_xs (SVD core), adalora (adaptive), lori (bank), gralora 
 sltrain (low-rank + sparse), ether_plus (orthogonal), on the Linen encoder (Embed lookup + attend,
 MHA q/k/v/out, DenseGeneral, Einsum, Dense), the `nn.scan` decoder (DenseGeneral q/k/v/o, Dense
 MLP, stacked (layers, …) kernels), the NNX model (Embed + attend, MultiHeadAttention,
-LinearGeneral, Einsum, Linear) and the custom-op layer (jnp.dot, jnp.einsum, jnp.matmul,
+LinearGeneral, Einsum, Linear), the `nnx.scan` + `nnx.remat` stack (LinearGeneral in/out, Linear MLP) and the custom-op layer (jnp.dot, jnp.einsum, jnp.matmul,
 lax.dot_general), and recurrentgemma's Griffin from PyPI (attention, MLP einsum, recurrent linears,
 RG-LRU block-diagonal gates with per-head batch axes). RandLoRA is not in the list: its factored form scales `min(in, out)/r` random
 bases, an `in×out`-sized buffer by construction (the conformance table checks its equality).
@@ -109,6 +109,41 @@ class CustomOps(nn.Module):
         return lax.dot_general(x, w4, (((x.ndim - 1,), (0,)), ((), ())))
 
 
+class NNXBlock(nnx.Module):
+    def __init__(self, rngs):
+        self.attn = nnx.LinearGeneral(D, (H, HD), rngs=rngs)
+        self.out = nnx.LinearGeneral((H, HD), D, axis=(-2, -1), rngs=rngs)
+        self.up = nnx.Linear(D, F, rngs=rngs)
+        self.down = nnx.Linear(F, D, rngs=rngs)
+
+    def __call__(self, x):
+        x = x + self.out(jnp.tanh(self.attn(x)))
+        return x + self.down(nnx.gelu(self.up(x)))
+
+
+class NNXScan(nnx.Module):
+    """NNX: a stack of blocks made with `nnx.vmap`, run with `nnx.scan` over `nnx.remat`
+    (kernels `(3, ...)`)."""
+
+    def __init__(self, rngs):
+        self.emb = nnx.Embed(V, D, rngs=rngs)
+
+        @nnx.split_rngs(splits=3)
+        @nnx.vmap(in_axes=(0,), out_axes=0)
+        def make(rngs):
+            return NNXBlock(rngs)
+
+        self.blocks = make(rngs)
+        self.head = nnx.Linear(D, V, rngs=rngs)
+
+    def __call__(self, tok):
+        @nnx.scan(in_axes=(nnx.Carry, 0), out_axes=nnx.Carry)
+        def layer(x, block):
+            return nnx.remat(lambda b, h: b(h))(block, x)
+
+        return self.head(layer(self.emb(tok), self.blocks))
+
+
 TOK = jax.random.randint(jax.random.PRNGKey(7), (1, 5), 0, V)
 XF = jax.random.normal(jax.random.PRNGKey(8), (1, 5, D))
 
@@ -131,15 +166,16 @@ def _griffin():
     return (lambda v, tok, p: model.apply(v, tok, p)[0]), variables, (TOK, pos)
 
 
-def _nnx():
-    graphdef, state = nnx.split(NNXModel(nnx.Rngs(0)))
+def _nnx(cls):
+    graphdef, state = nnx.split(cls(nnx.Rngs(0)))
     return graphdef, state, TOK
 
 
 MODELS = {
     "linen_encoder": (lambda: _linen(Encoder(), TOK), r".*(emb/embedding|kernel)", None),
     "scan_decoder": (lambda: _linen(ScanDecoder(), TOK), r"layers/.*/kernel", None),
-    "nnx": (_nnx, r".*(embedding|kernel)", None),
+    "nnx": (lambda: _nnx(NNXModel), r".*(embedding|kernel)", None),
+    "nnx_scan": (lambda: _nnx(NNXScan), r"blocks/.*/kernel", None),
     "custom_ops": (lambda: _linen(CustomOps(), XF), r"w_.*", None),
     # Griffin: attention and MLP projections, the recurrent block's linears and the RG-LRU's
     # block-diagonal gates (einsum "... h i, h i j -> ... h j": per-head batch axes)
@@ -186,7 +222,7 @@ def _setup(model_name):
 
 
 def _run(model_name, apply_fn, variables, spec, tree, x, factored):
-    if model_name == "nnx":
+    if isinstance(apply_fn, nnx.GraphDef):
         if factored:
             return jpeft.factored_nnx(apply_fn, spec)(tree, *x)
         return nnx.merge(apply_fn, jpeft.apply(tree, spec))(*x)

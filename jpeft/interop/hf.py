@@ -2,7 +2,8 @@
 `adapter_model.safetensors`, torch `(out, in)` layout, keys
 `base_model.model.<module>.lora_A.weight` / `lora_B.weight` / `lora_magnitude_vector`.
 
-Supported: LoRA (any init), rsLoRA and DoRA; `export_merged` writes the merged weights. Adapters whose init rewrote the base (PiSSA, OLoRA,
+Supported: LoRA (any init), rsLoRA and DoRA, on plain, viewed and stacked kernels (export);
+`export_merged` writes the merged weights. Adapters whose init rewrote the base (PiSSA, OLoRA,
 LoRA-GA) are exported as a plain LoRA of rank 2r on the *unmodified* base:
 `s·(a@b − a₀@b₀) = s·[a | a₀] @ [b ; −b₀]` (METHODS.md §2.4 export note), so PEFT loads them on
 the original model. torch is not needed: safetensors and JSON only.
@@ -53,15 +54,36 @@ def default_param_path(module_path: str) -> str:
     return "/".join(out) + "/kernel"
 
 
-def _factors(node: Adapter) -> tuple[np.ndarray, np.ndarray, float]:
-    """`(a, b, s)` of a plain LoRA on the original base equal to this node's update."""
-    method = node.method
+def default_slice_path(param_path: str, index: tuple[int, ...]) -> str:
+    """The parameter path of one slice of a stacked kernel (a view with batch axes, e.g. an
+    `nn.scan` stack): the indices join the first path component, `layers/q/kernel`, `(2,)` →
+    `layers_2/q/kernel` (→ torch `layers.2.q`)."""
+    head, _, rest = param_path.partition("/")
+    return "/".join([head + "".join(f"_{i}" for i in index), rest] if rest else [head])
+
+
+def _factors(node: Adapter) -> tuple[np.ndarray, np.ndarray]:
+    """`(a, b)` of a plain LoRA on the original base equal to this node's update (matrix view;
+    batch axes in front for a stacked node)."""
     a = node.train["a"] if "a" in node.train else node.frozen["a"]
     b = node.train["b"]
     if "a0" in node.frozen:
-        a = jnp.concatenate([a, node.frozen["a0"]], axis=1)
-        b = jnp.concatenate([b, -node.frozen["b0"]], axis=0)
-    return np.asarray(a, np.float32), np.asarray(b, np.float32), method.scale
+        a = jnp.concatenate([a, node.frozen["a0"]], axis=-1)
+        b = jnp.concatenate([b, -node.frozen["b0"]], axis=-2)
+    return np.asarray(a, np.float32), np.asarray(b, np.float32)
+
+
+def _modules(path: str, node: Adapter, module_path, slice_path):
+    """`(module name, a, b, m)` per PEFT module: one for a plain or viewed kernel, one per slice
+    of a stacked one. A viewed kernel's matrix (its input axes flattened row-major in the view's
+    order, likewise its outputs) is the torch `Linear`'s `(out, in)` weight transposed."""
+    a, b = _factors(node)
+    m = np.asarray(node.train["m"], np.float32) if "m" in node.train else None
+    batch = () if node.view is None else node.view.batch_shape(node.base.shape)
+    if not batch:
+        return [(module_path(path), a, b, m)]
+    return [(module_path(slice_path(path, idx)), a[idx], b[idx], None if m is None else m[idx])
+            for idx in np.ndindex(*batch)]
 
 
 def _peft_config(method: LoRA, rank: int, targets: list[str], base_model: str, task_type: str | None) -> dict:
@@ -77,9 +99,12 @@ def _peft_config(method: LoRA, rank: int, targets: list[str], base_model: str, t
 
 
 def export_peft(directory: str, params: Any, spec: Spec, *, module_path: Callable[[str], str] = default_module_path,
+                slice_path: Callable[[str, tuple[int, ...]], str] = default_slice_path,
                 base_model_name_or_path: str | None = None, task_type: str | None = None,
                 overwrite: bool = False) -> None:
-    """Write `params`' adapters as a HuggingFace PEFT LoRA/DoRA adapter folder."""
+    """Write `params`' adapters as a HuggingFace PEFT LoRA/DoRA adapter folder. Viewed kernels
+    (`jpeft.View`) export their matrix view; a stacked kernel (batch axes) exports one module per
+    slice, named `module_path(slice_path(path, index))`."""
     check_fits(params, spec)
     nodes = [(p, n) for p, n in leaves_with_paths(params, is_leaf=is_adapter) if isinstance(n, Adapter)]
     methods = {n.method for _, n in nodes}
@@ -87,17 +112,20 @@ def export_peft(directory: str, params: Any, spec: Spec, *, module_path: Callabl
         raise SpecError(f"HF PEFT export needs one LoRA or DoRA config on every adapted leaf; got "
                         f"{sorted({m.name for m in methods})} with {len(methods)} distinct configs")
     method = next(iter(methods))
-    tensors, ranks = {}, set()
+    tensors, ranks, targets = {}, set(), []
     for path, node in nodes:
-        a, b, _ = _factors(node)
-        key = PREFIX + module_path(path)
-        tensors[f"{key}.lora_A.weight"] = np.ascontiguousarray(a.T)
-        tensors[f"{key}.lora_B.weight"] = np.ascontiguousarray(b.T)
-        if isinstance(method, DoRA):
-            tensors[f"{key}.lora_magnitude_vector"] = np.asarray(node.train["m"], np.float32)
-        ranks.add(a.shape[1])
-    config = _peft_config(method, ranks.pop(), sorted(module_path(p) for p, _ in nodes),
-                          base_model_name_or_path, task_type)
+        for module, a, b, m in _modules(path, node, module_path, slice_path):
+            key = PREFIX + module
+            if f"{key}.lora_A.weight" in tensors:
+                raise SpecError(f"{path}: HF PEFT module name {module!r} is already taken by another kernel "
+                                f"(module_path / slice_path must give each kernel slice its own name)")
+            tensors[f"{key}.lora_A.weight"] = np.ascontiguousarray(a.T)
+            tensors[f"{key}.lora_B.weight"] = np.ascontiguousarray(b.T)
+            if m is not None:
+                tensors[f"{key}.lora_magnitude_vector"] = m
+            ranks.add(a.shape[-1])
+            targets.append(module)
+    config = _peft_config(method, ranks.pop(), sorted(targets), base_model_name_or_path, task_type)
 
     def write(tmp):
         os.makedirs(tmp)

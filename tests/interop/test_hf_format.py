@@ -68,3 +68,60 @@ def test_module_path_mapping_roundtrips():
     for path in ["layers_0/self_attn/q_proj/kernel", "q_proj/kernel", "model/layers_11/mlp/up_proj/kernel"]:
         assert default_param_path(default_module_path(path)) == path
     assert default_module_path("layers_3/self_attn/q_proj/kernel") == "layers.3.self_attn.q_proj"
+
+
+class StackedTorch(torch.nn.Module):
+    """Three layers of `q` (8 → 2 heads × 4) and `o` (2 × 4 → 8), as torch `Linear`s."""
+
+    def __init__(self):
+        super().__init__()
+        self.layers = torch.nn.ModuleList(torch.nn.ModuleDict(
+            {"q": torch.nn.Linear(8, 8, bias=False), "o": torch.nn.Linear(8, 8, bias=False)}) for _ in range(3))
+
+    def forward(self, x):
+        for layer in self.layers:
+            x = torch.tanh(layer["o"](torch.tanh(layer["q"](x))))
+        return x
+
+
+def _stacked_forward(params, x):
+    """The same model in Flax layout: one `(3, ...)` stack, q `(in, heads, head_dim)` and o
+    `(heads, head_dim, out)` kernels (the `nn.scan` + DenseGeneral layout)."""
+    q, o = params["layers"]["q"]["kernel"], params["layers"]["o"]["kernel"]
+    for i in range(q.shape[0]):
+        h = jnp.tanh(jnp.einsum("bi,ihd->bhd", x, q[i]))
+        x = jnp.tanh(jnp.einsum("bhd,hdo->bo", h, o[i]))
+    return x
+
+
+@pytest.mark.parametrize("name", ["lora", "dora", "pissa"])
+def test_export_of_viewed_stacked_kernels_loads_in_peft_with_the_same_outputs(name, tmp_path):
+    torch.manual_seed(0)
+    model = StackedTorch()
+    params = {"layers": {
+        "q": {"kernel": jnp.stack([jnp.asarray(l["q"].weight.detach().numpy().T).reshape(8, 2, 4) for l in model.layers])},
+        "o": {"kernel": jnp.stack([jnp.asarray(l["o"].weight.detach().numpy().T).reshape(2, 4, 8) for l in model.layers])}}}
+    views = {r"layers/q/kernel": jpeft.View(inputs=(1,), outputs=(2, 3), batch=(0,)),
+             r"layers/o/kernel": jpeft.View(inputs=(1, 2), outputs=(3,), batch=(0,))}
+    spec = jpeft.Spec({r"layers/(q|o)/kernel": METHODS[name]}, views=views)
+    tree = trained_like(jpeft.init(jax.random.PRNGKey(0), params, spec))
+    export_peft(str(tmp_path / "adapter"), tree, spec)
+    import json
+    with open(tmp_path / "adapter" / "adapter_config.json") as f:
+        assert sorted(json.load(f)["target_modules"]) == sorted(f"layers.{i}.{m}" for i in range(3) for m in "qo")
+    loaded = peft.PeftModel.from_pretrained(model, str(tmp_path / "adapter"))
+    x = X[:, :8]
+    with torch.no_grad():
+        want = loaded(torch.from_numpy(x)).numpy()
+    got = _stacked_forward(jpeft.apply(tree, spec), x)
+    np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
+    assert float(np.max(np.abs(got - _stacked_forward(params, x)))) > 1e-3   # the adapters matter
+
+
+def test_export_with_colliding_slice_names_is_a_clear_error(tmp_path):
+    params = {"layers": {"q": {"kernel": jnp.ones((3, 8, 8))}}}
+    spec = jpeft.Spec({r"layers/q/kernel": jpeft.LoRA(rank=2)},
+                      views={r"layers/q/kernel": jpeft.View(inputs=(1,), outputs=(2,), batch=(0,))})
+    with pytest.raises(jpeft.SpecError, match="already taken"):
+        export_peft(str(tmp_path / "x"), jpeft.init(jax.random.PRNGKey(0), params, spec), spec,
+                    slice_path=lambda path, index: path)
