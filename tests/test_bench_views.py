@@ -1,6 +1,7 @@
 """experiments/bench_views.py on a small batch: factored LoRA on DenseGeneral attention and on an
 `nn.scan` stack costs the FLOPs of a hand-written factored LoRA (within 3%), builds no dense delta
-(the materialised path does), and needs no more FLOPs than qwix's LoRA."""
+(the materialised path does), and needs no more FLOPs or peak bytes than qwix's LoRA; the coverage
+table runs every layer kind factored."""
 
 import pytest
 
@@ -17,3 +18,10 @@ def test_factored_lora_matches_the_hand_written_floor_and_qwix():
         assert rows[(variant, "lora_materialised")]["dense_deltas"] > 0
         assert fact["gflops"] <= rows[(variant, "qwix_lora")]["gflops"] * 1.001
         assert fact["peak_mb"] < rows[(variant, "full")]["peak_mb"]
+        assert fact["peak_mb"] <= rows[(variant, "qwix_lora")]["peak_mb"] * 1.001
+
+
+def test_coverage_table_factors_every_layer_kind():
+    rows = bench_views.coverage()
+    assert [r["layer"] for r in rows] == [layer for layer, _ in bench_views.COVERAGE]
+    assert all(r["jpeft_lora"] == "factored" for r in rows), rows
