@@ -495,17 +495,41 @@ _PATCHES = (
 )
 
 
+_PATCH_LOCK = threading.Lock()
+_PATCH_USERS = 0   # threads inside `_intercepting`; the interceptors are installed while > 0
+
+
+def _install() -> None:
+    global _PATCH_USERS
+    with _PATCH_LOCK:
+        if _PATCH_USERS == 0:
+            for mod, name, fn in _PATCHES:
+                _ORIG[name] = getattr(mod, name)
+                setattr(mod, name, fn)
+            _ORIG["nnx_attend"] = nnx.Embed.attend
+            nnx.Embed.attend = _nnx_attend
+        _PATCH_USERS += 1
+
+
+def _uninstall() -> None:
+    global _PATCH_USERS
+    with _PATCH_LOCK:
+        _PATCH_USERS -= 1
+        if _PATCH_USERS == 0:
+            for mod, name, _ in _PATCHES:
+                setattr(mod, name, _ORIG[name])
+            nnx.Embed.attend = _ORIG["nnx_attend"]
+
+
 @contextlib.contextmanager
 def _intercepting(kernels: dict[int, tuple[Any, _Kernel]], *, infer: bool = False, probing: bool = False):
-    """Install the interceptors for the duration of one model call (not re-entrant: a nested
-    call is an error)."""
+    """Intercept the ops for the duration of one model call in this thread. Thread-safe: the
+    patched functions are shared by all threads (installed while any thread is inside) and pass
+    straight to the originals in a thread that is not inside (`_STATE` is per thread). Not
+    re-entrant: a nested call is an error."""
     if _STATE.active:
         raise RuntimeError("jpeft.factored calls cannot be nested")
-    for mod, name, fn in _PATCHES:
-        _ORIG[name] = getattr(mod, name)
-        setattr(mod, name, fn)
-    _ORIG["nnx_attend"] = nnx.Embed.attend
-    nnx.Embed.attend = _nnx_attend
+    _install()
     _STATE.kernels, _STATE.consumed, _STATE.views, _STATE.declined = dict(kernels), set(), {}, set()
     _STATE.active, _STATE.infer, _STATE.probing = True, infer, probing
     try:
@@ -513,9 +537,7 @@ def _intercepting(kernels: dict[int, tuple[Any, _Kernel]], *, infer: bool = Fals
     finally:
         _STATE.active, _STATE.infer, _STATE.inside, _STATE.probing = False, False, False, False
         _STATE.kernels = {}
-        for mod, name, _ in _PATCHES:
-            setattr(mod, name, _ORIG[name])
-        nnx.Embed.attend = _ORIG["nnx_attend"]
+        _uninstall()
 
 
 def _bind_nnx_ops(model):

@@ -572,3 +572,37 @@ def test_a_kernel_also_used_outside_a_factorable_op_gets_the_materialised_weight
             return jnp.dot(x, w) + jnp.sum(w ** 2)
 
     _assert_falls_back(Mixed(), "w_mixed", r"w_mixed.*also used outside a factorable op")
+
+
+def test_factored_runs_from_several_threads_and_restores_the_ops():
+    """The interceptors are shared by threads (installed while any thread is inside a factored
+    call); each thread's state is its own, and the originals are back afterwards."""
+    import threading
+
+    original = (lax.dot_general, jnp.einsum, lax.scan, jax.checkpoint)
+    apply_fn, variables, params, x, target, views = _setup("custom_ops")
+    spec = jpeft.Spec({target: jpeft.LoRA(rank=2, alpha=4)}, views=views)
+    tree = _perturb(jpeft.init(jax.random.PRNGKey(1), params, spec))
+    want = _run("custom_ops", apply_fn, variables, spec, tree, x, False)
+    results, errors = [], []
+
+    def work(i):
+        try:
+            scaled = jax.tree.map(lambda n: n.replace(train=jax.tree.map(lambda a: a * (1 + i), n.train))
+                                  if isinstance(n, jpeft.Adapter) else n, tree, is_leaf=jpeft.is_adapter)
+            got = _run("custom_ops", apply_fn, variables, spec, scaled, x, True)
+            results.append((i, got, _run("custom_ops", apply_fn, variables, spec, scaled, x, False)))
+        except Exception as e:  # noqa: BLE001 - reported below
+            errors.append(e)
+
+    threads = [threading.Thread(target=work, args=(i,)) for i in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert not errors, errors
+    assert len(results) == 4
+    for _, got, ref in results:
+        np.testing.assert_allclose(got, ref, atol=1e-5, rtol=1e-5)
+    np.testing.assert_allclose(results[0][2] if results[0][0] == 0 else want, want, atol=1e-5)
+    assert (lax.dot_general, jnp.einsum, lax.scan, jax.checkpoint) == original
