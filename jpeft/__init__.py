@@ -11,7 +11,7 @@ See docs/DESIGN.md for the contract and docs/METHODS.md for the formulas.
 from jpeft.adapter import Adapter, is_adapter
 from jpeft.compact import compact  # the function; the module stays importable as jpeft.compact
 from jpeft.core import ParamCount, apply, check_fits, combine, count, init, labels, merge, split
-from jpeft.errors import AdapterError, SpecError
+from jpeft.errors import AdapterError, OptionError, SpecError
 from jpeft.factored import factored, factored_nnx, infer_views
 from jpeft.hooks import HookResult, after_step
 from jpeft.methods import DoRA, FFALoRA, Full, LoRA, LoRAGA, Method, PeriodicLoRA, PiSSA
@@ -22,6 +22,6 @@ from jpeft import optim  # noqa: E402  (`import jpeft` makes `jpeft.optim` avail
 
 __all__ = [
     "Adapter", "AdapterError", "DoRA", "FFALoRA", "Full", "HookResult", "LoRA", "LoRAGA", "Method",
-    "ParamCount", "PeriodicLoRA", "PiSSA", "Spec", "SpecError", "View", "after_step", "apply", "check_fits",
+    "OptionError", "ParamCount", "PeriodicLoRA", "PiSSA", "Spec", "SpecError", "View", "after_step", "apply", "check_fits",
     "combine", "compact", "count", "factored", "factored_nnx", "infer_views", "init", "is_adapter", "labels", "merge", "method", "methods", "split",
 ]

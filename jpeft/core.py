@@ -5,6 +5,7 @@ All are pure functions of pytrees and jit-able (pass the `Spec` as a static argu
 
 from __future__ import annotations
 
+import functools
 from typing import Any, NamedTuple
 
 import jax
@@ -14,7 +15,7 @@ import numpy as np
 from jpeft.adapter import Adapter, is_adapter, map_adapters
 from jpeft.errors import AdapterError, SpecError
 from jpeft.hooks import leaf_key
-from jpeft.paths import leaves_with_paths
+from jpeft.paths import leaves_with_paths, path_str
 from jpeft.shared import SHARED, attach_shared
 from jpeft.spec import Spec
 from jpeft.views import check_leaf, create_node, materialise_node, missing_view_error
@@ -126,7 +127,10 @@ def _calib_for(method, path, leaf, calib_map):
 
 
 def check_fits(params: Any, spec: Spec) -> None:
-    """Raise `SpecError` unless the adapter nodes of `params` are exactly what `spec` targets."""
+    """Raise `SpecError` unless the adapter nodes of `params` are exactly what `spec` targets,
+    each whole (not one half of a `split`) and with the arrays its method creates on its base:
+    every entry present, of the shape (`compact` may shrink components) and dtype kind (float /
+    integer) that `init` gives. The error names the first mismatching path and entry."""
     pairs = leaves_with_paths(params, is_leaf=is_adapter)
     assignment = spec.resolve([p for p, _ in pairs])
     declared = spec.resolve_views([p for p, _ in pairs])
@@ -140,9 +144,72 @@ def check_fits(params: Any, spec: Spec) -> None:
             view = declared.get(path)
             if (None if view is None or view.is_plain else view) != leaf.view:
                 raise SpecError(f"{path} was adapted through the view {leaf.view!r} but the spec says {view!r}")
+            check_node_arrays(path, leaf, spec.adapter_dtype)
         elif method is not None:
             raise SpecError(f"{path} (shape {tuple(np.shape(leaf))}) is targeted by the spec ({method.name}) but is "
                             f"not an adapter node; build the tree with jpeft.init first")
+
+
+def _is_hole(x) -> bool:
+    return x is None
+
+
+def check_node_arrays(path: str, node: Adapter, adapter_dtype=None) -> None:
+    """`node` is whole and its arrays are those its method creates on its base (see `check_fits`)."""
+    holes = [f"{part}[{k!r}]" for part in ("train", "frozen", "state")
+             for k, v in getattr(node, part).items() if any(_is_hole(x) for x in jax.tree.leaves(v, is_leaf=_is_hole))]
+    no_base = node.base is None and node.method.has_base
+    if no_base or holes:
+        half = "trainable" if no_base else "frozen"
+        raise SpecError(f"{path}: the node holds only the {half} half of jpeft.split (missing "
+                        f"{'the base' if no_base else ', '.join(holes)}); use jpeft.combine(trainable, frozen)")
+    if node.base is None:
+        return
+    expected = _expected_arrays(node.method, tuple(node.base.shape), jnp.dtype(node.base.dtype), node.view,
+                                None if adapter_dtype is None else jnp.dtype(adapter_dtype))
+    if expected is None:
+        return
+    may_shrink = getattr(node.method, "compact", None) is not None
+    for part, entries in expected.items():
+        have = getattr(node, part)
+        for key, (shape, kind) in entries.items():
+            if key not in have:
+                raise SpecError(f"{path}: {node.method.name} node has no {part}[{key!r}] (expected shape {shape})")
+            got = jax.tree.leaves(have[key])
+            if len(got) != 1:
+                continue   # a nested entry: its own method checks it
+            g_shape, g_kind = tuple(np.shape(got[0])), _kind(got[0].dtype)
+            fits = g_shape == shape or (may_shrink and len(g_shape) == len(shape)
+                                        and all(a <= b for a, b in zip(g_shape, shape)))
+            if not fits or g_kind != kind:
+                raise SpecError(f"{path}: {part}[{key!r}] has shape {g_shape} and dtype {got[0].dtype}; "
+                                f"{node.method!r} on a base of shape {tuple(node.base.shape)} expects shape {shape} "
+                                f"({kind}) — is it from another model or another config?")
+
+
+def _kind(dtype) -> str:
+    return "float" if jnp.issubdtype(dtype, jnp.floating) else "integer" if jnp.issubdtype(dtype, jnp.integer) \
+        else str(jnp.dtype(dtype))
+
+
+@functools.lru_cache(maxsize=4096)
+def _expected_arrays(method, shape, dtype, view, adapter_dtype):
+    """`{part: {key: (shape, kind)}}` of the arrays `init` creates for `method` on a base of this
+    shape and dtype (abstractly), without the shared state; None if `create` cannot be traced
+    abstractly (then only the structure checks apply)."""
+    w = jax.ShapeDtypeStruct(shape, dtype)
+    calib = w if method.needs_calib else None
+
+    def make(key, w, calib):
+        return _cast_adapter(create_node(method, "", key, w, calib, view), adapter_dtype)
+
+    try:
+        node = jax.eval_shape(make, jax.random.PRNGKey(0), w, calib)
+    except Exception:  # noqa: BLE001 - data-dependent inits; the structure checks still apply
+        return None
+    return {part: {k: (tuple(v.shape), _kind(v.dtype)) for k, v in getattr(node, part).items()
+                   if k != SHARED and hasattr(v, "shape")}
+            for part in ("train", "frozen", "state")}
 
 
 def _materialise_with_paths(params, spec, materialise):
@@ -192,8 +259,37 @@ def split(params: Any) -> tuple[Any, Any]:
 
 
 def combine(trainable: Any, frozen: Any) -> Any:
-    """Inverse of `split`."""
-    return jax.tree.map(lambda t, f: f if t is None else t, trainable, frozen, is_leaf=lambda x: x is None)
+    """Inverse of `split`. Halves of different trees are a `SpecError` naming the first path
+    where they differ."""
+    try:
+        return jax.tree.map(lambda t, f: f if t is None else t, trainable, frozen, is_leaf=_is_hole)
+    except (ValueError, TypeError) as e:
+        raise SpecError(f"jpeft.combine: the trainable and frozen halves are not halves of one tree: "
+                        f"{_first_difference(trainable, frozen)}") from e
+
+
+def _first_difference(a: Any, b: Any) -> str:
+    stop = lambda x: x is None or isinstance(x, Adapter)  # noqa: E731
+    fa = jax.tree_util.tree_flatten_with_path(a, is_leaf=stop)[0]
+    fb = jax.tree_util.tree_flatten_with_path(b, is_leaf=stop)[0]
+    pa, pb = [path_str(kp) for kp, _ in fa], [path_str(kp) for kp, _ in fb]
+    for (p, x), (q, y) in zip(zip(pa, (v for _, v in fa)), zip(pb, (v for _, v in fb))):
+        if p != q:
+            return f"one has {p!r} where the other has {q!r}"
+        if isinstance(x, Adapter) and isinstance(y, Adapter):
+            if x.method != y.method:
+                return f"{p}: {x.method!r} vs {y.method!r}"
+            if x.view != y.view:
+                return f"{p}: view {x.view!r} vs {y.view!r}"
+            for part in ("train", "frozen", "state"):
+                if sorted(getattr(x, part)) != sorted(getattr(y, part)):
+                    return f"{p}: {part} entries {sorted(getattr(x, part))} vs {sorted(getattr(y, part))}"
+        elif isinstance(x, Adapter) != isinstance(y, Adapter) and x is not None and y is not None:
+            return f"{p}: an adapter node in one, a plain leaf in the other"
+    if len(pa) != len(pb):
+        extra = (pa if len(pa) > len(pb) else pb)[min(len(pa), len(pb))]
+        return f"{extra!r} is in one half only ({len(pa)} vs {len(pb)} leaves)"
+    return "their tree structures differ"
 
 
 def labels(params: Any) -> Any:

@@ -9,6 +9,8 @@ from __future__ import annotations
 import dataclasses
 from typing import Any
 
+from jpeft.errors import OptionError, UnknownMethodError
+
 _CLASSES: dict[str, type] = {}
 _ALIASES: dict[str, tuple[str, dict[str, Any]]] = {}
 
@@ -36,7 +38,7 @@ def methods() -> list[str]:
 def _class_of(name: str) -> type:
     target = _ALIASES[name][0] if name in _ALIASES else name
     if target not in _CLASSES:
-        raise KeyError(f"unknown method {name!r}; known methods: {', '.join(methods())}")
+        raise UnknownMethodError(f"unknown method {name!r}; known methods: {', '.join(methods())}")
     return _CLASSES[target]
 
 
@@ -52,13 +54,13 @@ def method(name: str, **cfg: Any):
         target, fixed = _ALIASES[name]
         clash = {k: v for k, v in cfg.items() if k in fixed and v != fixed[k]}
         if clash:
-            raise TypeError(f"method {name!r} fixes {fixed}; cannot set {clash}")
+            raise OptionError(f"method {name!r} fixes {fixed}; cannot set {clash}")
         return method(target, **{**cfg, **fixed})
     cls = _class_of(name)
     fields = options(name)  # `name` is a class here: all of its fields
     unknown = sorted(set(cfg) - fields)
     if unknown:
-        raise TypeError(f"method {name!r} has no option(s) {unknown}; options are {sorted(fields)}")
+        raise OptionError(f"method {name!r} has no option(s) {unknown}; options are {sorted(fields)}")
     return cls(**cfg)
 
 

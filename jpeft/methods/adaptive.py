@@ -99,7 +99,7 @@ class AdaLoRA(Method):
     orth_reg_weight: float = 0.5
     init_std: float = 0.02
 
-    def __post_init__(self):
+    def validate(self) -> None:
         n = self.name
         require(isinstance(self.init_r, int) and self.init_r >= 1, f"{n}: init_r must be a positive int, got {self.init_r!r}")
         require(isinstance(self.target_r, int) and 0 <= self.target_r <= self.init_r,
@@ -279,7 +279,7 @@ class SoRA(Method):
     lambda_every: int | None = None
     lambda_start: int = 0
 
-    def __post_init__(self):
+    def validate(self) -> None:
         n = self.name
         require(isinstance(self.rank, int) and self.rank >= 1, f"{n}: rank must be a positive int, got {self.rank!r}")
         require(self.sparse_lambda >= 0.0, f"{n}: sparse_lambda must be >= 0, got {self.sparse_lambda}")

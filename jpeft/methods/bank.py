@@ -106,7 +106,7 @@ class VBLoRA(BankMethod):
     init_bank_bound: float = 0.02
     init_logits_std: float = 0.1
 
-    def __post_init__(self):
+    def validate(self) -> None:
         require(isinstance(self.rank, int) and self.rank >= 1, f"{self.name}: rank must be a positive int")
         require(self.vector_length >= 1, f"{self.name}: vector_length must be >= 1")
         require(1 <= self.topk <= self.num_vectors,
@@ -252,7 +252,7 @@ class RandLoRA(BankMethod):
     alpha: float = 640.0
     basis: str = "dense"
 
-    def __post_init__(self):
+    def validate(self) -> None:
         require(isinstance(self.rank, int) and self.rank >= 1, f"{self.name}: rank must be a positive int")
         require(self.basis in BASES, f"{self.name}: basis must be one of {BASES}, got {self.basis!r}")
 
@@ -339,7 +339,7 @@ class S2LoRA(BankMethod):
     alpha: float = 8.0
     threshold: float = 0.0
 
-    def __post_init__(self):
+    def validate(self) -> None:
         require(isinstance(self.rank, int) and self.rank >= 1, f"{self.name}: rank must be a positive int")
         require(self.threshold >= 0.0, f"{self.name}: threshold must be >= 0")
 
@@ -422,7 +422,7 @@ class MSPLoRA(BankMethod):
     alpha: float = 16.0
     groups: int = 3
 
-    def __post_init__(self):
+    def validate(self) -> None:
         for field in ("rank", "mid_rank", "layer_rank"):
             v = getattr(self, field)
             require(isinstance(v, int) and v >= 1, f"{self.name}: {field} must be a positive int, got {v!r}")
@@ -522,7 +522,7 @@ class BlockLoRA(BankMethod):
     alpha: float = 8.0
     blocks: int = 2
 
-    def __post_init__(self):
+    def validate(self) -> None:
         require(isinstance(self.rank, int) and self.rank >= 1, f"{self.name}: rank must be a positive int")
         require(isinstance(self.blocks, int) and self.blocks >= 1 and self.rank % self.blocks == 0,
                 f"{self.name}: blocks must be a positive divisor of rank = {self.rank}, got {self.blocks!r}")
@@ -568,7 +568,7 @@ class LoRI(BankMethod):
     alpha: float = 64.0
     sparsity: float = 0.9
 
-    def __post_init__(self):
+    def validate(self) -> None:
         require(isinstance(self.rank, int) and self.rank >= 1, f"{self.name}: rank must be a positive int")
         require(0.0 <= self.sparsity < 1.0, f"{self.name}: sparsity must be in [0, 1), got {self.sparsity!r}")
 

@@ -12,6 +12,10 @@ A method is a frozen dataclass of options (hashable, static under `jit`). In Fla
   form (`None` otherwise); `matmul_t` (`x @ K'ᵀ`, a tied embedding's `attend`) and `lookup`
   (`K'[indices]`, an embedding lookup) likewise. `jpeft.factored` calls them per matrix slice
   of a viewed kernel;
+- `validate()`: value constraints on the options, at construction. Their types are checked
+  before it, from the dataclass annotations, by one mechanism for every method
+  (`check_option_types`: bool is bool, int is int and not bool, floats finite, str is str,
+  `X | None` also None; numpy scalars are normalised to Python ones);
 - `create_shared` (optional): model-level state shared by every leaf of this config;
 - `step_hook` (optional): a pure, jit-able rewrite after each optimizer step (see `jpeft.hooks`).
 """
@@ -19,13 +23,18 @@ A method is a frozen dataclass of options (hashable, static under `jit`). In Fla
 from __future__ import annotations
 
 import dataclasses
+import functools
+import math
+import types
+import typing
 from typing import Any, ClassVar
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from jpeft.adapter import Adapter
-from jpeft.errors import leaf_error
+from jpeft.errors import OptionError, leaf_error
 
 
 @dataclasses.dataclass(frozen=True)
@@ -37,13 +46,22 @@ class Method:
     #: Whether the method adapts a matrix (N-D kernels then need a `jpeft.View`); False for methods
     #: that train the whole leaf, whatever its shape.
     adapts_matrix: ClassVar[bool] = True
+    #: Whether nodes keep the frozen base (False: the whole leaf is trainable, as in `full`).
+    has_base: ClassVar[bool] = True
     #: Whether `init` needs a calibration gradient (`jpeft.init(..., calib=grads)`).
     needs_calib: ClassVar[bool] = False
     #: Pure step hook `(nodes, moments, *, step, keys, grads) -> HookResult` over all the nodes
     #: that use this config (see `jpeft.hooks`), or None.
     step_hook: ClassVar[Any] = None
 
+    def __post_init__(self) -> None:
+        check_option_types(self)
+        self.validate()
+
     # ----------------------------------------------------------------- to override
+    def validate(self) -> None:
+        """Value constraints on the options (raise with `require`); types are already checked."""
+
     def check(self, path: str, w: jax.Array) -> None:
         """Default constraint: a floating-point matrix."""
         require_float_matrix(path, w)
@@ -115,4 +133,62 @@ def require_rank(path: str, w: jax.Array, rank: int) -> None:
 def require(cond: bool, message: str) -> None:
     """Validate a method option at construction time."""
     if not cond:
-        raise ValueError(message)
+        raise OptionError(message)
+
+
+def exclusive_options(config, names: tuple[str, ...], default: dict[str, Any]) -> dict[str, Any]:
+    """`{option: value}` of the one option among `names` that is set (not None), or `default` when
+    none is. Setting two is an `OptionError`: one never silently overrides the other."""
+    given = {k: getattr(config, k) for k in names if getattr(config, k) is not None}
+    if len(given) > 1:
+        raise OptionError(f"{config.name}: set only one of {', '.join(names)} (they are alternative budgets); "
+                          f"got {given}")
+    return given or dict(default)
+
+
+@functools.lru_cache(maxsize=None)
+def option_types(cls: type) -> dict[str, tuple[type, bool]]:
+    """`{option: (scalar type, None allowed)}` from a method class's field annotations."""
+    hints = typing.get_type_hints(cls)
+    out = {}
+    for f in dataclasses.fields(cls):
+        t = hints[f.name]
+        args = typing.get_args(t) if typing.get_origin(t) in (typing.Union, types.UnionType) else (t,)
+        scalars = [a for a in args if a is not type(None)]
+        if len(scalars) != 1 or scalars[0] not in (bool, int, float, str):
+            raise TypeError(f"{cls.__name__}.{f.name}: option annotations must be bool, int, float or str "
+                            f"(optionally | None), got {t!r}")
+        out[f.name] = (scalars[0], len(scalars) != len(args))
+    return out
+
+
+_TYPE_WORDS = {bool: "a bool", int: "an int", float: "a finite float", str: "a string"}
+
+
+def check_option_types(config) -> None:
+    """Check (and normalise numpy scalars in) every option of a method config against its
+    annotation; raise `OptionError` naming the method, option, value and the allowed type."""
+    for name, (kind, nullable) in option_types(type(config)).items():
+        value = getattr(config, name)
+        if value is None and nullable:
+            continue
+        ok, norm = _coerce(kind, value)
+        if not ok:
+            allowed = _TYPE_WORDS[kind] + (" or None" if nullable else "")
+            raise OptionError(f"{config.name}: option {name!r} must be {allowed}, got {value!r} "
+                              f"({type(value).__name__})")
+        if norm is not value:
+            object.__setattr__(config, name, norm)
+
+
+def _coerce(kind: type, value) -> tuple[bool, Any]:
+    is_bool = isinstance(value, (bool, np.bool_))
+    if kind is bool:
+        return is_bool, bool(value) if is_bool else value
+    if kind is int:
+        ok = isinstance(value, (int, np.integer)) and not is_bool
+        return ok, int(value) if ok else value
+    if kind is float:
+        ok = isinstance(value, (int, float, np.integer, np.floating)) and not is_bool and math.isfinite(value)
+        return ok, float(value) if ok and type(value) is not float else value
+    return isinstance(value, str), value

@@ -41,7 +41,7 @@ class GraLoRA(Method):
     k: int = 2
     hybrid_rank: int = 0
 
-    def __post_init__(self):
+    def validate(self) -> None:
         n = self.name
         require(isinstance(self.rank, int) and self.rank >= 1, f"{n}: rank must be a positive int, got {self.rank!r}")
         require(isinstance(self.k, int) and self.k >= 1, f"{n}: k must be a positive int, got {self.k!r}")

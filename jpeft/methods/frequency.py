@@ -150,7 +150,7 @@ class LoCA(Method):
     loc_steps: int = 20
     loc_until: int = 0
 
-    def __post_init__(self):
+    def validate(self) -> None:
         n = self.name
         require(isinstance(self.n_coeffs, int) and self.n_coeffs >= 1,
                 f"{n}: n_coeffs must be a positive int, got {self.n_coeffs!r}")

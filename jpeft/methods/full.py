@@ -18,6 +18,7 @@ class Full(Method):
 
     name = "full"
     adapts_matrix = False
+    has_base = False
 
     def check(self, path, w):
         if not jnp.issubdtype(w.dtype, jnp.floating):

@@ -72,7 +72,7 @@ class HDPiSSA(Method):
     frames: str = "fixed"
     svd_niter: int | None = None
 
-    def __post_init__(self):
+    def validate(self) -> None:
         require(isinstance(self.rank, int) and self.rank >= 1, f"{self.name}: rank must be a positive int, got {self.rank!r}")
         require(isinstance(self.devices, int) and self.devices >= 1,
                 f"{self.name}: devices must be a positive int, got {self.devices!r}")

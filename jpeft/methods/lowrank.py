@@ -135,7 +135,7 @@ class LoRA(Method):
     ga_scale: str = "stable"
     ga_gamma: float = 16.0
 
-    def __post_init__(self):
+    def validate(self) -> None:
         require(isinstance(self.rank, int) and self.rank >= 1, f"{self.name}: rank must be a positive int, got {self.rank!r}")
         require(0.0 <= self.dropout < 1.0, f"{self.name}: dropout must be in [0, 1), got {self.dropout!r}")
         require(self.init in INITS, f"{self.name}: init must be one of {INITS}, got {self.init!r}")
@@ -331,8 +331,8 @@ class PeriodicLoRA(LoRA):
     period: int = 100
     unload_fraction: float = 1.0
 
-    def __post_init__(self):
-        super().__post_init__()
+    def validate(self) -> None:
+        super().validate()
         require(self.period >= 1, f"{self.name}: period must be >= 1, got {self.period}")
         require(0.0 < self.unload_fraction <= 1.0, f"{self.name}: unload_fraction must be in (0, 1]")
         require(self.init in ("kaiming", "gaussian"),

@@ -19,7 +19,7 @@ import jax.numpy as jnp
 
 from jpeft import linalg
 from jpeft.errors import leaf_error
-from jpeft.methods.base import Method, require, require_float_matrix, require_rank
+from jpeft.methods.base import Method, exclusive_options, require, require_float_matrix, require_rank
 from jpeft.methods.sparse import PATHS, _INT32_MAX, _pallas, budget, linear_sparse_delta, random_indices, scatter_kernel
 from jpeft.registry import register
 
@@ -45,18 +45,17 @@ class SLTrain(Method):
 
     rank: int = 128
     alpha: float = 32.0
-    density: float | None = 0.03
+    density: float | None = None
     lora_rank: int | None = None
     mode: str = "finetune"
     path: str = "sparse"
     chunk: int | None = None
 
-    def __post_init__(self):
+    def validate(self) -> None:
         require(isinstance(self.rank, int) and self.rank >= 1, f"{self.name}: rank must be a positive int, got {self.rank!r}")
-        require(self.density is not None or self.lora_rank is not None,
-                f"{self.name}: set density or lora_rank (the sparse budget)")
-        require(self.density is None or 0.0 < self.density <= 1.0, f"{self.name}: density must be in (0, 1]")
-        require(self.lora_rank is None or self.lora_rank >= 1, f"{self.name}: lora_rank must be >= 1")
+        b = self.budget()
+        require(0.0 < b.get("density", 1.0) <= 1.0, f"{self.name}: density must be in (0, 1]")
+        require(b.get("lora_rank", 1) >= 1, f"{self.name}: lora_rank must be >= 1")
         require(self.mode in MODES, f"{self.name}: mode must be one of {MODES}, got {self.mode!r}")
         require(self.path in PATHS, f"{self.name}: path must be one of {PATHS}, got {self.path!r}")
         require(self.chunk is None or self.chunk >= 1, f"{self.name}: chunk must be None or >= 1")
@@ -69,9 +68,15 @@ class SLTrain(Method):
     def scale(self) -> float:
         return self.alpha / self.rank
 
+    def budget(self) -> dict:
+        """The sparse budget in force: `density` or `lora_rank` (at most one set; default
+        `density=0.03`)."""
+        return exclusive_options(self, ("density", "lora_rank"), {"density": 0.03})
+
     def k_for(self, w) -> int:
         n, m = w.shape
-        return budget(m, n, self.density, self.lora_rank)
+        b = self.budget()
+        return budget(m, n, b.get("density"), b.get("lora_rank"))
 
     def check(self, path, w):
         require_float_matrix(path, w)

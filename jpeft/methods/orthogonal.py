@@ -68,7 +68,7 @@ class _Ether(Method):
 
     plus = False
 
-    def __post_init__(self):
+    def validate(self) -> None:
         require(isinstance(self.n_blocks, int) and self.n_blocks >= 1,
                 f"{self.name}: n_blocks must be a positive int, got {self.n_blocks!r}")
         require(self.side in SIDES, f"{self.name}: side must be one of {SIDES}, got {self.side!r}")

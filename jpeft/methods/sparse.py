@@ -33,7 +33,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from typing import Any
+from typing import Any, ClassVar
 
 import jax
 import jax.numpy as jnp
@@ -44,7 +44,7 @@ from jpeft import linalg
 from jpeft.adapter import Adapter, is_adapter, is_adapter_or_hole
 from jpeft.errors import AdapterError, leaf_error
 from jpeft.hooks import HookResult
-from jpeft.methods.base import Method, require, require_float_matrix, require_rank
+from jpeft.methods.base import Method, exclusive_options, require, require_float_matrix, require_rank
 from jpeft.paths import leaves_with_paths
 from jpeft.registry import register
 from jpeft.views import matrix_slices
@@ -279,25 +279,33 @@ def linear_sparse_delta(x: jax.Array, K: jax.Array | None, idx: jax.Array, val: 
 class SparseMethod(Method):
     """Shared skeleton of the sparse-delta methods (not registered itself).
 
-    density / lora_rank: the budget `k` per matrix (`budget`): `lora_rank`, when set, overrides
-           `density`.
+    density / lora_rank: the budget `k` per matrix (`budget`): set at most one; with neither the
+           method's `budget_default` applies (`density=0.01` here).
     path:  "sparse" (factored gather path, O(k) extra memory) or "dense" (materialise: scatter
            into the base then one GEMM).
     chunk: tokens per chunk of the sparse path (None: `auto_chunk`).
     """
 
-    density: float | None = 0.01
+    density: float | None = None
     lora_rank: int | None = None
     path: str = "sparse"
     chunk: int | None = None
 
-    def __post_init__(self):
-        require(self.density is not None or self.lora_rank is not None,
-                f"{self.name}: set density or lora_rank (the budget k)")
-        require(self.density is None or 0.0 < self.density <= 1.0,
-                f"{self.name}: density must be in (0, 1], got {self.density!r}")
-        require(self.lora_rank is None or (isinstance(self.lora_rank, int) and self.lora_rank >= 1),
-                f"{self.name}: lora_rank must be a positive int, got {self.lora_rank!r}")
+    #: The budget when neither `density` nor `lora_rank` is set.
+    budget_default: ClassVar[dict] = {"density": 0.01}
+    #: The options that are alternative budgets (at most one may be set).
+    budget_options: ClassVar[tuple[str, ...]] = ("density", "lora_rank")
+
+    def budget(self) -> dict[str, Any]:
+        """The budget option in force: the one set, or `budget_default`."""
+        return exclusive_options(self, self.budget_options, self.budget_default)
+
+    def validate(self) -> None:
+        b = self.budget()
+        require("density" not in b or 0.0 < b["density"] <= 1.0,
+                f"{self.name}: density must be in (0, 1], got {b.get('density')!r}")
+        require("lora_rank" not in b or b["lora_rank"] >= 1,
+                f"{self.name}: lora_rank must be a positive int, got {b.get('lora_rank')!r}")
         require(self.path in PATHS, f"{self.name}: path must be one of {PATHS}, got {self.path!r}")
         require(self.chunk is None or (isinstance(self.chunk, int) and self.chunk >= 1),
                 f"{self.name}: chunk must be None or a positive int, got {self.chunk!r}")
@@ -305,7 +313,8 @@ class SparseMethod(Method):
     # ------------------------------------------------------------------ shapes
     def k_for(self, w) -> int:
         n, m = w.shape
-        return budget(m, n, self.density, self.lora_rank)
+        b = self.budget()
+        return budget(m, n, b.get("density"), b.get("lora_rank"))
 
     def check(self, path, w):
         require_float_matrix(path, w)
@@ -447,7 +456,6 @@ class SpIEL(SparseMethod):
 
     name = "spiel"
 
-    density: float | None = 0.01
     reselection_steps: int = 20
     accumulation_steps: int = 5
     initial_reselection_rate: float = 0.2
@@ -459,8 +467,8 @@ class SpIEL(SparseMethod):
     b2: float = 0.999
     seed_moments: bool = True
 
-    def __post_init__(self):
-        super().__post_init__()
+    def validate(self) -> None:
+        super().validate()
         require(1 <= self.accumulation_steps < self.reselection_steps,
                 f"{self.name}: need 1 <= accumulation_steps < reselection_steps")
         require(0.0 <= self.initial_reselection_rate <= 1.0, f"{self.name}: initial_reselection_rate must be in [0, 1]")
@@ -601,15 +609,14 @@ class LIFT(SparseMethod):
 
     name = "lift"
     checkpoint_base = True
+    budget_default = {"lora_rank": 128}
 
-    density: float | None = None
-    lora_rank: int | None = 128
     rank: int = 128
     update_interval: int = 200
     svd_niter: int | None = None
 
-    def __post_init__(self):
-        super().__post_init__()
+    def validate(self) -> None:
+        super().validate()
         require(isinstance(self.rank, int) and self.rank >= 1, f"{self.name}: rank must be a positive int, got {self.rank!r}")
         require(self.update_interval >= 1, f"{self.name}: update_interval must be >= 1")
         require(self.svd_niter is None or self.svd_niter >= 0, f"{self.name}: svd_niter must be None or >= 0")
@@ -667,16 +674,16 @@ class SMT(SparseMethod):
 
     name = "smt"
     needs_calib = True
+    budget_default = {"lora_rank": 8}
+    budget_options = ("density", "lora_rank", "n_blocks")
 
-    density: float | None = None
-    lora_rank: int | None = 8
     block: int = 256
     n_blocks: int | None = None
 
-    def __post_init__(self):
-        super().__post_init__()
+    def validate(self) -> None:
+        super().validate()
         require(isinstance(self.block, int) and self.block >= 1, f"{self.name}: block must be a positive int")
-        require(self.n_blocks is None or self.n_blocks >= 1, f"{self.name}: n_blocks must be None or >= 1")
+        require(self.budget().get("n_blocks", 1) >= 1, f"{self.name}: n_blocks must be None or >= 1")
 
     def grid(self, w):
         n, m = w.shape
@@ -684,7 +691,7 @@ class SMT(SparseMethod):
 
     def count_blocks(self, w) -> int:
         gm, gn = self.grid(w)
-        if self.n_blocks is not None:
+        if "n_blocks" in self.budget():
             return min(self.n_blocks, gm * gn)
         return max(1, min(gm * gn, self.k_for(w) // self.block ** 2))
 
@@ -778,18 +785,21 @@ class S2FT(SparseMethod):
     axis: str = "in"
     group: int = 1
     units: int | None = None
-    fraction: float | None = 0.05
+    fraction: float | None = None
     selection: str = "random"
 
-    def __post_init__(self):
+    budget_default = {"fraction": 0.05}
+    budget_options = ("units", "fraction")
+
+    def validate(self) -> None:
         require(self.density is None and self.lora_rank is None,
                 f"{self.name}: the budget is units / fraction (density and lora_rank must be None)")
         require(self.path in PATHS, f"{self.name}: path must be one of {PATHS}, got {self.path!r}")
         require(self.axis in AXES, f"{self.name}: axis must be one of {AXES}, got {self.axis!r}")
         require(isinstance(self.group, int) and self.group >= 1, f"{self.name}: group must be a positive int")
-        require(self.units is not None or self.fraction is not None, f"{self.name}: set units or fraction")
-        require(self.units is None or self.units >= 1, f"{self.name}: units must be >= 1")
-        require(self.fraction is None or 0.0 < self.fraction <= 1.0, f"{self.name}: fraction must be in (0, 1]")
+        b = self.budget()
+        require(b.get("units", 1) >= 1, f"{self.name}: units must be >= 1")
+        require(0.0 < b.get("fraction", 1.0) <= 1.0, f"{self.name}: fraction must be in (0, 1]")
         require(self.selection in S2_SELECTIONS, f"{self.name}: selection must be one of {S2_SELECTIONS}")
 
     @property
@@ -801,9 +811,10 @@ class S2FT(SparseMethod):
 
     def count_units(self, w) -> int:
         groups = self.channels(w) // self.group
-        if self.units is not None:
-            return self.units
-        return max(1, min(groups, math.ceil(self.fraction * groups - 1e-9)))
+        b = self.budget()
+        if "units" in b:
+            return b["units"]
+        return max(1, min(groups, math.ceil(b["fraction"] * groups - 1e-9)))
 
     def check(self, path, w):
         require_float_matrix(path, w)

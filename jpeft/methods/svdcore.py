@@ -210,7 +210,7 @@ class LoRAXS(SVDCore):
     init_std: float = 1e-5
     svd_niter: int | None = None
 
-    def __post_init__(self):
+    def validate(self) -> None:
         _check_rank_option(self)
         _check_niter(self)
         require(self.init_std >= 0, f"{self.name}: init_std must be >= 0, got {self.init_std!r}")
@@ -254,7 +254,7 @@ class LoRASB(SVDCore):
     sign: bool = True
     svd_niter: int | None = None
 
-    def __post_init__(self):
+    def validate(self) -> None:
         _check_rank_option(self)
         _check_niter(self)
         require(self.step_size > 0, f"{self.name}: step_size must be > 0, got {self.step_size!r}")
@@ -335,7 +335,7 @@ class SVFT(SVDCore):
     residual: bool = True
     topk: str = "paper"
 
-    def __post_init__(self):
+    def validate(self) -> None:
         require(self.rank is None or (isinstance(self.rank, int) and self.rank >= 1),
                 f"{self.name}: rank must be None (full) or a positive int, got {self.rank!r}")
         require(self.sparsity in SVFT_PATTERNS, f"{self.name}: sparsity must be one of {SVFT_PATTERNS}, got {self.sparsity!r}")
@@ -419,7 +419,7 @@ class SVFit(SVDCore):
     rank: int = 8
     svd_niter: int | None = None
 
-    def __post_init__(self):
+    def validate(self) -> None:
         _check_rank_option(self)
         _check_niter(self)
 
@@ -458,7 +458,7 @@ class SALT(SVDCore):
     tail_projected: bool = True
     reference: bool = False
 
-    def __post_init__(self):
+    def validate(self) -> None:
         _check_rank_option(self)
         require(isinstance(self.lora_rank, int) and self.lora_rank >= 1,
                 f"{self.name}: lora_rank must be a positive int, got {self.lora_rank!r}")
@@ -544,7 +544,7 @@ class KaSA(SVDCore):
     gamma: float = 1e-3
     reference: bool = False
 
-    def __post_init__(self):
+    def validate(self) -> None:
         _check_rank_option(self)
 
     @property
@@ -611,7 +611,7 @@ class SLoRA(SVDCore):
     rank: int = 8
     alpha: float = 8.0
 
-    def __post_init__(self):
+    def validate(self) -> None:
         _check_rank_option(self)
 
     @property
@@ -648,8 +648,8 @@ class NLoRA(SLoRA):
     residual: bool = True
     train_factors: bool = True
 
-    def __post_init__(self):
-        super().__post_init__()
+    def validate(self) -> None:
+        super().validate()
         require(self.nystrom in ("pinv", "reference"), f"{self.name}: nystrom must be 'pinv' or 'reference'")
 
     @property
@@ -713,7 +713,7 @@ class LaMDA(SVDCore):
     init: str = "svd"
     freeze_steps: int = 100
 
-    def __post_init__(self):
+    def validate(self) -> None:
         _check_rank_option(self)
         require(self.init in LAMDA_INITS, f"{self.name}: init must be one of {LAMDA_INITS}, got {self.init!r}")
         require(isinstance(self.freeze_steps, int) and self.freeze_steps >= 0,
@@ -805,8 +805,8 @@ class LaMDAPP(LaMDA):
 
     threshold: float = 0.0
 
-    def __post_init__(self):
-        super().__post_init__()
+    def validate(self) -> None:
+        super().validate()
         require(self.init == "svd", f"{self.name}: the rank allocation is spectral; init must be 'svd'")
         require(self.threshold >= 0, f"{self.name}: threshold must be >= 0")
 
