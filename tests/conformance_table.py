@@ -18,7 +18,7 @@ class Case:
     id: str
     registry: str                 # the jpeft.methods() name this row covers
     method: jpeft.Method
-    identity: str = "exact"       # "exact" (bitwise), "close" (fp32 tol) or "none" at init
+    tolerance: str = "exact"      # identity at init (where `method.identity_at_init`): "exact" or "close" (fp32)
     calib: bool = False           # init needs a calibration gradient tree
     factored: bool = True         # method.matmul has a factored form
 
@@ -31,14 +31,14 @@ CORE_CASES = [
     Case("lora_gaussian", "lora", jpeft.LoRA(rank=4, alpha=8, init="gaussian")),
     Case("rslora", "lora", jpeft.LoRA(rank=4, alpha=8, rslora=True)),
     Case("lora_dropout", "lora", jpeft.LoRA(rank=4, alpha=8, dropout=0.25)),
-    Case("lora_olora", "lora", jpeft.LoRA(rank=4, alpha=8, init="olora"), identity="close"),
-    Case("lora_orthogonal", "lora", jpeft.LoRA(rank=4, alpha=8, init="orthogonal"), identity="close"),
-    Case("pissa", "pissa", jpeft.PiSSA(rank=4, alpha=4), identity="close"),
-    Case("pissa_randomized", "pissa", jpeft.PiSSA(rank=4, alpha=8, svd_niter=4), identity="close"),
-    Case("lora_ga", "lora_ga", jpeft.LoRAGA(rank=4, alpha=8), identity="close", calib=True),
+    Case("lora_olora", "lora", jpeft.LoRA(rank=4, alpha=8, init="olora"), tolerance="close"),
+    Case("lora_orthogonal", "lora", jpeft.LoRA(rank=4, alpha=8, init="orthogonal"), tolerance="close"),
+    Case("pissa", "pissa", jpeft.PiSSA(rank=4, alpha=4), tolerance="close"),
+    Case("pissa_randomized", "pissa", jpeft.PiSSA(rank=4, alpha=8, svd_niter=4), tolerance="close"),
+    Case("lora_ga", "lora_ga", jpeft.LoRAGA(rank=4, alpha=8), tolerance="close", calib=True),
     Case("ffa_lora", "ffa_lora", jpeft.FFALoRA(rank=4, alpha=8)),
-    Case("dora", "dora", jpeft.DoRA(rank=4, alpha=8), identity="close"),
-    Case("dora_pissa", "dora", jpeft.DoRA(rank=4, alpha=4, init="pissa"), identity="close"),
+    Case("dora", "dora", jpeft.DoRA(rank=4, alpha=8), tolerance="close"),
+    Case("dora_pissa", "dora", jpeft.DoRA(rank=4, alpha=4, init="pissa"), tolerance="close"),
     Case("periodic_lora", "periodic_lora", jpeft.PeriodicLoRA(rank=4, alpha=8, period=2)),
     Case("full", "full", jpeft.Full()),
 ]

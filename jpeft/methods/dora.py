@@ -47,7 +47,10 @@ class DoRA(LoRA):
         return node.replace(train={**node.train, "m": magnitude})
 
     def gain(self, node, norms):
-        return upcast(node.train["m"]) / jax.lax.stop_gradient(norms)
+        """`m / ‖K‖_col`; a zero column (norm 0, so `m = 0` at init) divides by 1 instead of 0: the
+        column stays 0 and finite (not 0/0), and DoRA stays the identity at init."""
+        norms = jax.lax.stop_gradient(norms)
+        return upcast(node.train["m"]) / jnp.where(norms > 0, norms, 1.0)
 
     def materialise(self, node, rng=None):
         direction = node.base + self.delta(node, rng)

@@ -65,6 +65,10 @@ class SLTrain(Method):
         return self.mode == "finetune"
 
     @property
+    def has_base(self) -> bool:  # type: ignore[override]
+        return self.mode == "finetune"   # "pretrain" trains `BA + S` from scratch: no base
+
+    @property
     def scale(self) -> float:
         return self.alpha / self.rank
 

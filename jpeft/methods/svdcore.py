@@ -205,6 +205,11 @@ class LoRAXS(SVDCore):
 
     name = "lora_xs"
 
+    @property
+    def identity_at_init(self) -> bool:  # type: ignore[override]
+        """`init_std=0` gives `R = 0` (`W' = W`); the reference's 1e-5 is near, not at, it."""
+        return self.init_std == 0.0
+
     rank: int = 8
     alpha: float | None = None
     init_std: float = 1e-5
@@ -326,7 +331,11 @@ class SVFT(SVDCore):
     """
 
     name = "svft"
-    identity_at_init = False
+
+    @property
+    def identity_at_init(self) -> bool:  # type: ignore[override]
+        """`M = 0` and the tail kept (or no truncation): `W' = W` exactly."""
+        return self.zero_init and (self.residual or self.rank is None)
 
     rank: int | None = None
     sparsity: str = "plain"
@@ -452,6 +461,11 @@ class SALT(SVDCore):
 
     name = "salt"
 
+    @property
+    def identity_at_init(self) -> bool:  # type: ignore[override]
+        """The paper form starts at `W`; `reference=True` draws `X, Y ~ 0.01·N(0, 1)`."""
+        return not self.reference
+
     rank: int = 4
     lora_rank: int = 8
     lora_scale: float = 1.0
@@ -470,8 +484,11 @@ class SALT(SVDCore):
         if self.rank >= min(w.shape):
             raise leaf_error(path, w.shape, w.dtype, f"rank {self.rank} must be < min(in, out) = {min(w.shape)} "
                              "(the LoRA adapts the remaining singular subspace)")
-        if not self.tail_projected and self.lora_rank > min(w.shape):
-            raise leaf_error(path, w.shape, w.dtype, f"lora_rank {self.lora_rank} must be <= min(in, out)")
+        limit = min(w.shape) - self.rank if self.tail_projected else min(w.shape)
+        if self.lora_rank > limit:
+            where = (f"the tail subspace's dimension min(in, out) - rank = {limit}" if self.tail_projected
+                     else f"min(in, out) = {limit}")
+            raise leaf_error(path, w.shape, w.dtype, f"lora_rank {self.lora_rank} must be <= {where}")
 
     def create(self, key, w, calib=None):
         n, m = w.shape
@@ -654,6 +671,11 @@ class NLoRA(SLoRA):
 
     @property
     def rewrites_base(self) -> bool:
+        return self.residual
+
+    @property
+    def identity_at_init(self) -> bool:  # type: ignore[override]
+        """Only the residual base cancels `s·BNA` (`residual=False` keeps `W`: `W' = W + s·BNA`)."""
         return self.residual
 
     def factors(self, w):

@@ -21,5 +21,5 @@ ROWS = [
     Case("s2ft_out_heads", "s2ft", sp.S2FT(axis="out", group=4, units=2, selection="weight")),
     Case("lt_sft", "lt_sft", sp.LTSFT(density=0.05), calib=True),
     Case("sltrain", "sltrain", lrs.SLTrain(rank=4, alpha=8, density=0.05)),
-    Case("sltrain_pretrain", "sltrain", lrs.SLTrain(rank=4, alpha=8, density=0.05, mode="pretrain"), identity="none"),
+    Case("sltrain_pretrain", "sltrain", lrs.SLTrain(rank=4, alpha=8, density=0.05, mode="pretrain")),
 ]
