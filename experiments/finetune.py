@@ -150,7 +150,7 @@ def train() -> dict:
     opt_state, start, rng, data_it = tx.init(trainable), 0, jax.random.PRNGKey(FLAGS.seed), iter(train_ds)
     ckpt = TrainCheckpointer(FLAGS.ckpt_dir) if FLAGS.ckpt_dir else None
     if ckpt and FLAGS.resume and ckpt.latest_step() is not None:
-        state = ckpt.restore(base, opt_state)
+        state = ckpt.restore(base, opt_state, spec=spec)
         trainable, frozen = jpeft.split(state["params"])
         opt_state, start, rng = state["opt_state"], state["step"], state["rng"]
         data_it.set_state(state["data_state"])

@@ -7,12 +7,17 @@
 - `TrainCheckpointer`: full training state (adapters, optimizer state, step, RNG, data-iterator
   state) with `ocp.CheckpointManager`; resuming continues bit-identically.
 
-A save writes into a temporary folder and renames it into place only when complete, so a crash
-mid-save never leaves a checkpoint that restores as valid, and nothing already saved is lost.
+A save writes into a temporary folder and swaps it into place only when complete
+(`atomic_write`), so at every instant the path is the complete old or the complete new
+checkpoint. The metadata carries SHA-256 checksums of the spec and of every saved array; any
+corruption found on load is a `CheckpointError` naming the file or array.
 """
 
 from __future__ import annotations
 
+import ctypes
+import errno
+import hashlib
 import json
 import os
 import shutil
@@ -92,36 +97,118 @@ def _check_same(where: str, expected: Any, saved: Any) -> None:
 
 
 # ----------------------------------------------------------------------------- atomic folders
-def _atomic_write(directory: str, write, overwrite: bool) -> None:
+_RENAME_EXCHANGE = 2   # linux/fs.h
+
+
+def _exchange(a: str, b: str) -> bool:
+    """Atomically swap two paths (Linux `renameat2(RENAME_EXCHANGE)`); False where the kernel, C
+    library or file system lacks it."""
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        fn = libc.renameat2
+    except (OSError, AttributeError):
+        return False
+    at_fdcwd = -100
+    if fn(at_fdcwd, os.fsencode(a), at_fdcwd, os.fsencode(b), _RENAME_EXCHANGE) == 0:
+        return True
+    err = ctypes.get_errno()
+    if err in (errno.EINVAL, errno.ENOSYS, errno.ENOTSUP):
+        return False
+    raise OSError(err, os.strerror(err), b)
+
+
+def _strays(directory: str) -> list[str]:
+    """Leftovers of interrupted saves beside `directory` (`<dir>.tmp-*`, `<dir>.old-*`)."""
+    parent, name = os.path.split(directory)
+    if not os.path.isdir(parent):
+        return []
+    return sorted(os.path.join(parent, f) for f in os.listdir(parent)
+                  if f.startswith(f"{name}.tmp-") or f.startswith(f"{name}.old-"))
+
+
+def atomic_write(directory: str, write, overwrite: bool) -> None:
+    """Write a folder so that, at every instant, `directory` is either absent (first save), the
+    complete old folder or the complete new one. `write(tmp)` fills a temporary sibling; it is
+    then swapped in with one `renameat2(RENAME_EXCHANGE)` (Linux) and the old contents deleted.
+    Where the exchange is unavailable, `directory` is a symlink to a versioned sibling
+    (`<dir>.v-<id>`) and the symlink is replaced atomically. Leftovers of interrupted saves are
+    removed first; a failed write (a full disk) is a `CheckpointError` and leaves the old
+    folder as it was."""
     directory = os.path.abspath(directory)
-    if os.path.exists(directory) and not overwrite:
+    if os.path.lexists(directory) and not overwrite:
         raise CheckpointError(f"{directory} exists; pass overwrite=True to replace it")
+    for stray in _strays(directory):
+        shutil.rmtree(stray, ignore_errors=True)
     tmp = f"{directory}.tmp-{uuid.uuid4().hex[:8]}"
     try:
-        write(tmp)
-        if os.path.exists(directory):
-            old = f"{directory}.old-{uuid.uuid4().hex[:8]}"
-            os.rename(directory, old)
+        try:
+            write(tmp)
+        except OSError as e:
+            raise CheckpointError(f"{directory}: writing the new checkpoint failed ({e}); the previous one, if "
+                                  f"any, is unchanged") from e
+        if not os.path.lexists(directory):
             os.rename(tmp, directory)
-            shutil.rmtree(old)
+        elif not os.path.islink(directory) and _exchange(tmp, directory):
+            shutil.rmtree(tmp)          # now holds the old contents
         else:
-            os.rename(tmp, directory)
+            _swap_symlink(directory, tmp)
     finally:
         if os.path.exists(tmp):
             shutil.rmtree(tmp)
 
 
+def _swap_symlink(directory: str, tmp: str) -> None:
+    """The fallback layout: `directory` → `<dir>.v-<id>`, replaced by one atomic `os.replace`."""
+    if not os.path.islink(directory):   # a plain folder: the one non-atomic step, converting it
+        legacy = f"{directory}.v-{uuid.uuid4().hex[:8]}"
+        os.rename(directory, legacy)
+        os.symlink(os.path.basename(legacy), directory)
+    old = os.path.join(os.path.dirname(directory), os.readlink(directory))
+    target = f"{directory}.v-{uuid.uuid4().hex[:8]}"
+    os.rename(tmp, target)
+    link = f"{directory}.tmp-{uuid.uuid4().hex[:8]}"
+    os.symlink(os.path.basename(target), link)
+    os.replace(link, directory)
+    shutil.rmtree(old, ignore_errors=True)
+
+
+def _spec_checksum(spec_dict: dict) -> str:
+    return hashlib.sha256(json.dumps(spec_dict, sort_keys=True).encode()).hexdigest()
+
+
+def _array_checksums(tree: Any) -> dict[str, str]:
+    return {p: hashlib.sha256(np.ascontiguousarray(np.asarray(x)).tobytes()).hexdigest()
+            for p, x in leaves_with_paths(tree)}
+
+
+def _verify(where: str, meta: dict, spec_dict: dict, arrays: Any) -> None:
+    """The spec and every array match the checksums written with them."""
+    if meta.get("spec_sha256") is not None and meta["spec_sha256"] != _spec_checksum(spec_dict):
+        raise CheckpointError(f"{where}: the spec does not match its checksum (the file was modified or corrupted)")
+    want = meta.get("sha256")
+    if want is None:
+        return
+    got = _array_checksums(arrays)
+    for path in sorted(set(want) | set(got)):
+        if want.get(path) != got.get(path):
+            raise CheckpointError(f"{where}: array {path} does not match its checksum (corrupted data files)")
+
+
 def _read_meta(directory: str) -> dict:
     path = os.path.join(directory, META)
     if not os.path.isdir(directory):
-        raise CheckpointError(f"{directory}: no such checkpoint")
+        strays = _strays(os.path.abspath(directory))
+        hint = f" (leftovers of an interrupted save: {strays})" if strays else ""
+        raise CheckpointError(f"{directory}: no such checkpoint{hint}")
     try:
         with open(path) as f:
             meta = json.load(f)
     except FileNotFoundError:
         raise CheckpointError(f"{directory}: not a complete jpeft checkpoint (no {META})") from None
-    except json.JSONDecodeError as e:
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise CheckpointError(f"{path}: corrupted ({e})") from e
+    if not isinstance(meta, dict):
+        raise CheckpointError(f"{path}: corrupted (not a JSON object)")
     if meta.get("format") != FORMAT:
         raise CheckpointError(f"{path}: checkpoint format {meta.get('format')!r} is not supported")
     return meta
@@ -134,6 +221,41 @@ def _restore_arrays(path: str) -> Any:
     except (ValueError, KeyError, FileNotFoundError, OSError) as e:
         raise CheckpointError(f"{path}: the arrays cannot be restored (truncated or corrupted?): "
                               f"{str(e).splitlines()[0][:300]}") from e
+
+
+def _saved_spec(where: str, meta: dict) -> Spec:
+    try:
+        spec_dict = meta["spec"]
+        if meta.get("spec_sha256") is not None and meta["spec_sha256"] != _spec_checksum(spec_dict):
+            raise CheckpointError(f"{where}: the spec does not match its checksum (the file was modified or corrupted)")
+        return Spec.from_dict(spec_dict)
+    except KeyError as e:
+        raise CheckpointError(f"{where}: corrupted (no {e} entry)") from e
+    except SpecError as e:
+        raise CheckpointError(f"{where}: corrupted spec ({e})") from e
+
+
+def spec_difference(given: Spec, saved: Spec) -> str:
+    """The first difference between two specs, down to the option: which rule, which option,
+    both values."""
+    for k, (a, b) in enumerate(zip(given.rules, saved.rules)):
+        if a == b:
+            continue
+        (pa, ma), (pb, mb) = a, b
+        if pa != pb:
+            return f"rule #{k} pattern {pa!r} vs saved {pb!r}"
+        if ma.name != mb.name:
+            return f"rule #{k} ({pa!r}): method {ma.name!r} vs saved {mb.name!r}"
+        da, db = ma.to_dict(), mb.to_dict()
+        opts = [f"{o}={da.get(o)!r} (saved {db.get(o)!r})" for o in sorted(set(da) | set(db)) if da.get(o) != db.get(o)]
+        return f"rule #{k} ({pa!r}) {ma.name}: " + ", ".join(opts)
+    if len(given.rules) != len(saved.rules):
+        return f"{len(given.rules)} rules vs saved {len(saved.rules)}"
+    if given.exclude != saved.exclude:
+        return f"exclude {given.exclude!r} vs saved {saved.exclude!r}"
+    if given.views != saved.views:
+        return f"views {given.views!r} vs saved {saved.views!r}"
+    return f"adapter_dtype {given.adapter_dtype!r} vs saved {saved.adapter_dtype!r}"
 
 
 def _raw_key(rng: jax.Array) -> jax.Array:
@@ -155,10 +277,12 @@ def save_adapters(directory: str, params: Any, spec: Spec, *, overwrite: bool = 
         with ocp.StandardCheckpointer() as ckpt:
             ckpt.save(os.path.join(tmp, ARRAYS), arrays)
             ckpt.wait_until_finished()
+        meta = {"format": FORMAT, "spec": spec.to_dict(), "versions": _versions(spec),
+                "spec_sha256": _spec_checksum(spec.to_dict()), "sha256": _array_checksums(arrays)}
         with open(os.path.join(tmp, META), "w") as f:
-            json.dump({"format": FORMAT, "spec": spec.to_dict(), "versions": _versions(spec)}, f, indent=1)
+            json.dump(meta, f, indent=1)
 
-    _atomic_write(directory, write, overwrite)
+    atomic_write(directory, write, overwrite)
 
 
 def load_adapters(directory: str, base_params: Any, spec: Spec | None = None) -> tuple[Any, Spec]:
@@ -166,13 +290,12 @@ def load_adapters(directory: str, base_params: Any, spec: Spec | None = None) ->
 
     If `spec` is given it must equal the saved one (the first differing rule is named)."""
     meta = _read_meta(directory)
-    saved = Spec.from_dict(meta["spec"])
+    where = os.path.join(directory, META)
+    saved = _saved_spec(where, meta)
     if spec is not None and spec != saved:
-        diff = next(((a, b) for a, b in zip(spec.rules, saved.rules) if a != b), None)
-        raise CheckpointError(f"{directory}: the spec differs from the saved one "
-                              f"(first difference: given {diff[0] if diff else spec.rules}, "
-                              f"saved {diff[1] if diff else saved.rules}; exclude {spec.exclude!r} vs {saved.exclude!r})")
+        raise CheckpointError(f"{directory}: the spec differs from the saved one: {spec_difference(spec, saved)}")
     arrays = _restore_arrays(os.path.join(os.path.abspath(directory), ARRAYS))
+    _verify(where, meta, meta["spec"], arrays)
     try:
         return restore_adapters(base_params, saved, arrays), saved
     except SpecError as e:
@@ -195,12 +318,16 @@ class TrainCheckpointer:
     def save(self, step: int, *, params: Any, spec: Spec, opt_state: Any, rng: jax.Array,
              data_state: Any = None) -> None:
         check_fits(params, spec)
-        meta = {"format": FORMAT, "spec": spec.to_dict(), "versions": _versions(spec), "step": int(step),
-                "data_state": data_state}
         state = {"adapters": adapter_arrays(params), "opt_state": opt_state, "rng": _raw_key(rng)}
-        self.manager.save(step, args=ocp.args.Composite(state=ocp.args.StandardSave(state),
-                                                        meta=ocp.args.JsonSave(meta)))
-        self.manager.wait_until_finished()
+        meta = {"format": FORMAT, "spec": spec.to_dict(), "versions": _versions(spec), "step": int(step),
+                "data_state": data_state, "spec_sha256": _spec_checksum(spec.to_dict()),
+                "sha256": _array_checksums(state)}
+        try:
+            self.manager.save(step, args=ocp.args.Composite(state=ocp.args.StandardSave(state),
+                                                            meta=ocp.args.JsonSave(meta)))
+            self.manager.wait_until_finished()
+        except OSError as e:
+            raise CheckpointError(f"{self.directory}/{step}: saving failed ({e}); earlier steps are unchanged") from e
 
     def close(self) -> None:
         self.manager.close()
@@ -212,18 +339,45 @@ class TrainCheckpointer:
         self.close()
 
     def latest_step(self) -> int | None:
-        return self.manager.latest_step()
+        """The newest step whose folder is complete (both items committed and the metadata
+        readable); incomplete or damaged steps are skipped."""
+        for step in sorted(self.manager.all_steps(), reverse=True):
+            if self._complete(step):
+                return step
+        return None
 
-    def restore(self, base_params: Any, opt_state_like: Any, step: int | None = None) -> dict[str, Any]:
+    def _complete(self, step: int) -> bool:
+        folder = os.path.join(self.directory, str(step))
+        if not all(os.path.exists(os.path.join(folder, item, "commit_success.txt")) for item in ("meta", "state")):
+            return False
+        try:
+            with open(os.path.join(folder, "meta", "metadata")) as f:
+                return isinstance(json.load(f), dict)
+        except (OSError, ValueError):
+            return False
+
+    def restore(self, base_params: Any, opt_state_like: Any, step: int | None = None,
+                spec: Spec | None = None) -> dict[str, Any]:
         """`{"params", "spec", "opt_state", "step", "rng", "data_state"}` of `step` (default: the
-        latest); `rng` comes back as raw `uint32[2]` key data (a `jax.random.PRNGKey`)."""
+        latest complete one); `rng` comes back as raw `uint32[2]` key data (a `jax.random.PRNGKey`).
+        With `spec`, a run resumed with other options is an error naming the differing option."""
         step = self.latest_step() if step is None else step
         if step is None:
             raise CheckpointError(f"{self.directory}: no checkpoint to restore")
         folder = os.path.join(self.directory, str(step))
+        where = os.path.join(folder, "meta", "metadata")
         try:
             meta = self.manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))["meta"]
-            spec = Spec.from_dict(meta["spec"])
+        except (ValueError, KeyError, FileNotFoundError, OSError) as e:
+            raise CheckpointError(f"{folder}: cannot restore (empty, truncated or corrupted step folder?): "
+                                  f"{str(e).splitlines()[0][:300]}") from e
+        if not isinstance(meta, dict):
+            raise CheckpointError(f"{where}: corrupted (not a JSON object)")
+        saved = _saved_spec(where, meta)
+        if spec is not None and spec != saved:
+            raise CheckpointError(f"{folder}: the run's spec differs from the checkpoint's: {spec_difference(spec, saved)}")
+        try:
+            spec = saved
             template = {"adapters": adapter_arrays(jax.eval_shape(
                 lambda: init(jax.random.PRNGKey(0), base_params, spec, calib=_zeros_calib(base_params)))),
                 "opt_state": jax.eval_shape(lambda: opt_state_like), "rng": jax.ShapeDtypeStruct((2,), np.uint32)}
@@ -231,6 +385,7 @@ class TrainCheckpointer:
         except (ValueError, KeyError, FileNotFoundError, OSError) as e:
             raise CheckpointError(f"{folder}: cannot restore (empty, truncated or corrupted step folder?): "
                                   f"{str(e).splitlines()[0][:300]}") from e
+        _verify(os.path.join(folder, "state"), meta, meta["spec"], state)
         return {"params": restore_adapters(base_params, spec, state["adapters"]), "spec": spec,
                 "opt_state": state["opt_state"], "step": meta["step"], "rng": state["rng"],
                 "data_state": meta["data_state"]}

@@ -22,7 +22,7 @@ import numpy as np
 from safetensors.numpy import load_file, save_file
 
 from jpeft.adapter import Adapter, is_adapter
-from jpeft.checkpoint import _atomic_write
+from jpeft.checkpoint import atomic_write
 from jpeft.core import check_fits, init, merge
 from jpeft.errors import SpecError
 from jpeft.methods.dora import DoRA
@@ -133,7 +133,7 @@ def export_peft(directory: str, params: Any, spec: Spec, *, module_path: Callabl
         with open(os.path.join(tmp, CONFIG), "w") as f:
             json.dump(config, f, indent=1)
 
-    _atomic_write(directory, write, overwrite)
+    atomic_write(directory, write, overwrite)
 
 
 def export_merged(directory: str, params: Any, spec: Spec, state_dict: Callable[[Any], dict[str, np.ndarray]],
@@ -150,7 +150,7 @@ def export_merged(directory: str, params: Any, spec: Spec, state_dict: Callable[
             with open(os.path.join(tmp, "config.json"), "w") as f:
                 json.dump(config, f, indent=1)
 
-    _atomic_write(directory, write, overwrite)
+    atomic_write(directory, write, overwrite)
 
 
 def import_peft(directory: str, base_params: Any, *,
