@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import os
 import statistics
 import time
@@ -29,14 +30,18 @@ import jpeft
 from experiments import tasks
 from experiments.runlog import RunLog
 from jpeft.checkpoint import TrainCheckpointer
+from jpeft.paths import leaves_with_paths
 from jpeft.registry import method_with_defaults
+from jpeft.registry import options as options_of
 
 flags.DEFINE_enum("model", "smollm2_135m", ["smollm2_135m", "tiny", "minilm"],
                   "base model (minilm: a mean-pooled BertClassifier on all-MiniLM-L6-v2, for --task=fortunes)")
 flags.DEFINE_enum("task", "arithmetic", list(tasks.TASKS), "task")
 flags.DEFINE_string("method", "lora", f"registry name, one of {jpeft.methods()}")
-flags.DEFINE_integer("rank", 8, "adapter rank (methods that have one)")
-flags.DEFINE_float("alpha", 16.0, "adapter alpha (methods that have one)")
+flags.DEFINE_integer("rank", None, "the method's `rank` option (default: the method's own; an error for a method "
+                     "without one: set its size option with --method_options)")
+flags.DEFINE_float("alpha", None, "the method's `alpha` option (default: the method's own; an error for a method "
+                   "without one)")
 flags.DEFINE_string("method_options", "", "more method options: a JSON object, or the path of a JSON file")
 flags.DEFINE_string("target", None, "regex of the adapted leaves (default: TARGETS[--model])")
 flags.DEFINE_integer("steps", 100, "optimizer steps")
@@ -55,6 +60,8 @@ flags.DEFINE_bool("resume", False, "continue from the latest checkpoint in --ckp
 flags.DEFINE_string("export_hf", "", "write the adapter in HuggingFace PEFT format to this folder")
 flags.DEFINE_integer("stop_at", 0, "stop after this step (0: --steps); the schedule still spans --steps")
 flags.DEFINE_integer("seed", 0, "seed for the adapter init and the data order")
+flags.DEFINE_bool("allow_nonfinite", False, "keep training after a non-finite loss or gradient (default: stop "
+                  "with an error); an adapter with non-finite values is never exported")
 FLAGS = flags.FLAGS
 
 LM_TARGET = r"layers_\d+/(self_attn|mlp)/\w+_proj/kernel"
@@ -95,17 +102,41 @@ def load_model(name: str, num_labels: int | None = None):
 
 
 def method_from_flags() -> jpeft.Method:
+    """The method config the flags ask for, validated before anything is loaded. `--rank` /
+    `--alpha` set the method's option of that name only when given, and are an error for a method
+    without it; `--steps` fills `total_step` (AdaLoRA's schedule) unless the options set it."""
+    if FLAGS.method not in jpeft.methods():
+        raise app.UsageError(f"--method={FLAGS.method!r}: unknown; known methods: {', '.join(jpeft.methods())}")
     options = FLAGS.method_options
     if options and os.path.exists(options):
         with open(options) as f:
             options = f.read()
-    extra = json.loads(options) if options else {}
-    run_level = {"rank": FLAGS.rank, "alpha": FLAGS.alpha, "total_step": FLAGS.steps}
-    return method_with_defaults(FLAGS.method, run_level, **extra)
+    try:
+        extra = json.loads(options) if options else {}
+    except json.JSONDecodeError as e:
+        raise app.UsageError(f"--method_options: not a JSON object or a JSON file ({e})") from e
+    if not isinstance(extra, dict):
+        raise app.UsageError(f"--method_options: expected a JSON object, got {extra!r}")
+    accepted = options_of(FLAGS.method)
+    for flag in ("rank", "alpha"):
+        value = getattr(FLAGS, flag)
+        if value is None:
+            continue
+        if flag not in accepted:
+            raise app.UsageError(f"--{flag}: method {FLAGS.method!r} has no {flag!r} option; its options are "
+                                 f"{sorted(accepted)} (set them with --method_options)")
+        if flag in extra and extra[flag] != value:
+            raise app.UsageError(f"--{flag}={value} and --method_options {flag}={extra[flag]!r} disagree; set it once")
+        extra[flag] = value
+    try:
+        return method_with_defaults(FLAGS.method, {"total_step": FLAGS.steps}, **extra)
+    except jpeft.SpecError as e:
+        raise app.UsageError(f"--method={FLAGS.method} --method_options: {e}") from e
 
 
 def optimizer(name: str, learning_rate: float, steps: int) -> optax.GradientTransformation:
-    schedule = optax.warmup_cosine_decay_schedule(0.0, learning_rate, max(steps // 10, 1), steps)
+    warmup = max(steps // 10, 1)
+    schedule = optax.warmup_cosine_decay_schedule(0.0, learning_rate, warmup, max(steps, warmup + 1))
     if name == "adamw":
         return optax.adamw(schedule, weight_decay=0.0)
     import jpeft.optim
@@ -115,6 +146,7 @@ def optimizer(name: str, learning_rate: float, steps: int) -> optax.GradientTran
 
 def train() -> dict:
     """One run as the flags describe it; returns the evaluations, final parameters, spec and figures."""
+    method = method_from_flags()   # before any model or data is loaded
     task = tasks.TASKS[FLAGS.task]
     classifier = FLAGS.model == "minilm"
     if classifier != (task.kind == "classify"):
@@ -131,7 +163,7 @@ def train() -> dict:
 
         num_labels = source.prepared(task.builder, FLAGS.data_dir).info.features["label"].num_classes
     model, base, tokenizer = load_model(FLAGS.model, num_labels)
-    rules = {FLAGS.target or TARGETS[FLAGS.model]: method_from_flags()}
+    rules = {FLAGS.target or TARGETS[FLAGS.model]: method}
     if classifier:
         rules[HEAD] = jpeft.Full()
     spec = jpeft.Spec(rules)
@@ -174,32 +206,44 @@ def train() -> dict:
         updates, opt_state = tx.update(grads, opt_state, trainable)
         params, opt_state = jpeft.after_step(jpeft.combine(optax.apply_updates(trainable, updates), frozen),
                                              opt_state, spec, step=count, key=key, grads=grads)
-        return (*jpeft.split(params), opt_state, loss)
+        return (*jpeft.split(params), opt_state, loss, optax.global_norm(grads))
 
     batch0 = {k: jnp.asarray(v) for k, v in train_ds[0].items()}
     memory = step.lower(trainable, frozen, opt_state, batch0, 1, rng).compile().memory_analysis()
     peak_mb = (memory.argument_size_in_bytes + memory.temp_size_in_bytes) / 2 ** 20
     log = RunLog(FLAGS.out_dir)
-    before = evaluate(trainable, frozen, "before")
-    log.log(start, **{f"eval_{k}": v for k, v in before.items()})
     stop, seconds = FLAGS.stop_at or FLAGS.steps, []
-    for i in (bar := tqdm(range(start, stop), desc="fine-tuning", initial=start, total=FLAGS.steps)):
-        rng, key = jax.random.split(rng)
-        batch = {k: jnp.asarray(v) for k, v in next(data_it).items()}
-        t0 = time.perf_counter()
-        trainable, frozen, opt_state, loss = step(trainable, frozen, opt_state, batch, i + 1, key)
-        bar.set_postfix(loss=f"{float(loss):.3f}")
-        seconds.append(time.perf_counter() - t0)
-        log.log(i + 1, loss=float(loss))
-        if ckpt and ((i + 1) % FLAGS.ckpt_every == 0 or i + 1 == stop):
-            ckpt.save(i + 1, params=jpeft.combine(trainable, frozen), spec=spec, opt_state=opt_state, rng=rng,
-                      data_state=data_it.get_state())
-    after = evaluate(trainable, frozen, "after")
-    log.log(stop, **{f"eval_{k}": v for k, v in after.items()})
-    log.close()
-    if ckpt:
-        ckpt.close()
+    try:
+        before = evaluate(trainable, frozen, "before")
+        log.log(start, **{f"eval_{k}": v for k, v in before.items()})
+        for i in (bar := tqdm(range(start, stop), desc="fine-tuning", initial=start, total=stop)):
+            rng, key = jax.random.split(rng)
+            batch = {k: jnp.asarray(v) for k, v in next(data_it).items()}
+            t0 = time.perf_counter()
+            trainable, frozen, opt_state, loss, grad_norm = step(trainable, frozen, opt_state, batch, i + 1, key)
+            loss, grad_norm = float(loss), float(grad_norm)
+            bar.set_postfix(loss=f"{loss:.3f}")
+            seconds.append(time.perf_counter() - t0)
+            log.log(i + 1, loss=loss, grad_norm=grad_norm)
+            if not (math.isfinite(loss) and math.isfinite(grad_norm)):
+                message = (f"step {i + 1}: non-finite loss ({loss}) or gradient norm ({grad_norm}); check the "
+                           f"data, the base weights and --learning_rate={FLAGS.learning_rate}")
+                if not FLAGS.allow_nonfinite:
+                    raise FloatingPointError(f"{message}. Stopped (--allow_nonfinite continues); nothing exported")
+                print(f"warning: {message}; continuing (--allow_nonfinite)")
+            if ckpt and ((i + 1) % FLAGS.ckpt_every == 0 or i + 1 == stop):
+                ckpt.save(i + 1, params=jpeft.combine(trainable, frozen), spec=spec, opt_state=opt_state, rng=rng,
+                          data_state=data_it.get_state())
+        after = evaluate(trainable, frozen, "after")
+        log.log(stop, **{f"eval_{k}": v for k, v in after.items()})
+    finally:
+        log.close()
+        if ckpt:
+            ckpt.close()
     if FLAGS.export_hf:
+        bad = [p for p, x in leaves_with_paths(trainable) if not bool(jnp.all(jnp.isfinite(x)))]
+        if bad:
+            raise FloatingPointError(f"--export_hf: the adapters have non-finite values ({bad[:3]}); not exported")
         from jpeft.interop.hf import default_module_path, export_peft
 
         export_peft(FLAGS.export_hf, jpeft.combine(trainable, frozen), spec, overwrite=True,

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import csv
 import os
+import time
 
 import matplotlib
 
@@ -15,27 +16,41 @@ from tensorboardX import SummaryWriter  # noqa: E402
 
 class RunLog:
     """`log(step, name=value, ...)` appends to `metrics.csv` and the event file in `directory`;
-    `close()` writes `curves.png` (one panel per metric)."""
+    `close()` writes `curves.png` (one panel per metric). The CSV is rewritten as the run goes (at
+    most once every `flush_s` seconds, atomically) and at `close`, so a killed run keeps its
+    metrics up to its last seconds."""
 
-    def __init__(self, directory: str):
+    def __init__(self, directory: str, flush_s: float = 1.0):
         os.makedirs(directory, exist_ok=True)
         self.directory = directory
         self.rows: list[dict] = []
         self.writer = SummaryWriter(os.path.join(directory, "tb"))
+        self.flush_s = flush_s
+        self._flushed = 0.0
 
     def log(self, step: int, **metrics: float) -> None:
         row = {"step": int(step), **{k: float(v) for k, v in metrics.items()}}
         self.rows.append(row)
         for name, value in metrics.items():
             self.writer.add_scalar(name, float(value), int(step))
+        if time.monotonic() - self._flushed >= self.flush_s:
+            self.write_csv()
 
-    def close(self) -> None:
-        self.writer.close()
+    def write_csv(self) -> None:
         names = sorted({k for r in self.rows for k in r} - {"step"})
-        with open(os.path.join(self.directory, "metrics.csv"), "w", newline="") as f:
+        path = os.path.join(self.directory, "metrics.csv")
+        with open(path + ".tmp", "w", newline="") as f:
             out = csv.DictWriter(f, fieldnames=["step", *names])
             out.writeheader()
             out.writerows(self.rows)
+        os.replace(path + ".tmp", path)
+        self.writer.flush()
+        self._flushed = time.monotonic()
+
+    def close(self) -> None:
+        self.write_csv()
+        self.writer.close()
+        names = sorted({k for r in self.rows for k in r} - {"step"})
         fig, axes = plt.subplots(1, max(len(names), 1), figsize=(4 * max(len(names), 1), 3), squeeze=False)
         for ax, name in zip(axes[0], names):
             points = [(r["step"], r[name]) for r in self.rows if name in r]

@@ -117,7 +117,8 @@ def class_metrics(logits: jax.Array, batch: dict) -> dict:
 
 def evaluate(task: Task, logits_fn, tokenizer, data_dir: str, count: int, batch: int, max_len: int) -> dict:
     """The task metric on the first `count` test examples (`logits_fn(*model_inputs(task, batch)) ->
-    logits`, jitted)."""
+    logits`, jitted): exactly `count` (a smaller last batch is sliced: one more compile)."""
+    batch = max(1, min(batch, count))
     ds = batches(task, tokenizer, data_dir, "test", batch, max_len, repeat=False)
     totals: dict[str, float] = {}
     seen = 0
@@ -126,6 +127,8 @@ def evaluate(task: Task, logits_fn, tokenizer, data_dir: str, count: int, batch:
     for b in ds:
         if seen >= count:
             break
+        if seen + len(b["ids"]) > count:
+            b = {k: v[:count - seen] for k, v in b.items()}
         for k, v in metrics_fn(b).items():
             totals[k] = totals.get(k, 0.0) + float(v)
         seen += len(b["ids"])

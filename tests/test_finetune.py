@@ -3,6 +3,8 @@ README's main job): metrics files, checkpoint + resume bit-identical, HF export 
 
 import json
 
+import jpeft
+
 import jax
 import numpy as np
 import pytest
@@ -60,3 +62,45 @@ def test_minilm_learns_fortune_topics_as_a_program(tmp_path):
              if r["eval_accuracy"]]
     assert len(evals) == 2 and evals[1] > evals[0] + 0.1, evals  # 8 topics: chance is 1/8
     assert "after: accuracy" in done.stdout
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--method=loca", "--rank=4"], r"--rank: method 'loca' has no 'rank' option; its options are \[.*n_coeffs"),
+    (["--method=nope"], r"--method='nope': unknown; known methods: .*lora"),
+    (["--method_options={\"rnak\": 4}"], r"method 'lora' has no option\(s\) \['rnak'\]"),
+    (["--method_options=[1]"], "expected a JSON object"),
+    (["--rank=4", "--method_options={\"rank\": 8}"], "disagree; set it once"),
+    (["--method=lora", "--alpha=nan"], "option 'alpha' must be a finite float"),
+    (["--method=lift", "--method_options={\"density\": 0.05, \"lora_rank\": 8}"], "set only one of density, lora_rank"),
+])
+def test_bad_method_flags_are_refused_before_anything_loads(args, message, tmp_path, monkeypatch):
+    from absl import app
+
+    monkeypatch.setattr(finetune, "load_model", lambda *a, **k: pytest.fail("the model was loaded"))
+    with pytest.raises(app.UsageError, match=message):
+        run(tmp_path, *args)
+
+
+def test_run_level_flags_only_override_when_given(tmp_path):
+    FLAGS.unparse_flags()
+    FLAGS(["finetune", "--method=lori"])
+    assert finetune.method_from_flags() == jpeft.method("lori")          # its own alpha, not a runner default
+    FLAGS.unparse_flags()
+    FLAGS(["finetune", "--method=lora", "--rank=4", "--alpha=2"])
+    assert finetune.method_from_flags() == jpeft.LoRA(rank=4, alpha=2.0)
+    FLAGS.unparse_flags()
+    FLAGS(["finetune", "--method=adalora", "--steps=30"])
+    assert finetune.method_from_flags().total_step == 30
+    FLAGS.unparse_flags()
+
+
+@pytest.mark.slow
+def test_non_finite_loss_stops_the_run_keeps_metrics_and_exports_nothing(tmp_path):
+    with pytest.raises(FloatingPointError, match=r"step \d+: non-finite loss .*Stopped .*nothing exported"):
+        run(tmp_path, f"--out_dir={tmp_path / 'a'}", "--learning_rate=1e30", "--steps=6", "--ckpt_every=100",
+            f"--export_hf={tmp_path / 'hf'}")
+    assert not (tmp_path / "hf").exists()
+    rows = (tmp_path / "a" / "metrics.csv").read_text().splitlines()
+    assert rows[0].startswith("step") and len(rows) >= 3
+    one = run(tmp_path, f"--out_dir={tmp_path / 'b'}", "--steps=1", "--ckpt_every=100")   # one step: no schedule error
+    assert one["trainable"] > 0

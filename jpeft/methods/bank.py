@@ -118,8 +118,12 @@ class VBLoRA(BankMethod):
         require_rank(path, w, self.rank)
         for side, size in (("in", w.shape[0]), ("out", w.shape[1])):
             if size % self.vector_length:
+                g = math.gcd(*w.shape)
+                fits = max(d for d in range(1, min(g, self.vector_length) + 1) if g % d == 0)
                 raise leaf_error(path, w.shape, w.dtype,
-                                 f"vector_length {self.vector_length} must divide {side} = {size}")
+                                 f"vector_length {self.vector_length} must divide {side} = {size}; set "
+                                 f"vector_length to a divisor of gcd(in, out) = {g} (e.g. {fits}), for every "
+                                 f"targeted leaf")
 
     def create(self, key, w, calib=None):
         n, m = w.shape
