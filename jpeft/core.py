@@ -223,18 +223,38 @@ def _materialise_with_paths(params, spec, materialise):
 _remat_materialise = jax.checkpoint(materialise_node)
 
 
-def apply(params: Any, spec: Spec, *, rng: jax.Array | None = None) -> Any:
+def apply(params: Any, spec: Spec, *, rng: jax.Array | None = None, check_finite: bool = False) -> Any:
     """Effective plain parameters for the model (the materialised path, DESIGN.md §2).
 
     Each adapter becomes its effective weight `K' = f(K, θ)` under `jax.checkpoint`, so the
     method's own m×n temporaries (e.g. `s·a@b`, DoRA's direction) are recomputed in the backward
     pass instead of being saved. `K'` itself is an input of the model's matmul, which saves it; the
     factored path (`jpeft.factored`) avoids even that. `rng` enables adapter dropout.
+
+    `check_finite=True` adds a `jax.experimental.checkify` check per adapter array and per
+    effective weight that names the path of the first non-finite one: eager calls raise at once;
+    under `jit`, wrap the step in `checkify.checkify(step)` and call `err.throw()`.
     """
     def mat(path, node):
-        return _remat_materialise(node, None if rng is None else leaf_key(rng, path))
+        if check_finite:
+            check_finite_tree(node.replace(base=None), f"{path} (adapter)")
+        out = _remat_materialise(node, None if rng is None else leaf_key(rng, path))
+        if check_finite:
+            check_finite_tree(out, f"{path} (effective weight)")
+        return out
 
     return _materialise_with_paths(params, spec, mat)
+
+
+def check_finite_tree(tree: Any, where: str) -> None:
+    """`checkify.check` that every floating-point array in `tree` is finite, naming `where` and
+    the array's path inside it."""
+    from jax.experimental import checkify
+
+    for path, x in leaves_with_paths(tree):
+        if hasattr(x, "dtype") and jnp.issubdtype(x.dtype, jnp.inexact):
+            name = f"{where}/{path}" if path else where
+            checkify.check(jnp.all(jnp.isfinite(x)), "jpeft: non-finite values in " + name.replace("{", "{{").replace("}", "}}"))
 
 
 def merge(params: Any, spec: Spec) -> Any:

@@ -87,7 +87,7 @@ def _restack(node, new_nodes, new_moments):
     return stacked.replace(base=base, view=node.view), moments
 
 
-def after_step(params, opt_state, spec=None, *, step, key, grads=None):
+def after_step(params, opt_state, spec=None, *, step, key, grads=None, check_finite: bool = False):
     """Run every method's step hook. Call after `optax.apply_updates`, on the combined tree.
 
     `step` is the number of optimizer updates applied so far. Each method config's hook runs once
@@ -96,6 +96,7 @@ def after_step(params, opt_state, spec=None, *, step, key, grads=None):
     Returns `(params, opt_state)`. If a hook restarts its adapters' optimizer state, their moments
     are zeroed and the optax step `count` (shared by all parameters) is zeroed too, which requires
     every trainable leaf to belong to an adapter whose hook restarts at the same time.
+    `check_finite=True` checks every adapter array after the hooks, as `jpeft.apply` does.
     """
     from jpeft.core import check_fits, split
 
@@ -150,4 +151,11 @@ def after_step(params, opt_state, spec=None, *, step, key, grads=None):
                 "the optax step count; give the restarting adapters their own optimizer, or make every "
                 "trainable leaf restart together (e.g. PeriodicLoRA on all adapted leaves)")
         opt_state = _reset_counts(opt_state, jnp.all(jnp.stack(restarts)))
-    return jax.tree_util.tree_unflatten(pdef, detach_shared(nodes, owners)), opt_state
+    out = jax.tree_util.tree_unflatten(pdef, detach_shared(nodes, owners))
+    if check_finite:
+        from jpeft.core import check_finite_tree
+
+        for path, node in leaves_with_paths(out, is_leaf=is_adapter_or_hole):
+            if isinstance(node, Adapter):
+                check_finite_tree(node.replace(base=None), f"{path} (adapter, after the step hooks)")
+    return out, opt_state

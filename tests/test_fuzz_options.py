@@ -193,3 +193,23 @@ def _assert_identity(method, node, w, applied):
         tol = 2e-4 * scale
     err = float(np.max(np.abs(f32(applied) - f32(w))))
     assert err <= tol, f"{method!r} claims identity at init; off by {err} (tolerance {tol})"
+
+
+def test_check_finite_names_the_leaf_eagerly_and_under_checkify():
+    from jax.experimental import checkify
+
+    params = {"a": {"kernel": jnp.ones((8, 6))}, "b": {"kernel": jnp.ones((6, 4))}}
+    spec = jpeft.Spec({r".*kernel": jpeft.LoRA(rank=2)})
+    tree = jpeft.init(jax.random.PRNGKey(0), params, spec)
+    jpeft.apply(tree, spec, check_finite=True)        # finite: no error
+    bad = dict(tree)
+    node = tree["b"]["kernel"]
+    bad["b"] = {"kernel": node.replace(train={**node.train, "b": node.train["b"].at[0, 0].set(jnp.nan)})}
+    with pytest.raises(Exception, match=r"non-finite values in b/kernel \(adapter\)/train/b"):
+        jpeft.apply(bad, spec, check_finite=True)
+    err, _ = jax.jit(checkify.checkify(lambda t: jpeft.apply(t, spec, check_finite=True)))(bad)
+    assert "b/kernel (adapter)" in str(err.get())
+    err, _ = jax.jit(checkify.checkify(lambda t: jpeft.after_step(t, None, spec, step=1, key=jax.random.PRNGKey(0),
+                                                                  check_finite=True)))(bad)
+    assert "b/kernel (adapter, after the step hooks)" in str(err.get())
+    assert jpeft.apply(bad, spec)["b"]["kernel"].shape == (6, 4)   # off by default
