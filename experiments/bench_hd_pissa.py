@@ -39,6 +39,7 @@ def define_flags() -> None:
     flags.DEFINE_integer("steps", 20, "timed steps per round")
     flags.DEFINE_integer("rounds", 5, "interleaved timing rounds")
     flags.DEFINE_float("learning_rate", 1e-3, "Adam learning rate")
+    flags.DEFINE_string("out_dir", "out/bench_hd_pissa", "where bench_hd_pissa.md is written")
 
 
 FLAGS = flags.FLAGS
@@ -112,17 +113,21 @@ def main(argv):
         for entry in entries:
             run_round(entry, batch, FLAGS.steps)
     ref = statistics.median(entries[1]["times"])
-    print(f"{k} simulated devices, {FLAGS.layers} layers {FLAGS.dim}x{FLAGS.dim}, rank {r}, "
-          f"batch {FLAGS.batch_per_device}/device, {FLAGS.rounds}x{FLAGS.steps} steps, fp32")
-    print("| method | trainable/device | ms/step | vs dp_lora | collective operand B/step/device | collectives "
-          "| all-reduce B | all-gather B | ring B sent/device | GFLOP/step |")
-    print("|---|---|---|---|---|---|---|---|---|---|")
+    lines = [f"{k} simulated devices, {FLAGS.layers} layers {FLAGS.dim}x{FLAGS.dim}, rank {r}, "
+             f"batch {FLAGS.batch_per_device}/device, {FLAGS.rounds}x{FLAGS.steps} steps, fp32",
+             "| method | trainable/device | ms/step | vs dp_lora | collective operand B/step/device | collectives "
+             "| all-reduce B | all-gather B | ring B sent/device | GFLOP/step |",
+             "|---|---|---|---|---|---|---|---|---|---|"]
     for e in entries:
         t = statistics.median(e["times"])
         per_device = e["trainable"] // k if e["name"] == "hd_pissa" else e["trainable"]
         c = e["comm"]
-        print(f"| {e['name']} | {per_device:,} | {1e3 * t:.2f} | {t / ref:.2f}x | {c['total']:,} | {c['count']} "
-              f"| {c['all-reduce']:,} | {c['all-gather']:,} | {ring_bytes(c, k):,.0f} | {e['flops'] / 1e9:.3f} |")
+        lines.append(f"| {e['name']} | {per_device:,} | {1e3 * t:.2f} | {t / ref:.2f}x | {c['total']:,} | {c['count']} "
+                     f"| {c['all-reduce']:,} | {c['all-gather']:,} | {ring_bytes(c, k):,.0f} | {e['flops'] / 1e9:.3f} |")
+    print("\n".join(lines))
+    os.makedirs(FLAGS.out_dir, exist_ok=True)
+    with open(os.path.join(FLAGS.out_dir, "bench_hd_pissa.md"), "w") as f:
+        f.write("\n".join(lines) + "\n")
 
 
 if __name__ == "__main__":

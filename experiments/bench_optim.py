@@ -20,6 +20,7 @@ median per configuration is used, to damp drift on a shared machine.
 
 from __future__ import annotations
 
+import os
 import re
 import statistics
 import time
@@ -51,6 +52,7 @@ def define_flags() -> None:
     flags.DEFINE_integer("steps_per_round", 2, "steps timed per configuration per round")
     flags.DEFINE_integer("batch", 8, "sequences per step")
     flags.DEFINE_integer("seq", 128, "tokens per sequence")
+    flags.DEFINE_string("out_dir", "out/bench_optim", "where bench_optim.md is written")
 
 
 GB, GIB = 1e9, 2 ** 30
@@ -213,8 +215,10 @@ def step_configs(model, params, ids, rank, gap, lora_rank):
 def step_section(rank, gap, lora_rank, rounds, per_round, batch, seq, only="") -> str:
     model, params, ids = reference_setup(batch, seq)
     baselines = ("optax.adamw", f"LoRA r={lora_rank} + optax.adamw")
-    configs = {name: c for name, c in step_configs(model, params, ids, rank, gap, lora_rank).items()
-               if name in baselines or re.search(only, name)}
+    every = step_configs(model, params, ids, rank, gap, lora_rank)
+    configs = {name: c for name, c in every.items() if name in baselines or re.search(only, name)}
+    if only and not any(re.search(only, name) for name in every if name not in baselines):
+        raise ValueError(f"--step_only={only!r} matches no step row; the rows are {sorted(every)}")
     states = {}
     for name, (step, state, _, _) in configs.items():
         t0 = time.perf_counter()
@@ -263,14 +267,22 @@ def step_section(rank, gap, lora_rank, rounds, per_round, batch, seq, only="") -
 
 def main(argv):
     del argv
-    print(f"jax {jax.__version__} on {jax.devices()[0].platform}, {jax.device_count()} device(s)\n", flush=True)
+    header = f"jax {jax.__version__} on {jax.devices()[0].platform}, {jax.device_count()} device(s)"
+    print(header + "\n", flush=True)
+    sections = [header]
     if "memory" in FLAGS.sections:
-        print(memory_section() + "\n", flush=True)
+        sections.append(memory_section())
+        print(sections[-1] + "\n", flush=True)
     if "refresh" in FLAGS.sections:
-        print(refresh_section(FLAGS.refresh_rank, FLAGS.refresh_reps) + "\n", flush=True)
+        sections.append(refresh_section(FLAGS.refresh_rank, FLAGS.refresh_reps))
+        print(sections[-1] + "\n", flush=True)
     if "step" in FLAGS.sections:
-        print(step_section(FLAGS.model_rank, FLAGS.gap, FLAGS.lora_rank, FLAGS.rounds, FLAGS.steps_per_round,
-                           FLAGS.batch, FLAGS.seq, FLAGS.step_only) + "\n", flush=True)
+        sections.append(step_section(FLAGS.model_rank, FLAGS.gap, FLAGS.lora_rank, FLAGS.rounds, FLAGS.steps_per_round,
+                                     FLAGS.batch, FLAGS.seq, FLAGS.step_only))
+        print(sections[-1] + "\n", flush=True)
+    os.makedirs(FLAGS.out_dir, exist_ok=True)
+    with open(os.path.join(FLAGS.out_dir, "bench_optim.md"), "w") as f:
+        f.write("\n\n".join(sections) + "\n")
 
 
 if __name__ == "__main__":

@@ -174,6 +174,9 @@ def main(argv):
     ids = jax.random.randint(jax.random.PRNGKey(0), (FLAGS.batch, FLAGS.seq), 0, config.vocab_size)
     params = model.init(jax.random.PRNGKey(0), ids)["params"]
     wanted = [s for s in FLAGS.only.split(",") if s]
+    unknown = sorted(set(wanted) - set(configs()))
+    if unknown:
+        raise app.UsageError(f"--only: no configuration named {unknown}; the configurations are {sorted(configs())}")
     rows = []
     for name, (method, with_dense) in configs().items():
         if wanted and name not in wanted:

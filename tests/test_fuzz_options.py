@@ -139,7 +139,8 @@ def test_alternative_budgets_never_override_each_other():
             jpeft.method(name, **cfg)
 
 
-SWEEP_LEAVES = [((16, 12), "float32"), ((5, 5), "float32"), ((16, 12), "bfloat16"), ((16, 12), "int32")]
+SWEEP_LEAVES = [((16, 12), "float32"), ((5, 5), "float32"), ((16, 12), "bfloat16"), ((16, 12), "int32"),
+                ((16, 12), "zero-column")]
 
 
 def _sweep_cases():
@@ -162,8 +163,12 @@ def test_every_conformance_config_on_every_leaf_kind(leaf):
 
 
 def _check_outcome(method, shape, dtype):
-    w = jax.random.normal(jax.random.PRNGKey(0), shape).astype(dtype) if dtype != "int32" \
-        else jnp.arange(np.prod(shape), dtype=jnp.int32).reshape(shape)
+    if dtype == "zero-column":   # a degenerate weight: a dead output unit (DoRA's 0/0 case)
+        w = jax.random.normal(jax.random.PRNGKey(0), shape).at[:, 3].set(0.0)
+    elif dtype == "int32":
+        w = jnp.arange(np.prod(shape), dtype=jnp.int32).reshape(shape)
+    else:
+        w = jax.random.normal(jax.random.PRNGKey(0), shape).astype(dtype)
     params = {"w": w}
     spec = jpeft.Spec({"w": method})
     try:

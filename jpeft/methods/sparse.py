@@ -698,7 +698,10 @@ class SMT(SparseMethod):
     def check(self, path, w):
         super().check(path, w)
         if w.shape[0] % self.block or w.shape[1] % self.block:
-            raise leaf_error(path, w.shape, w.dtype, f"smt needs both dimensions to be multiples of block={self.block}")
+            g = math.gcd(*w.shape)
+            raise leaf_error(path, w.shape, w.dtype, f"smt needs both dimensions to be multiples of block={self.block}; "
+                                                     f"set block to a divisor of gcd(in, out) = {g}, for every "
+                                                     f"targeted leaf")
 
     def block_scores(self, calib):
         """Kernel-layout `(n/b, m/b)` grid of `Σ |calib|` per block."""
