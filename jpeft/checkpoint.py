@@ -177,8 +177,10 @@ def _spec_checksum(spec_dict: dict) -> str:
 
 
 def _array_checksums(tree: Any) -> dict[str, str]:
+    """SHA-256 per array. Arrays this process cannot see whole (sharded over several processes)
+    are left out: their bytes are Orbax's per-process shards."""
     return {p: hashlib.sha256(np.ascontiguousarray(np.asarray(x)).tobytes()).hexdigest()
-            for p, x in leaves_with_paths(tree)}
+            for p, x in leaves_with_paths(tree) if getattr(x, "is_fully_addressable", True)}
 
 
 def _verify(where: str, meta: dict, spec_dict: dict, arrays: Any) -> None:
@@ -189,8 +191,11 @@ def _verify(where: str, meta: dict, spec_dict: dict, arrays: Any) -> None:
     if want is None:
         return
     got = _array_checksums(arrays)
-    for path in sorted(set(want) | set(got)):
-        if want.get(path) != got.get(path):
+    present = {p for p, _ in leaves_with_paths(arrays)}
+    for path in sorted(want):
+        if path not in present:
+            raise CheckpointError(f"{where}: array {path} is missing")
+        if path in got and want[path] != got[path]:
             raise CheckpointError(f"{where}: array {path} does not match its checksum (corrupted data files)")
 
 

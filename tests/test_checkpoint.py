@@ -3,6 +3,7 @@ resume (bit-identical), and the clear errors (DESIGN.md §7)."""
 
 import json
 import os
+import re
 
 import jax
 import jax.numpy as jnp
@@ -230,6 +231,13 @@ def test_byte_flips_in_arrays_or_spec_are_named(tmp_path):
     assert flipped
     with pytest.raises(CheckpointError, match="does not match its checksum|cannot be restored"):
         load_adapters(str(path), params)
+    save_adapters(str(tmp_path / "c"), tree, spec)
+    meta = json.loads((tmp_path / "c" / "jpeft.json").read_text())
+    first = sorted(meta["sha256"])[0]
+    meta["sha256"][first] = "0" * 64       # the arrays no longer match what was written
+    (tmp_path / "c" / "jpeft.json").write_text(json.dumps(meta))
+    with pytest.raises(CheckpointError, match=rf"array {re.escape(first)} does not match its checksum"):
+        load_adapters(str(tmp_path / "c"), params)
     save_adapters(str(tmp_path / "b"), tree, spec)
     meta = json.loads((tmp_path / "b" / "jpeft.json").read_text())
     meta["spec"]["rules"][0]["rank"] = 2
@@ -237,6 +245,9 @@ def test_byte_flips_in_arrays_or_spec_are_named(tmp_path):
     with pytest.raises(CheckpointError, match=r"jpeft.json: the spec does not match its checksum"):
         load_adapters(str(tmp_path / "b"), params)
     (tmp_path / "b" / "jpeft.json").write_text("[1, 2]")
+    with pytest.raises(CheckpointError, match=r"jpeft.json: corrupted"):
+        load_adapters(str(tmp_path / "b"), params)
+    (tmp_path / "b" / "jpeft.json").write_bytes(b'{"format": 1, "spec": \xff\xfe}')   # not UTF-8
     with pytest.raises(CheckpointError, match=r"jpeft.json: corrupted"):
         load_adapters(str(tmp_path / "b"), params)
 
