@@ -129,8 +129,8 @@ def _calib_for(method, path, leaf, calib_map):
 def check_fits(params: Any, spec: Spec) -> None:
     """Raise `SpecError` unless the adapter nodes of `params` are exactly what `spec` targets,
     each whole (not one half of a `split`) and with the arrays its method creates on its base:
-    every entry present, of the shape (`compact` may shrink components) and dtype kind (float /
-    integer) that `init` gives. The error names the first mismatching path and entry."""
+    every entry present, of the shape (`compact` may shrink components; inside `shard_map` a
+    per-device axis shows this device's share) and dtype kind (float / integer) that `init` gives. The error names the first mismatching path and entry."""
     pairs = leaves_with_paths(params, is_leaf=is_adapter)
     assignment = spec.resolve([p for p, _ in pairs])
     declared = spec.resolve_views([p for p, _ in pairs])
@@ -170,17 +170,23 @@ def check_node_arrays(path: str, node: Adapter, adapter_dtype=None) -> None:
     if expected is None:
         return
     may_shrink = getattr(node.method, "compact", None) is not None
+    per_device = node.method.per_device_leading
+    # A hook may move an entry between the parts (LaMDA freezes `b`): look each up in all three.
+    have = {**node.state, **node.frozen, **node.train}
     for part, entries in expected.items():
-        have = getattr(node, part)
         for key, (shape, kind) in entries.items():
             if key not in have:
+                if part != "train":
+                    continue   # buffers / state a hook or `compact` may drop (LaMDA's snapshots)
                 raise SpecError(f"{path}: {node.method.name} node has no {part}[{key!r}] (expected shape {shape})")
             got = jax.tree.leaves(have[key])
             if len(got) != 1:
                 continue   # a nested entry: its own method checks it
             g_shape, g_kind = tuple(np.shape(got[0])), _kind(got[0].dtype)
             fits = g_shape == shape or (may_shrink and len(g_shape) == len(shape)
-                                        and all(a <= b for a, b in zip(g_shape, shape)))
+                                        and all(a <= b for a, b in zip(g_shape, shape))) \
+                or (per_device and len(g_shape) == len(shape) and g_shape[1:] == shape[1:] and g_shape[0] >= 1
+                    and shape[0] % g_shape[0] == 0)
             if not fits or g_kind != kind:
                 raise SpecError(f"{path}: {part}[{key!r}] has shape {g_shape} and dtype {got[0].dtype}; "
                                 f"{node.method!r} on a base of shape {tuple(node.base.shape)} expects shape {shape} "

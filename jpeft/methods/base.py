@@ -48,6 +48,9 @@ class Method:
     adapts_matrix: ClassVar[bool] = True
     #: Whether nodes keep the frozen base (False: the whole leaf is trainable, as in `full`).
     has_base: ClassVar[bool] = True
+    #: Whether the node's arrays carry one slice per device on axis 0 (HD-PiSSA's frames): inside
+    #: `shard_map` each device sees its own share of that axis.
+    per_device_leading: ClassVar[bool] = False
     #: Whether `init` needs a calibration gradient (`jpeft.init(..., calib=grads)`).
     needs_calib: ClassVar[bool] = False
     #: Pure step hook `(nodes, moments, *, step, keys, grads) -> HookResult` over all the nodes

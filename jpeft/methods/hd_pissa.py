@@ -65,6 +65,7 @@ class HDPiSSA(Method):
 
     name = "hd_pissa"
     checkpoint_base = True  # the distributed step folds every update into the base
+    per_device_leading = True  # `a`, `b` (and frames) are `(devices, ...)`, sharded over the mesh axis
 
     rank: int = 16
     alpha: float = 16.0
