@@ -444,7 +444,7 @@ def _checkpoint(fun, *ck_args, **ck_kwargs):
     return wrapped
 
 
-def _riders(leaves, *, scanned: bool) -> dict[int, _Kernel]:
+def _riders(leaves, *, scanned: bool) -> dict[int, tuple[_Kernel, dict]]:
     """The registered kernels among `leaves` (by position) whose node can go along into a scan
     body (sliced along axis 0, which must be the next batch axis of its view) or a checkpointed
     function, each with what it carries in: its node without the base, its dropout key (split per
