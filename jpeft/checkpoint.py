@@ -183,10 +183,8 @@ def _array_checksums(tree: Any) -> dict[str, str]:
             for p, x in leaves_with_paths(tree) if getattr(x, "is_fully_addressable", True)}
 
 
-def _verify(where: str, meta: dict, spec_dict: dict, arrays: Any) -> None:
-    """The spec and every array match the checksums written with them."""
-    if meta.get("spec_sha256") is not None and meta["spec_sha256"] != _spec_checksum(spec_dict):
-        raise CheckpointError(f"{where}: the spec does not match its checksum (the file was modified or corrupted)")
+def _verify(where: str, meta: dict, arrays: Any) -> None:
+    """Every array matches the checksum written with it (the spec's is checked by `_saved_spec`)."""
     want = meta.get("sha256")
     if want is None:
         return
@@ -300,7 +298,7 @@ def load_adapters(directory: str, base_params: Any, spec: Spec | None = None) ->
     if spec is not None and spec != saved:
         raise CheckpointError(f"{directory}: the spec differs from the saved one: {spec_difference(spec, saved)}")
     arrays = _restore_arrays(os.path.join(os.path.abspath(directory), ARRAYS))
-    _verify(where, meta, meta["spec"], arrays)
+    _verify(where, meta, arrays)
     try:
         return restore_adapters(base_params, saved, arrays), saved
     except SpecError as e:
@@ -390,7 +388,7 @@ class TrainCheckpointer:
         except (ValueError, KeyError, FileNotFoundError, OSError) as e:
             raise CheckpointError(f"{folder}: cannot restore (empty, truncated or corrupted step folder?): "
                                   f"{str(e).splitlines()[0][:300]}") from e
-        _verify(os.path.join(folder, "state"), meta, meta["spec"], state)
+        _verify(os.path.join(folder, "state"), meta, state)
         return {"params": restore_adapters(base_params, spec, state["adapters"]), "spec": spec,
                 "opt_state": state["opt_state"], "step": meta["step"], "rng": state["rng"],
                 "data_state": meta["data_state"]}

@@ -130,7 +130,8 @@ def check_fits(params: Any, spec: Spec) -> None:
     """Raise `SpecError` unless the adapter nodes of `params` are exactly what `spec` targets,
     each whole (not one half of a `split`) and with the arrays its method creates on its base:
     every entry present, of the shape (`compact` may shrink components; inside `shard_map` a
-    per-device axis shows this device's share) and dtype kind (float / integer) that `init` gives. The error names the first mismatching path and entry."""
+    per-device axis shows this device's share) and dtype kind (float / integer) that `init`
+    gives. The error names the first mismatching path and entry."""
     pairs = leaves_with_paths(params, is_leaf=is_adapter)
     assignment = spec.resolve([p for p, _ in pairs])
     declared = spec.resolve_views([p for p, _ in pairs])
@@ -321,8 +322,7 @@ def _first_difference(a: Any, b: Any) -> str:
 def labels(params: Any) -> Any:
     """A tree shaped like `params` with `"train"` / `"freeze"` leaves, for `optax.multi_transform`."""
     trainable, frozen = split(params)
-    return jax.tree.map(lambda t, f: "freeze" if t is None else "train", trainable, frozen,
-                        is_leaf=lambda x: x is None)
+    return jax.tree.map(lambda t, f: "freeze" if t is None else "train", trainable, frozen, is_leaf=_is_hole)
 
 
 class ParamCount(NamedTuple):

@@ -90,8 +90,7 @@ def test_every_option_and_leaf_is_a_clear_error_or_a_valid_result(case):
     _check_types(method)
     hash(method)
     assert method_from_dict(method.to_dict()) == method
-    w = jax.random.normal(jax.random.PRNGKey(0), shape).astype(dtype) if dtype != "int32" \
-        else jnp.arange(np.prod(shape), dtype=jnp.int32).reshape(shape)
+    w = _leaf(shape, dtype)
     params = {"w": w, "bias": jnp.zeros((3,))}
     try:
         spec = jpeft.Spec({"w": method}, views=_views(shape) if method.adapts_matrix else None)
@@ -101,13 +100,7 @@ def test_every_option_and_leaf_is_a_clear_error_or_a_valid_result(case):
     except (jpeft.AdapterError, jpeft.SpecError) as e:
         assert "w" in str(e), str(e)
         return
-    applied = jpeft.apply(tree, spec)["w"]
-    merged = jpeft.merge(tree, spec)["w"]
-    assert applied.shape == w.shape and applied.dtype == w.dtype
-    assert bool(jnp.all(jnp.isfinite(applied.astype(jnp.float32)))), (method, "not finite")
-    np.testing.assert_allclose(np.asarray(applied, np.float32), np.asarray(merged, np.float32), rtol=1e-5, atol=1e-5)
-    if method.identity_at_init:
-        _assert_identity(method, tree["w"], w, applied)
+    _assert_valid_result(method, spec, tree, w)
 
 
 @pytest.mark.parametrize("bad, message", [
@@ -162,13 +155,18 @@ def test_every_conformance_config_on_every_leaf_kind(leaf):
     assert not bad, "\n".join(bad)
 
 
+def _leaf(shape, dtype):
+    """A test leaf: random (fp32 / bf16), an integer ramp, or random with a dead output unit
+    ("zero-column": DoRA's 0/0 case)."""
+    if dtype == "zero-column":
+        return jax.random.normal(jax.random.PRNGKey(0), shape).at[:, 3].set(0.0)
+    if dtype == "int32":
+        return jnp.arange(np.prod(shape), dtype=jnp.int32).reshape(shape)
+    return jax.random.normal(jax.random.PRNGKey(0), shape).astype(dtype)
+
+
 def _check_outcome(method, shape, dtype):
-    if dtype == "zero-column":   # a degenerate weight: a dead output unit (DoRA's 0/0 case)
-        w = jax.random.normal(jax.random.PRNGKey(0), shape).at[:, 3].set(0.0)
-    elif dtype == "int32":
-        w = jnp.arange(np.prod(shape), dtype=jnp.int32).reshape(shape)
-    else:
-        w = jax.random.normal(jax.random.PRNGKey(0), shape).astype(dtype)
+    w = _leaf(shape, dtype)
     params = {"w": w}
     spec = jpeft.Spec({"w": method})
     try:
@@ -177,10 +175,16 @@ def _check_outcome(method, shape, dtype):
     except (jpeft.AdapterError, jpeft.SpecError) as e:
         assert "w" in str(e), str(e)
         return
+    _assert_valid_result(method, spec, tree, w)
+
+
+def _assert_valid_result(method, spec, tree, w):
+    """`apply` keeps the leaf's shape and dtype, is finite, equals `merge`, and is the identity
+    at init where the config claims it."""
     applied = jpeft.apply(tree, spec)["w"]
     merged = jpeft.merge(tree, spec)["w"]
-    assert applied.shape == w.shape and applied.dtype == w.dtype, "shape/dtype changed"
-    assert bool(jnp.all(jnp.isfinite(applied.astype(jnp.float32)))), "not finite"
+    assert applied.shape == w.shape and applied.dtype == w.dtype, f"{method!r}: shape/dtype changed"
+    assert bool(jnp.all(jnp.isfinite(applied.astype(jnp.float32)))), f"{method!r}: not finite"
     np.testing.assert_allclose(np.asarray(applied, np.float32), np.asarray(merged, np.float32), rtol=1e-5, atol=1e-5)
     if method.identity_at_init:
         _assert_identity(method, tree["w"], w, applied)
