@@ -22,14 +22,17 @@ import time
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 import optax
 from absl import app, flags
 from tqdm import tqdm
 
 import jpeft
-from experiments import tasks
+import jpeft.distributed
+import jpeft.sharding
+from experiments import scale, tasks
 from experiments.runlog import RunLog
-from jpeft.checkpoint import TrainCheckpointer
+from jpeft.checkpoint import CheckpointError, TrainCheckpointer
 from jpeft.paths import leaves_with_paths
 from jpeft.registry import method_with_defaults
 from jpeft.registry import options as options_of
@@ -59,6 +62,11 @@ flags.DEFINE_integer("ckpt_every", 50, "steps between checkpoints")
 flags.DEFINE_bool("resume", False, "continue from the latest checkpoint in --ckpt_dir")
 flags.DEFINE_string("export_hf", "", "write the adapter in HuggingFace PEFT format to this folder")
 flags.DEFINE_integer("stop_at", 0, "stop after this step (0: --steps); the schedule still spans --steps")
+flags.DEFINE_string("mesh", "data=-1", "device mesh over every process's devices: sizes of the axes data, fsdp, "
+                    "tensor by name, e.g. data=2,fsdp=2 (-1: the remaining devices). --batch is split over "
+                    "data × fsdp (each process reads its own rows), the frozen weights are sharded over fsdp "
+                    "(FSDP) and tensor, adapters and optimizer state follow their base weights; "
+                    "--method=hd_pissa spreads its frames over data")
 flags.DEFINE_integer("seed", 0, "seed for the adapter init and the data order")
 flags.DEFINE_bool("allow_nonfinite", False, "keep training after a non-finite loss or gradient (default: stop "
                   "with an error); an adapter with non-finite values is never exported")
@@ -101,10 +109,11 @@ def load_model(name: str, num_labels: int | None = None):
     return Llama(config), params, tokenizer
 
 
-def method_from_flags() -> jpeft.Method:
+def method_from_flags(mesh=None) -> jpeft.Method:
     """The method config the flags ask for, validated before anything is loaded. `--rank` /
     `--alpha` set the method's option of that name only when given, and are an error for a method
-    without it; `--steps` fills `total_step` (AdaLoRA's schedule) unless the options set it."""
+    without it; `--steps` fills `total_step` (AdaLoRA's schedule) and the mesh's `data` size fills
+    `devices` (HD-PiSSA) unless the options set them."""
     if FLAGS.method not in jpeft.methods():
         raise app.UsageError(f"--method={FLAGS.method!r}: unknown; known methods: {', '.join(jpeft.methods())}")
     options = FLAGS.method_options
@@ -128,10 +137,20 @@ def method_from_flags() -> jpeft.Method:
         if flag in extra and extra[flag] != value:
             raise app.UsageError(f"--{flag}={value} and --method_options {flag}={extra[flag]!r} disagree; set it once")
         extra[flag] = value
+    defaults = {"total_step": FLAGS.steps, **({"devices": mesh.shape["data"]} if mesh is not None else {})}
     try:
-        return method_with_defaults(FLAGS.method, {"total_step": FLAGS.steps}, **extra)
+        method = method_with_defaults(FLAGS.method, defaults, **extra)
     except jpeft.SpecError as e:
         raise app.UsageError(f"--method={FLAGS.method} --method_options: {e}") from e
+    if mesh is not None and method.per_device_leading:  # HD-PiSSA: one slice of frames per data device
+        if method.devices != mesh.shape["data"]:
+            raise app.UsageError(f"--method_options devices={method.devices}: --method={FLAGS.method} spreads its "
+                                 f"frames over the mesh's data axis, which has {mesh.shape['data']} devices "
+                                 f"(--mesh={scale.describe(mesh)})")
+        if mesh.shape["fsdp"] * mesh.shape["tensor"] > 1:
+            raise app.UsageError(f"--mesh={scale.describe(mesh)}: --method={FLAGS.method} runs on the data axis "
+                                 "only (fsdp=1, tensor=1)")
+    return method
 
 
 def optimizer(name: str, learning_rate: float, steps: int) -> optax.GradientTransformation:
@@ -145,8 +164,14 @@ def optimizer(name: str, learning_rate: float, steps: int) -> optax.GradientTran
 
 
 def train() -> dict:
-    """One run as the flags describe it; returns the evaluations, final parameters, spec and figures."""
-    method = method_from_flags()   # before any model or data is loaded
+    """One run as the flags describe it; returns the evaluations, final parameters, spec and figures.
+    Every process of a multi-process job runs it (see `experiments.scale`)."""
+    mesh = scale.make_mesh(scale.parse_mesh(FLAGS.mesh))  # flags first: nothing is loaded before they check out
+    layout = scale.Layout(mesh)
+    layout.check(FLAGS.batch, "--batch")
+    method = method_from_flags(mesh)
+    writer = scale.is_writer()
+    say = print if writer else (lambda *args: None)
     task = tasks.TASKS[FLAGS.task]
     classifier = FLAGS.model == "minilm"
     if classifier != (task.kind == "classify"):
@@ -156,6 +181,32 @@ def train() -> dict:
     if classifier and FLAGS.export_hf:
         raise ValueError("--export_hf: HF export covers the LM models (smollm2_135m, tiny), not minilm's "
                          "adapters + fully trained head")
+    rules = {FLAGS.target or TARGETS[FLAGS.model]: method}
+    if classifier:
+        rules[HEAD] = jpeft.Full()
+    spec = jpeft.Spec(rules)
+    if FLAGS.export_hf:
+        from jpeft.interop.hf import check_exportable
+
+        try:
+            check_exportable(spec)
+        except jpeft.SpecError as e:
+            raise app.UsageError(f"--export_hf with --method={FLAGS.method}: {e}") from e
+    ckpt = TrainCheckpointer(FLAGS.ckpt_dir) if FLAGS.ckpt_dir else None
+    try:
+        return _train(mesh, layout, spec, task, classifier, ckpt, writer, say)
+    finally:
+        if ckpt:
+            ckpt.close()
+
+
+def _train(mesh, layout, spec, task, classifier, ckpt, writer, say) -> dict:
+    resume = ckpt.latest_step() if ckpt and FLAGS.resume else None
+    if resume is not None:
+        try:
+            ckpt.check_spec(spec, resume)  # before the model loads
+        except CheckpointError as e:
+            raise app.UsageError(f"--resume --ckpt_dir={FLAGS.ckpt_dir}: {e}") from e
     max_len = FLAGS.max_len or {"smollm2_135m": 48, "tiny": 128, "minilm": 128}[FLAGS.model]
     num_labels = None
     if classifier:
@@ -163,93 +214,122 @@ def train() -> dict:
 
         num_labels = source.prepared(task.builder, FLAGS.data_dir).info.features["label"].num_classes
     model, base, tokenizer = load_model(FLAGS.model, num_labels)
-    rules = {FLAGS.target or TARGETS[FLAGS.model]: method}
-    if classifier:
-        rules[HEAD] = jpeft.Full()
-    spec = jpeft.Spec(rules)
-    train_ds = tasks.batches(task, tokenizer, FLAGS.data_dir, "train", FLAGS.batch, max_len, FLAGS.seed)
+    train_ds = tasks.batches(task, tokenizer, FLAGS.data_dir, "train", FLAGS.batch, max_len, FLAGS.seed,
+                             rows=layout.rows(FLAGS.batch))  # this process's rows of every batch
     calib = None
     if any(m.needs_calib for _, m in spec.rules):  # e.g. LoRA-GA: the base model's gradient on one batch
-        first = {k: jnp.asarray(v) for k, v in train_ds[0].items()}
+        # (the whole first batch, on every process: it is one batch, once)
+        full = tasks.batches(task, tokenizer, FLAGS.data_dir, "train", FLAGS.batch, max_len, FLAGS.seed)[0]
+        first = {k: jnp.asarray(v) for k, v in full.items()}
         calib = jax.grad(lambda p: tasks.loss(task, model.apply({"params": p}, *tasks.model_inputs(task, first)),
                                               first))(base)
     params = jpeft.init(jax.random.PRNGKey(FLAGS.seed), base, spec, calib=calib)
-    print(f"{FLAGS.model} + {spec.rules[0][1]!r}\nparameters: {jpeft.count(params)}")
+    say(f"{FLAGS.model} + {spec.rules[0][1]!r}\nparameters: {jpeft.count(params)}\n"
+        f"mesh: {scale.describe(mesh)} over {jax.process_count()} process(es)")
+
+    per_device = any(m.per_device_leading for _, m in spec.rules)  # HD-PiSSA: frames split over `data`
+    if per_device:
+        shardings = jpeft.distributed.hd_pissa_shardings(params, mesh, axis="data")
+    else:
+        base_specs = jpeft.sharding.fsdp_specs(base, mesh, "fsdp", tensor="tensor")
+        shardings = jpeft.sharding.adapter_shardings(params, base_specs, mesh)
+    train_sh, frozen_sh = jpeft.split(shardings)
+    trainable, frozen = scale.put(jpeft.split(params), (train_sh, frozen_sh))
+    del params
+    tx = optimizer(FLAGS.optimizer, FLAGS.learning_rate, FLAGS.steps)
+    opt_sh = jpeft.sharding.opt_state_shardings(jax.eval_shape(tx.init, trainable), train_sh, mesh)
+    opt_state = jax.jit(tx.init, out_shardings=opt_sh)(trainable)
+    rep = scale.replicated(mesh)
+    start, rng, data_it = 0, np.asarray(jax.random.PRNGKey(FLAGS.seed)), iter(train_ds)
+    if resume is not None:  # restored replicated on this mesh, then moved to the training shardings
+        state = ckpt.restore(base, opt_state, step=resume, spec=spec, sharding=rep)
+        trainable, frozen = scale.put(jpeft.split(state["params"]), (train_sh, frozen_sh))
+        opt_state = scale.reshard(state["opt_state"], opt_sh)
+        start, rng = state["step"], np.asarray(state["rng"])
+        data_it.set_state(state["data_state"])
+        say(f"resumed from step {start}")
 
     run = jpeft.factored(model.apply, spec)
-    tx = optimizer(FLAGS.optimizer, FLAGS.learning_rate, FLAGS.steps)
-    trainable, frozen = jpeft.split(params)
-    opt_state, start, rng, data_it = tx.init(trainable), 0, jax.random.PRNGKey(FLAGS.seed), iter(train_ds)
-    ckpt = TrainCheckpointer(FLAGS.ckpt_dir) if FLAGS.ckpt_dir else None
-    if ckpt and FLAGS.resume and ckpt.latest_step() is not None:
-        state = ckpt.restore(base, opt_state, spec=spec)
-        trainable, frozen = jpeft.split(state["params"])
-        opt_state, start, rng = state["opt_state"], state["step"], state["rng"]
-        data_it.set_state(state["data_state"])
-        print(f"resumed from step {start}")
+
+    def loss_of(params, batch):
+        return tasks.loss(task, run({"params": params}, *tasks.model_inputs(task, batch)), batch)
+
+    if per_device:
+        hd_step = jpeft.distributed.hd_pissa_step(loss_of, tx, mesh, axis="data", jit=False)
+
+        def step(trainable, frozen, opt_state, batch, count, key):
+            params, opt_state, loss = hd_step(jpeft.combine(trainable, frozen), opt_state, batch)
+            return (*jpeft.split(params), opt_state, {"loss": loss})
+    else:
+        def step(trainable, frozen, opt_state, batch, count, key):
+            loss, grads = jax.value_and_grad(lambda t: loss_of(jpeft.combine(t, frozen), batch))(trainable)
+            updates, opt_state = tx.update(grads, opt_state, trainable)
+            params, opt_state = jpeft.after_step(jpeft.combine(optax.apply_updates(trainable, updates), frozen),
+                                                 opt_state, spec, step=count, key=key, grads=grads)
+            return (*jpeft.split(params), opt_state, {"loss": loss, "grad_norm": optax.global_norm(grads)})
+
+    # One executable with explicit shardings; the state is donated (updated in place).
+    step = jax.jit(step, in_shardings=(train_sh, frozen_sh, opt_sh, layout.sharding, rep, rep),
+                   out_shardings=(train_sh, frozen_sh, opt_sh, rep), donate_argnums=(0, 1, 2))
+    scalar = lambda x: scale.put(np.asarray(x), rep)  # noqa: E731  (the same on every process)
+    compiled = step.lower(trainable, frozen, opt_state, layout.put(train_ds[0]), scalar(np.int32(1)),
+                          scalar(rng)).compile()
+    memory = compiled.memory_analysis()
+    peak_mb = (memory.argument_size_in_bytes + memory.temp_size_in_bytes) / 2 ** 20
 
     def evaluate(trainable, frozen, which):
-        logits = lambda *inputs: run({"params": jpeft.combine(trainable, frozen)}, *inputs)  # noqa: E731
-        out = {task.metric: tasks.evaluate(task, logits, tokenizer, FLAGS.data_dir, FLAGS.eval_count, 16,
-                                           max_len)["metric"]}
+        params = jpeft.combine(trainable, frozen)
+        logits = lambda p, *inputs: run({"params": p}, *inputs)  # noqa: E731
+        out = {task.metric: tasks.evaluate(task, logits, params, tokenizer, FLAGS.data_dir, FLAGS.eval_count, 16,
+                                           max_len, layout)["metric"]}
         if FLAGS.forgetting and task.name != "shakespeare" and not classifier:  # the probe is an LM's
             lm = tasks.TASKS["shakespeare"]
-            out["shakespeare_perplexity"] = tasks.evaluate(lm, logits, tokenizer, FLAGS.data_dir, 32, 16, 128)["metric"]
-        print(f"{which}: " + ", ".join(f"{k} {v:.4f}" for k, v in out.items()))
+            out["shakespeare_perplexity"] = tasks.evaluate(lm, logits, params, tokenizer, FLAGS.data_dir, 32, 16, 128,
+                                                           layout)["metric"]
+        say(f"{which}: " + ", ".join(f"{k} {v:.4f}" for k, v in out.items()))
         return out
 
-    @jax.jit
-    def step(trainable, frozen, opt_state, batch, count, key):
-        loss, grads = jax.value_and_grad(
-            lambda t: tasks.loss(task, run({"params": jpeft.combine(t, frozen)}, *tasks.model_inputs(task, batch)),
-                                 batch))(trainable)
-        updates, opt_state = tx.update(grads, opt_state, trainable)
-        params, opt_state = jpeft.after_step(jpeft.combine(optax.apply_updates(trainable, updates), frozen),
-                                             opt_state, spec, step=count, key=key, grads=grads)
-        return (*jpeft.split(params), opt_state, loss, optax.global_norm(grads))
-
-    batch0 = {k: jnp.asarray(v) for k, v in train_ds[0].items()}
-    memory = step.lower(trainable, frozen, opt_state, batch0, 1, rng).compile().memory_analysis()
-    peak_mb = (memory.argument_size_in_bytes + memory.temp_size_in_bytes) / 2 ** 20
-    log = RunLog(FLAGS.out_dir)
+    log = RunLog(FLAGS.out_dir, enabled=writer)
     stop, seconds = FLAGS.stop_at or FLAGS.steps, []
     try:
         before = evaluate(trainable, frozen, "before")
         log.log(start, **{f"eval_{k}": v for k, v in before.items()})
-        for i in (bar := tqdm(range(start, stop), desc="fine-tuning", initial=start, total=stop)):
-            rng, key = jax.random.split(rng)
-            batch = {k: jnp.asarray(v) for k, v in next(data_it).items()}
+        bar = tqdm(range(start, stop), desc="fine-tuning", initial=start, total=stop, disable=not writer)
+        for i in bar:
+            rng, key = np.asarray(jax.random.split(rng))
+            batch = layout.put(next(data_it))
             t0 = time.perf_counter()
-            trainable, frozen, opt_state, loss, grad_norm = step(trainable, frozen, opt_state, batch, i + 1, key)
-            loss, grad_norm = float(loss), float(grad_norm)
-            bar.set_postfix(loss=f"{loss:.3f}")
+            trainable, frozen, opt_state, metrics = compiled(trainable, frozen, opt_state, batch,
+                                                             scalar(np.int32(i + 1)), scalar(key))
+            metrics = {k: float(v) for k, v in metrics.items()}
+            bar.set_postfix(loss=f"{metrics['loss']:.3f}")
             seconds.append(time.perf_counter() - t0)
-            log.log(i + 1, loss=loss, grad_norm=grad_norm)
-            if not (math.isfinite(loss) and math.isfinite(grad_norm)):
-                message = (f"step {i + 1}: non-finite loss ({loss}) or gradient norm ({grad_norm}); check the "
-                           f"data, the base weights and --learning_rate={FLAGS.learning_rate}")
+            log.log(i + 1, **metrics)
+            if not all(math.isfinite(v) for v in metrics.values()):
+                message = (f"step {i + 1}: non-finite " + ", ".join(f"{k} ({v})" for k, v in metrics.items()) +
+                           f"; check the data, the base weights and --learning_rate={FLAGS.learning_rate}")
                 if not FLAGS.allow_nonfinite:
                     raise FloatingPointError(f"{message}. Stopped (--allow_nonfinite continues); nothing exported")
-                print(f"warning: {message}; continuing (--allow_nonfinite)")
-            if ckpt and ((i + 1) % FLAGS.ckpt_every == 0 or i + 1 == stop):
+                say(f"warning: {message}; continuing (--allow_nonfinite)")
+            if ckpt and ((i + 1) % FLAGS.ckpt_every == 0 or i + 1 == stop):  # every process saves its shards
                 ckpt.save(i + 1, params=jpeft.combine(trainable, frozen), spec=spec, opt_state=opt_state, rng=rng,
                           data_state=data_it.get_state())
         after = evaluate(trainable, frozen, "after")
         log.log(stop, **{f"eval_{k}": v for k, v in after.items()})
     finally:
         log.close()
-        if ckpt:
-            ckpt.close()
     if FLAGS.export_hf:
-        bad = [p for p, x in leaves_with_paths(trainable) if not bool(jnp.all(jnp.isfinite(x)))]
+        host = scale.host_params(jpeft.combine(trainable, frozen), base)  # every process takes part
+        bad = [p for p, x in leaves_with_paths(jpeft.split(host)[0]) if not np.all(np.isfinite(x))]
         if bad:
             raise FloatingPointError(f"--export_hf: the adapters have non-finite values ({bad[:3]}); not exported")
-        from jpeft.interop.hf import default_module_path, export_peft
+        if writer:
+            from jpeft.interop.hf import default_module_path, export_peft
 
-        export_peft(FLAGS.export_hf, jpeft.combine(trainable, frozen), spec, overwrite=True,
-                    module_path=lambda p: "model." + default_module_path(p), task_type="CAUSAL_LM")
+            export_peft(FLAGS.export_hf, host, spec, overwrite=True,
+                        module_path=lambda p: "model." + default_module_path(p), task_type="CAUSAL_LM")
     return {"before": before, "after": after, "params": jpeft.combine(trainable, frozen), "spec": spec,
-            "trainable": jpeft.count(params).trainable, "peak_mb": peak_mb,
+            "trainable": jpeft.count(jpeft.combine(trainable, frozen)).trainable, "peak_mb": peak_mb,
             "step_s": statistics.median(seconds[1:] or seconds or [float("nan")])}
 
 

@@ -18,17 +18,22 @@ class RunLog:
     """`log(step, name=value, ...)` appends to `metrics.csv` and the event file in `directory`;
     `close()` writes `curves.png` (one panel per metric). The CSV is rewritten as the run goes (at
     most once every `flush_s` seconds, atomically) and at `close`, so a killed run keeps its
-    metrics up to its last seconds."""
+    metrics up to its last seconds. `enabled=False` (every process but the writer of a
+    multi-process run) creates and writes nothing."""
 
-    def __init__(self, directory: str, flush_s: float = 1.0):
-        os.makedirs(directory, exist_ok=True)
+    def __init__(self, directory: str, flush_s: float = 1.0, enabled: bool = True):
+        self.enabled = enabled
         self.directory = directory
         self.rows: list[dict] = []
-        self.writer = SummaryWriter(os.path.join(directory, "tb"))
         self.flush_s = flush_s
         self._flushed = 0.0
+        if enabled:
+            os.makedirs(directory, exist_ok=True)
+            self.writer = SummaryWriter(os.path.join(directory, "tb"))
 
     def log(self, step: int, **metrics: float) -> None:
+        if not self.enabled:
+            return
         row = {"step": int(step), **{k: float(v) for k, v in metrics.items()}}
         self.rows.append(row)
         for name, value in metrics.items():
@@ -48,6 +53,8 @@ class RunLog:
         self._flushed = time.monotonic()
 
     def close(self) -> None:
+        if not self.enabled:
+            return
         self.write_csv()
         self.writer.close()
         names = sorted({k for r in self.rows for k in r} - {"step"})

@@ -82,11 +82,19 @@ def loss(task: Task, logits: jax.Array, batch: dict) -> jax.Array:
 
 
 def batches(task: Task, tokenizer, data_dir: str, split: str, batch: int, max_len: int, seed: int = 0,
-            repeat: bool = True) -> grain.MapDataset:
+            repeat: bool = True, rows: tuple[int, int] | None = None) -> grain.MapDataset:
+    """Batches of `batch` encoded examples (shuffled and repeated for training). `rows=(start,
+    stop)`: only those rows of every batch (a process's share in a multi-process run): the process
+    reads and encodes only its own examples."""
     ds = source.dataset(task.builder, data_dir, split)
     if repeat:
         ds = ds.shuffle(seed=seed).repeat()
-    return ds.map(lambda ex: task.encode(tokenizer, ex, max_len)).batch(batch)
+    ds = ds.map(lambda ex: task.encode(tokenizer, ex, max_len))
+    start, stop = rows or (0, batch)
+    size = stop - start
+    if not (0 <= start < stop <= batch) or start % size or batch % size:
+        raise ValueError(f"rows={rows}: expected a block of equal-sized blocks of a batch of {batch}")
+    return ds.batch(size)[start // size::batch // size]
 
 
 def token_losses(logits: jax.Array, ids: jax.Array) -> jax.Array:
@@ -99,39 +107,59 @@ def masked_loss(logits: jax.Array, batch: dict) -> jax.Array:
     return jnp.sum(token_losses(logits, batch["ids"]) * mask) / jnp.maximum(jnp.sum(mask), 1.0)
 
 
+def _valid(batch: dict, n: int) -> jax.Array:
+    """Per-row weights: `batch["valid"]` (0 for the padding rows of a last batch), else ones."""
+    return batch["valid"] if "valid" in batch else jnp.ones((n,), jnp.float32)
+
+
 def batch_metrics(logits: jax.Array, batch: dict) -> dict:
     """Sums over the batch: masked loss, predicted tokens, and exactly-right sequences."""
-    mask = batch["mask"][:, 1:]
+    valid = _valid(batch, logits.shape[0])
+    mask = batch["mask"][:, 1:] * valid[:, None]
     right = (jnp.argmax(logits[:, :-1], -1) == batch["ids"][:, 1:]) | (mask == 0)
     return {"loss_sum": jnp.sum(token_losses(logits, batch["ids"]) * mask), "tokens": jnp.sum(mask),
-            "exact": jnp.sum(jnp.all(right, axis=1)), "sequences": jnp.asarray(mask.shape[0], jnp.float32)}
+            "exact": jnp.sum(jnp.all(right, axis=1) * valid), "sequences": jnp.sum(valid)}
 
 
 def class_metrics(logits: jax.Array, batch: dict) -> dict:
     """Sums over the batch for a classifier: cross-entropy and right predictions (argmax)."""
+    valid = _valid(batch, logits.shape[0])
     losses = optax.softmax_cross_entropy_with_integer_labels(logits, batch["label"])
-    n = jnp.asarray(logits.shape[0], jnp.float32)
-    return {"loss_sum": jnp.sum(losses), "tokens": n, "exact": jnp.sum(jnp.argmax(logits, -1) == batch["label"]),
-            "sequences": n}
+    return {"loss_sum": jnp.sum(losses * valid), "tokens": jnp.sum(valid),
+            "exact": jnp.sum((jnp.argmax(logits, -1) == batch["label"]) * valid), "sequences": jnp.sum(valid)}
 
 
-def evaluate(task: Task, logits_fn, tokenizer, data_dir: str, count: int, batch: int, max_len: int) -> dict:
-    """The task metric on the first `count` test examples (`logits_fn(*model_inputs(task, batch)) ->
-    logits`, jitted): exactly `count` (a smaller last batch is sliced: one more compile)."""
-    batch = max(1, min(batch, count))
-    ds = batches(task, tokenizer, data_dir, "test", batch, max_len, repeat=False)
-    totals: dict[str, float] = {}
-    seen = 0
+def evaluate(task: Task, logits_fn, params, tokenizer, data_dir: str, count: int, batch: int, max_len: int,
+             layout=None) -> dict:
+    """The task metric on exactly the first `count` test examples, `logits_fn(params,
+    *model_inputs(task, batch)) -> logits` (jitted here). The last batch is padded with zero-weight
+    rows (one compile). `layout` (`experiments.scale.Layout`) spreads each batch over a mesh: the
+    batch is rounded up to a multiple of its shards, each process reads only its rows, and the
+    sums come back reduced over all devices (every example evaluated once)."""
+    shards = layout.shards if layout else 1
+    batch = -(-max(1, min(batch, count)) // shards) * shards
+    rows = layout.rows(batch) if layout else (0, batch)
+    ds = batches(task, tokenizer, data_dir, "test", batch, max_len, repeat=False, rows=rows)
+    available = len(source.dataset(task.builder, data_dir, "test"))
+    if count > available:
+        raise ValueError(f"{task.name}: {count} test examples asked, the test split has {available}")
     per_batch = class_metrics if task.kind == "classify" else batch_metrics
-    metrics_fn = jax.jit(lambda b: per_batch(logits_fn(*model_inputs(task, b)), b))
-    for b in ds:
-        if seen >= count:
-            break
-        if seen + len(b["ids"]) > count:
-            b = {k: v[:count - seen] for k, v in b.items()}
-        for k, v in metrics_fn(b).items():
+    metrics_fn = jax.jit(lambda p, b: per_batch(logits_fn(p, *model_inputs(task, b)), b))
+    totals: dict[str, float] = {}
+    size = rows[1] - rows[0]
+    for i in range(-(-count // batch)):
+        local = dict(ds[i]) if i < len(ds) else {}
+        real = len(local["ids"]) if local else 0
+        if real < size:  # past the end of the split: zero rows (weight 0)
+            like = dict(ds[0])
+            local = {k: np.concatenate([local[k][:real] if local else v[:0], np.zeros((size - real, *v.shape[1:]),
+                                                                                       v.dtype)])
+                     for k, v in like.items()}
+        index = i * batch + rows[0] + np.arange(size)
+        local["valid"] = ((index < count) & (np.arange(size) < real)).astype(np.float32)
+        placed = layout.put(local) if layout else {k: jnp.asarray(v) for k, v in local.items()}
+        for k, v in metrics_fn(params, placed).items():
             totals[k] = totals.get(k, 0.0) + float(v)
-        seen += len(b["ids"])
     loss = totals["loss_sum"] / max(totals["tokens"], 1.0)
     out = {"loss": loss, "perplexity": float(np.exp(loss)), "accuracy": totals["exact"] / totals["sequences"]}
     return {"metric": out[task.metric], **out}

@@ -306,6 +306,14 @@ def load_adapters(directory: str, base_params: Any, spec: Spec | None = None) ->
 
 
 # ----------------------------------------------------------------------------- training state
+def _matching_spec(folder: str, meta: dict, spec: Spec | None) -> Spec:
+    """The spec saved in a step's `meta`; with `spec`, an error naming the first difference."""
+    saved = _saved_spec(os.path.join(folder, "meta", "metadata"), meta)
+    if spec is not None and spec != saved:
+        raise CheckpointError(f"{folder}: the run's spec differs from the checkpoint's: {spec_difference(spec, saved)}")
+    return saved
+
+
 class TrainCheckpointer:
     """Full training state under `directory/<step>` with `ocp.CheckpointManager`.
 
@@ -359,31 +367,43 @@ class TrainCheckpointer:
         except (OSError, ValueError):
             return False
 
-    def restore(self, base_params: Any, opt_state_like: Any, step: int | None = None,
-                spec: Spec | None = None) -> dict[str, Any]:
-        """`{"params", "spec", "opt_state", "step", "rng", "data_state"}` of `step` (default: the
-        latest complete one); `rng` comes back as raw `uint32[2]` key data (a `jax.random.PRNGKey`).
-        With `spec`, a run resumed with other options is an error naming the differing option."""
+    def _meta(self, step: int | None) -> tuple[int, str, dict]:
         step = self.latest_step() if step is None else step
         if step is None:
             raise CheckpointError(f"{self.directory}: no checkpoint to restore")
         folder = os.path.join(self.directory, str(step))
-        where = os.path.join(folder, "meta", "metadata")
         try:
             meta = self.manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))["meta"]
         except (ValueError, KeyError, FileNotFoundError, OSError) as e:
             raise CheckpointError(f"{folder}: cannot restore (empty, truncated or corrupted step folder?): "
                                   f"{str(e).splitlines()[0][:300]}") from e
         if not isinstance(meta, dict):
-            raise CheckpointError(f"{where}: corrupted (not a JSON object)")
-        saved = _saved_spec(where, meta)
-        if spec is not None and spec != saved:
-            raise CheckpointError(f"{folder}: the run's spec differs from the checkpoint's: {spec_difference(spec, saved)}")
+            raise CheckpointError(f"{os.path.join(folder, 'meta', 'metadata')}: corrupted (not a JSON object)")
+        return step, folder, meta
+
+    def check_spec(self, spec: Spec, step: int | None = None) -> Spec:
+        """The spec saved at `step` (default: the latest complete one); an error naming the
+        differing option when it is not `spec`. Reads only the metadata: call it before loading
+        anything else."""
+        _, folder, meta = self._meta(step)
+        return _matching_spec(folder, meta, spec)
+
+    def restore(self, base_params: Any, opt_state_like: Any, step: int | None = None,
+                spec: Spec | None = None, sharding: jax.sharding.Sharding | None = None) -> dict[str, Any]:
+        """`{"params", "spec", "opt_state", "step", "rng", "data_state"}` of `step` (default: the
+        latest complete one); `rng` comes back as raw `uint32[2]` key data (a `jax.random.PRNGKey`).
+        With `spec`, a run resumed with other options is an error naming the differing option.
+        `sharding` (e.g. replicated on the run's mesh) is where every restored array is placed:
+        a checkpoint written by any number of processes restores on any mesh; move the arrays to
+        their training shardings afterwards."""
+        step, folder, meta = self._meta(step)
+        saved = _matching_spec(folder, meta, spec)
+        like = lambda t: jax.tree.map(lambda x: jax.ShapeDtypeStruct(np.shape(x), x.dtype, sharding=sharding), t)  # noqa: E731
         try:
             spec = saved
-            template = {"adapters": adapter_arrays(jax.eval_shape(
+            template = like({"adapters": adapter_arrays(jax.eval_shape(
                 lambda: init(jax.random.PRNGKey(0), base_params, spec, calib=_zeros_calib(base_params)))),
-                "opt_state": jax.eval_shape(lambda: opt_state_like), "rng": jax.ShapeDtypeStruct((2,), np.uint32)}
+                "opt_state": jax.eval_shape(lambda: opt_state_like), "rng": jax.ShapeDtypeStruct((2,), np.uint32)})
             state = self.manager.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore(template)))["state"]
         except (ValueError, KeyError, FileNotFoundError, OSError) as e:
             raise CheckpointError(f"{folder}: cannot restore (empty, truncated or corrupted step folder?): "

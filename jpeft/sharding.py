@@ -273,6 +273,37 @@ def opt_state_shardings(opt_state: Any, trainable_shardings: Any, mesh: Mesh) ->
                                                   for x in leaves])
 
 
+def fsdp_specs(base: Any, mesh: Mesh, axis: str = "fsdp", *, tensor: str | None = None,
+               min_size: int = 4096) -> Any:
+    """Base shardings for fully sharded data parallelism (FSDP / ZeRO-3), optionally with tensor
+    parallelism: a tree shaped like the plain `base` parameters of `PartitionSpec`s. An array of
+    at least `min_size` elements has its largest dimension that the size of mesh axis `axis`
+    divides split over `axis`, and with `tensor` its largest other dimension that axis divides
+    split over `tensor`; smaller arrays (norm scales, biases) and axes of size 1 stay replicated.
+    Pass it as `base` to `partition_specs` / `adapter_shardings` / `split_shardings`: the adapters
+    then follow it."""
+    for name in (axis, tensor):
+        if name is not None and name not in mesh.shape:
+            raise ValueError(f"fsdp_specs: the mesh has no axis {name!r}; its axes are {tuple(mesh.shape)}")
+
+    def one(leaf):
+        shape = tuple(np.shape(leaf))
+        entries: list = [None] * len(shape)
+        if math.prod(shape) < min_size:
+            return P()
+        for name in (axis, tensor):
+            if name is None or mesh.shape[name] == 1:
+                continue
+            free = [i for i in range(len(shape)) if entries[i] is None and shape[i] % mesh.shape[name] == 0]
+            if free:
+                entries[max(free, key=lambda i: shape[i])] = name
+        while entries and entries[-1] is None:
+            entries.pop()
+        return P(*entries)
+
+    return jax.tree.map(one, base)
+
+
 def replicated(tree: Any, mesh: Mesh) -> Any:
     """A fully replicated `NamedSharding` for every leaf of `tree`."""
     return jax.tree.map(lambda _: NamedSharding(mesh, P()), tree)

@@ -98,6 +98,18 @@ def _peft_config(method: LoRA, rank: int, targets: list[str], base_model: str, t
     }
 
 
+def _exported_method(methods: set) -> LoRA:
+    if len(methods) != 1 or type(next(iter(methods))) not in (LoRA, DoRA):
+        raise SpecError(f"HF PEFT export needs one LoRA or DoRA config on every adapted leaf; got "
+                        f"{sorted({m.name for m in methods})} with {len(methods)} distinct configs")
+    return next(iter(methods))
+
+
+def check_exportable(spec: Spec) -> None:
+    """The `SpecError` `export_peft` would raise for `spec`'s methods, before any training."""
+    _exported_method({m for _, m in spec.rules})
+
+
 def export_peft(directory: str, params: Any, spec: Spec, *, module_path: Callable[[str], str] = default_module_path,
                 slice_path: Callable[[str, tuple[int, ...]], str] = default_slice_path,
                 base_model_name_or_path: str | None = None, task_type: str | None = None,
@@ -107,11 +119,7 @@ def export_peft(directory: str, params: Any, spec: Spec, *, module_path: Callabl
     slice, named `module_path(slice_path(path, index))`."""
     check_fits(params, spec)
     nodes = [(p, n) for p, n in leaves_with_paths(params, is_leaf=is_adapter) if isinstance(n, Adapter)]
-    methods = {n.method for _, n in nodes}
-    if len(methods) != 1 or not isinstance(next(iter(methods)), LoRA) or type(next(iter(methods))) not in (LoRA, DoRA):
-        raise SpecError(f"HF PEFT export needs one LoRA or DoRA config on every adapted leaf; got "
-                        f"{sorted({m.name for m in methods})} with {len(methods)} distinct configs")
-    method = next(iter(methods))
+    method = _exported_method({n.method for _, n in nodes})
     tensors, ranks, targets = {}, set(), []
     for path, node in nodes:
         for module, a, b, m in _modules(path, node, module_path, slice_path):
