@@ -28,8 +28,6 @@ from absl import app, flags
 from tqdm import tqdm
 
 import jpeft
-import jpeft.distributed
-import jpeft.sharding
 from experiments import scale, tasks
 from experiments.runlog import RunLog
 from jpeft.checkpoint import CheckpointError, TrainCheckpointer
@@ -208,11 +206,12 @@ def _train(mesh, layout, spec, task, classifier, ckpt, writer, say) -> dict:
         except CheckpointError as e:
             raise app.UsageError(f"--resume --ckpt_dir={FLAGS.ckpt_dir}: {e}") from e
     max_len = FLAGS.max_len or {"smollm2_135m": 48, "tiny": 128, "minilm": 128}[FLAGS.model]
-    num_labels = None
-    if classifier:
-        from experiments.data import source
+    from experiments.data import source
 
-        num_labels = source.prepared(task.builder, FLAGS.data_dir).info.features["label"].num_classes
+    probe = FLAGS.forgetting and task.name != "shakespeare" and not classifier  # the probe is an LM's
+    builders = [task.builder] + ([tasks.TASKS["shakespeare"].builder] if probe else [])
+    info = scale.process_0_first(lambda: [source.prepared(b, FLAGS.data_dir).info for b in builders])[0]
+    num_labels = info.features["label"].num_classes if classifier else None
     model, base, tokenizer = load_model(FLAGS.model, num_labels)
     train_ds = tasks.batches(task, tokenizer, FLAGS.data_dir, "train", FLAGS.batch, max_len, FLAGS.seed,
                              rows=layout.rows(FLAGS.batch))  # this process's rows of every batch
@@ -225,19 +224,12 @@ def _train(mesh, layout, spec, task, classifier, ckpt, writer, say) -> dict:
                                               first))(base)
     params = jpeft.init(jax.random.PRNGKey(FLAGS.seed), base, spec, calib=calib)
     say(f"{FLAGS.model} + {spec.rules[0][1]!r}\nparameters: {jpeft.count(params)}\n"
-        f"mesh: {scale.describe(mesh)} over {jax.process_count()} process(es)")
+        f"mesh: {scale.describe(mesh)} over {jax.process_count()} process{'es' if jax.process_count() > 1 else ''}")
 
-    per_device = any(m.per_device_leading for _, m in spec.rules)  # HD-PiSSA: frames split over `data`
-    if per_device:
-        shardings = jpeft.distributed.hd_pissa_shardings(params, mesh, axis="data")
-    else:
-        base_specs = jpeft.sharding.fsdp_specs(base, mesh, "fsdp", tensor="tensor")
-        shardings = jpeft.sharding.adapter_shardings(params, base_specs, mesh)
-    train_sh, frozen_sh = jpeft.split(shardings)
+    tx = optimizer(FLAGS.optimizer, FLAGS.learning_rate, FLAGS.steps)
+    train_sh, frozen_sh, opt_sh = shardings = scale.state_shardings(params, base, spec, tx, mesh)
     trainable, frozen = scale.put(jpeft.split(params), (train_sh, frozen_sh))
     del params
-    tx = optimizer(FLAGS.optimizer, FLAGS.learning_rate, FLAGS.steps)
-    opt_sh = jpeft.sharding.opt_state_shardings(jax.eval_shape(tx.init, trainable), train_sh, mesh)
     opt_state = jax.jit(tx.init, out_shardings=opt_sh)(trainable)
     rep = scale.replicated(mesh)
     start, rng, data_it = 0, np.asarray(jax.random.PRNGKey(FLAGS.seed)), iter(train_ds)
@@ -251,26 +243,8 @@ def _train(mesh, layout, spec, task, classifier, ckpt, writer, say) -> dict:
 
     run = jpeft.factored(model.apply, spec)
 
-    def loss_of(params, batch):
-        return tasks.loss(task, run({"params": params}, *tasks.model_inputs(task, batch)), batch)
-
-    if per_device:
-        hd_step = jpeft.distributed.hd_pissa_step(loss_of, tx, mesh, axis="data", jit=False)
-
-        def step(trainable, frozen, opt_state, batch, count, key):
-            params, opt_state, loss = hd_step(jpeft.combine(trainable, frozen), opt_state, batch)
-            return (*jpeft.split(params), opt_state, {"loss": loss})
-    else:
-        def step(trainable, frozen, opt_state, batch, count, key):
-            loss, grads = jax.value_and_grad(lambda t: loss_of(jpeft.combine(t, frozen), batch))(trainable)
-            updates, opt_state = tx.update(grads, opt_state, trainable)
-            params, opt_state = jpeft.after_step(jpeft.combine(optax.apply_updates(trainable, updates), frozen),
-                                                 opt_state, spec, step=count, key=key, grads=grads)
-            return (*jpeft.split(params), opt_state, {"loss": loss, "grad_norm": optax.global_norm(grads)})
-
-    # One executable with explicit shardings; the state is donated (updated in place).
-    step = jax.jit(step, in_shardings=(train_sh, frozen_sh, opt_sh, layout.sharding, rep, rep),
-                   out_shardings=(train_sh, frozen_sh, opt_sh, rep), donate_argnums=(0, 1, 2))
+    step = scale.make_step(lambda params, batch: tasks.loss(task, run({"params": params}, *tasks.model_inputs(task, batch)),
+                                                      batch), spec, tx, mesh, layout, shardings)
     scalar = lambda x: scale.put(np.asarray(x), rep)  # noqa: E731  (the same on every process)
     compiled = step.lower(trainable, frozen, opt_state, layout.put(train_ds[0]), scalar(np.int32(1)),
                           scalar(rng)).compile()
@@ -282,7 +256,7 @@ def _train(mesh, layout, spec, task, classifier, ckpt, writer, say) -> dict:
         logits = lambda p, *inputs: run({"params": p}, *inputs)  # noqa: E731
         out = {task.metric: tasks.evaluate(task, logits, params, tokenizer, FLAGS.data_dir, FLAGS.eval_count, 16,
                                            max_len, layout)["metric"]}
-        if FLAGS.forgetting and task.name != "shakespeare" and not classifier:  # the probe is an LM's
+        if probe:
             lm = tasks.TASKS["shakespeare"]
             out["shakespeare_perplexity"] = tasks.evaluate(lm, logits, params, tokenizer, FLAGS.data_dir, 32, 16, 128,
                                                            layout)["metric"]

@@ -21,10 +21,14 @@ from typing import Any
 
 import jax
 import numpy as np
+import optax
 from absl import app
 from jax.experimental import multihost_utils
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
+import jpeft
+import jpeft.distributed
+import jpeft.sharding
 from jpeft.adapter import is_adapter
 
 P = PartitionSpec
@@ -70,6 +74,12 @@ def make_mesh(sizes: dict[str, int], devices=None, flag: str = "--mesh") -> Mesh
         resolved = {axis: n // fixed if size == -1 else size for axis, size in resolved.items()}
     elif fixed != n:
         raise app.UsageError(f"{flag}={text}: the axes multiply to {fixed} devices; {where}")
+    if jax.default_backend() == "cpu" and all(resolved[axis] > 1 for axis in AXES):
+        # XLA:CPU only: with data, fsdp and tensor all > 1 its SPMD partitioner returns wrong
+        # gradients (the loss is right; a plain Flax Llama without jpeft shows it too, see
+        # docs/scale.md). Any two of the axes are exact. Accelerators are not refused.
+        raise app.UsageError(f"{flag}={text}: on XLA:CPU a mesh with data, fsdp and tensor all > 1 computes wrong "
+                             "gradients (an XLA:CPU partitioner bug, docs/scale.md); use at most two of them")
     shape = tuple(resolved[axis] for axis in AXES)
     return jax.make_mesh(shape, AXES, axis_types=(jax.sharding.AxisType.Auto,) * len(AXES), devices=devices)
 
@@ -149,6 +159,63 @@ def host_params(params: Any, base: Any) -> Any:
     """The adapted tree on the host for export: adapter nodes gathered, every other leaf taken
     from the host copy of the `base` weights (they are frozen, so equal), not gathered."""
     return jax.tree.map(lambda p, b: gather(p) if is_adapter(p) else b, params, base, is_leaf=is_adapter)
+
+
+def state_shardings(params, base, spec: jpeft.Spec, tx: optax.GradientTransformation, mesh) -> tuple:
+    """`(trainable, frozen, opt_state)` shardings of a run on `mesh`: the frozen weights by
+    `jpeft.sharding.fsdp_specs` (FSDP over `fsdp`, tensor parallel over `tensor`), the adapters and
+    their optimizer state derived from them; with HD-PiSSA its frames split over `data`, the rest
+    replicated. `params` is the `jpeft.init` tree of the plain `base` weights."""
+    if any(m.per_device_leading for _, m in spec.rules):
+        shardings = jpeft.distributed.hd_pissa_shardings(params, mesh, axis="data")
+    else:
+        shardings = jpeft.sharding.adapter_shardings(params, jpeft.sharding.fsdp_specs(base, mesh, "fsdp", tensor="tensor"),
+                                                     mesh)
+    train_sh, frozen_sh = jpeft.split(shardings)
+    return train_sh, frozen_sh, jpeft.sharding.opt_state_shardings(jax.eval_shape(tx.init, jpeft.split(params)[0]),
+                                                                   train_sh, mesh)
+
+
+def make_step(loss_of, spec: jpeft.Spec, tx: optax.GradientTransformation, mesh, layout: Layout,
+              shardings: tuple):
+    """The training step, one jitted executable with explicit shardings (`state_shardings`) and the
+    state donated: `step(trainable, frozen, opt_state, batch, count, key) -> (trainable, frozen,
+    opt_state, metrics)`, `loss_of(params, batch)` the loss of an adapted tree on a global batch
+    (split over data × fsdp by `layout`). With HD-PiSSA it is `jpeft.distributed.hd_pissa_step`
+    over `data` (each device its micro-batch and frames); otherwise one SPMD program whose loss and
+    gradient are those of the whole global batch, followed by the methods' `after_step` hooks."""
+    train_sh, frozen_sh, opt_sh = shardings
+    rep = replicated(mesh)
+    if any(m.per_device_leading for _, m in spec.rules):
+        hd_step = jpeft.distributed.hd_pissa_step(loss_of, tx, mesh, axis="data", jit=False)
+
+        def step(trainable, frozen, opt_state, batch, count, key):
+            params, opt_state, loss = hd_step(jpeft.combine(trainable, frozen), opt_state, batch)
+            return (*jpeft.split(params), opt_state, {"loss": loss})
+    else:
+        def step(trainable, frozen, opt_state, batch, count, key):
+            loss, grads = jax.value_and_grad(lambda t: loss_of(jpeft.combine(t, frozen), batch))(trainable)
+            updates, opt_state = tx.update(grads, opt_state, trainable)
+            params, opt_state = jpeft.after_step(jpeft.combine(optax.apply_updates(trainable, updates), frozen),
+                                                 opt_state, spec, step=count, key=key, grads=grads)
+            return (*jpeft.split(params), opt_state, {"loss": loss, "grad_norm": optax.global_norm(grads)})
+
+    return jax.jit(step, in_shardings=(train_sh, frozen_sh, opt_sh, layout.sharding, rep, rep),
+                   out_shardings=(train_sh, frozen_sh, opt_sh, rep), donate_argnums=(0, 1, 2))
+
+
+def process_0_first(fn) -> Any:
+    """`fn()` on process 0, then on the others: one process builds what several share (a TFDS
+    folder on a shared disk) while the others wait, and reuse it (or build their own on a local
+    disk). Every process must call it."""
+    if jax.process_count() == 1:
+        return fn()
+    out = fn() if jax.process_index() == 0 else None
+    multihost_utils.sync_global_devices("jpeft: process 0 first")
+    if jax.process_index() != 0:
+        out = fn()
+    multihost_utils.sync_global_devices("jpeft: every process done")
+    return out
 
 
 def is_writer() -> bool:

@@ -395,7 +395,12 @@ class TrainCheckpointer:
         With `spec`, a run resumed with other options is an error naming the differing option.
         `sharding` (e.g. replicated on the run's mesh) is where every restored array is placed:
         a checkpoint written by any number of processes restores on any mesh; move the arrays to
-        their training shardings afterwards."""
+        their training shardings afterwards. Default: this process's first device (one process)."""
+        if sharding is None:
+            if jax.process_count() > 1:
+                raise CheckpointError(f"{self.directory}: restoring in a {jax.process_count()}-process job needs "
+                                      "sharding= (e.g. replicated on the job's mesh)")
+            sharding = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
         step, folder, meta = self._meta(step)
         saved = _matching_spec(folder, meta, spec)
         like = lambda t: jax.tree.map(lambda x: jax.ShapeDtypeStruct(np.shape(x), x.dtype, sharding=sharding), t)  # noqa: E731

@@ -2,10 +2,15 @@
 
     python -m launch --module=experiments.finetune -- --method=lora --steps=100
     python -m launch --mode=multiprocess --num_processes=2 --devices_per_process=4 --module=launch.selftest
+    python -m launch --mode=multiprocess --num_processes=2 --devices_per_process=2 --mesh=data=2,fsdp=2 \\
+        --module=experiments.finetune -- --model=tiny --steps=3
     python -m launch --mode=tpu --tpu_name=jpeft-v4 --zone=us-central2-b --accelerator_type=v4-32 \\
         --project=my-proj --dry_run --module=experiments.finetune -- --method=hd_pissa
 
 `--dry_run` prints the TPU commands (one per line, shell-quoted) instead of running them.
+`--mesh` is passed on to the module as its own `--mesh` flag (the device mesh over every
+process's devices, see `experiments.scale`); the process settings travel in the environment
+(`launch.env`).
 """
 
 from __future__ import annotations
@@ -16,6 +21,7 @@ import sys
 
 from absl import app, flags
 
+from launch.env import module_args
 from launch.local import run_local
 from launch.multiprocess import run_multiprocess
 from launch.tpu import DEFAULT_STEPS, STEPS, TpuPod, tpu_commands
@@ -35,6 +41,7 @@ flags.DEFINE_string("source", ".", "tpu: local source tree copied to every worke
 flags.DEFINE_string("remote_dir", "~/jpeft", "tpu: destination on every worker")
 flags.DEFINE_list("steps", list(DEFAULT_STEPS), f"tpu: which of {list(STEPS)} to do")
 flags.DEFINE_bool("dry_run", False, "tpu: print the gcloud commands instead of running them")
+flags.DEFINE_string("mesh", None, "the device mesh, passed on to the module as --mesh (e.g. data=-1, data=2,fsdp=2)")
 FLAGS = flags.FLAGS
 
 
@@ -47,7 +54,10 @@ def pod_from_flags() -> TpuPod:
 
 
 def main(argv):
-    args = argv[1:]
+    try:
+        args = module_args(argv[1:], FLAGS.mesh)
+    except ValueError as e:
+        raise app.UsageError(str(e)) from e
     if FLAGS.mode == "local":
         return run_local(FLAGS.module, args, capture=False).returncode
     if FLAGS.mode == "multiprocess":

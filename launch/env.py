@@ -1,4 +1,5 @@
-"""The environment contract between the launchers and `launch.worker` (see there)."""
+"""The contract between the launchers and `launch.worker` (see there): the environment, and the
+module flags a launcher adds (`module_args`: its `--mesh`)."""
 
 from __future__ import annotations
 
@@ -28,3 +29,12 @@ def initialize_from_env(environ=None) -> str:
     else:
         raise ValueError(f"{ENV_MODE}={mode!r}: expected 'local', 'multiprocess' or 'tpu'")
     return mode
+
+
+def module_args(args: list[str], mesh: str | None) -> list[str]:
+    """The module's command line: `args`, plus `--mesh=<mesh>` when the launcher is given one."""
+    if mesh is None:
+        return list(args)
+    if any(a == "--mesh" or a.startswith("--mesh=") for a in args):
+        raise ValueError("--mesh is given to both the launcher and the module; give it once")
+    return [*args, f"--mesh={mesh}"]

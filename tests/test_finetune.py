@@ -17,7 +17,8 @@ FLAGS = flags.FLAGS
 
 def run(tmp_path, *args):
     FLAGS.unparse_flags()
-    FLAGS(["finetune", "--model=tiny", "--task=arithmetic", "--batch=2", "--eval_count=8", "--forgetting=false",
+    FLAGS(["finetune", "--model=tiny", "--task=arithmetic", "--batch=2", "--mesh=data=2,tensor=4", "--eval_count=8",
+           "--forgetting=false",
            f"--data_dir={tmp_path / 'tfds'}", "--steps=4", "--ckpt_every=2", *args])
     return finetune.train()
 
@@ -39,7 +40,8 @@ def test_compare_tabulates_methods(tmp_path):
     from experiments import compare
 
     FLAGS.unparse_flags()
-    FLAGS(["compare", "--model=tiny", "--task=arithmetic", "--batch=2", "--eval_count=8", "--forgetting=false",
+    FLAGS(["compare", "--model=tiny", "--task=arithmetic", "--batch=2", "--mesh=data=2,tensor=4", "--eval_count=8",
+           "--forgetting=false",
            f"--data_dir={tmp_path / 'tfds'}", "--steps=2", f"--compare_dir={tmp_path / 'cmp'}", "--methods=lora,dora"])
     compare.main([])
     lines = (tmp_path / "cmp" / "compare.csv").read_text().splitlines()
@@ -54,9 +56,12 @@ def test_minilm_learns_fortune_topics_as_a_program(tmp_path):
     import subprocess
     import sys
 
+    import os
+
+    env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=1"}  # the main job's one device
     done = subprocess.run([sys.executable, "-m", "experiments.finetune", "--model=minilm", "--task=fortunes",
                            "--steps=20", "--batch=16", "--eval_count=128", f"--data_dir={tmp_path / 'tfds'}",
-                           f"--out_dir={tmp_path / 'out'}"], capture_output=True, text=True, timeout=900)
+                           f"--out_dir={tmp_path / 'out'}"], capture_output=True, text=True, timeout=900, env=env)
     assert done.returncode == 0, done.stderr[-3000:]
     evals = [float(r["eval_accuracy"]) for r in csv.DictReader(open(tmp_path / "out" / "metrics.csv"))
              if r["eval_accuracy"]]

@@ -162,3 +162,15 @@ def test_viewed_nodes_follow_the_base_axes_and_keep_the_stack_sharded():
     placed = jax.device_put(tree, shardings)
     merged = jax.jit(lambda t: jpeft.merge(t, spec))(placed)
     np.testing.assert_allclose(merged["q"], params["q"])
+
+
+def test_fsdp_specs_split_the_largest_divisible_dimension_and_leave_small_arrays_replicated():
+    base = {"embed": np.zeros((4096, 512)), "q": np.zeros((512, 1376)), "odd": np.zeros((513, 1375)),
+            "stack": np.zeros((3, 512, 96)), "norm": np.zeros((512,))}
+    specs = sharding.fsdp_specs(base, mesh(), "fsdp", tensor="tp")
+    assert specs == {"embed": P("fsdp", "tp"), "q": P("tp", "fsdp"), "odd": P(), "stack": P(None, "fsdp", "tp"),
+                     "norm": P()}
+    assert sharding.fsdp_specs(base, mesh(), "fsdp") == {"embed": P("fsdp"), "q": P(None, "fsdp"), "odd": P(),
+                                                          "stack": P(None, "fsdp"), "norm": P()}
+    with pytest.raises(ValueError, match="no axis 'data'"):
+        sharding.fsdp_specs(base, mesh(), "data")
