@@ -17,11 +17,13 @@ from jpeft.hooks import HookResult, after_step
 from jpeft.methods import DoRA, FFALoRA, Full, LoRA, LoRAGA, Method, PeriodicLoRA, PiSSA
 from jpeft.registry import method, methods
 from jpeft.spec import Spec
+from jpeft import quant  # noqa: E402  (configs nf4 / fp4 / int8 / int4, NF4_CODE, QTensor)
+from jpeft.quant import dequantize, quantize
 from jpeft.views import View
 from jpeft import optim  # noqa: E402  (`import jpeft` makes `jpeft.optim` available, as optax.contrib)
 
 __all__ = [
     "Adapter", "AdapterError", "DoRA", "FFALoRA", "Full", "HookResult", "LoRA", "LoRAGA", "Method",
     "OptionError", "ParamCount", "PeriodicLoRA", "PiSSA", "Spec", "SpecError", "View", "after_step", "apply", "check_fits",
-    "combine", "compact", "count", "factored", "factored_nnx", "infer_views", "init", "is_adapter", "labels", "merge", "method", "methods", "split",
+    "combine", "compact", "count", "dequantize", "factored", "factored_nnx", "infer_views", "init", "is_adapter", "labels", "merge", "method", "methods", "quant", "quantize", "split",
 ]

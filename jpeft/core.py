@@ -16,6 +16,7 @@ from jpeft.adapter import Adapter, is_adapter, map_adapters
 from jpeft.errors import AdapterError, SpecError
 from jpeft.hooks import leaf_key
 from jpeft.paths import leaves_with_paths, path_str
+from jpeft.quant import QTensor, dequantize_array, is_quantized, logical_size
 from jpeft.shared import SHARED, attach_shared
 from jpeft.spec import Spec
 from jpeft.views import check_leaf, create_node, materialise_node, missing_view_error
@@ -27,7 +28,7 @@ def init(key: jax.Array, params: Any, spec: Spec, *, calib: Any = None) -> Any:
     `calib` is a tree shaped like `params` (e.g. gradients of a loss w.r.t. the base weights) for
     data-driven inits such as LoRA-GA; leaves that need none may be `None`.
     """
-    pairs = leaves_with_paths(params, is_leaf=is_adapter)
+    pairs = leaves_with_paths(params, is_leaf=is_leaf_node)
     if any(isinstance(leaf, Adapter) for _, leaf in pairs):
         raise SpecError("params already contain adapter nodes; call jpeft.init on the base tree "
                         "(jpeft.merge gives a plain tree back)")
@@ -40,12 +41,36 @@ def init(key: jax.Array, params: Any, spec: Spec, *, calib: Any = None) -> Any:
         if method is None:
             new_leaves.append(leaf)
             continue
-        check_leaf(method, path, leaf, views.get(path))
-        node = create_node(method, path, leaf_key(key, path), leaf, _calib_for(method, path, leaf, calib_map),
+        w = _base_for(method, path, leaf)
+        check_leaf(method, path, w, views.get(path))
+        node = create_node(method, path, leaf_key(key, path), w, _calib_for(method, path, w, calib_map),
                            views.get(path))
+        if is_quantized(leaf):  # the base stays quantised
+            node = node.replace(base=leaf)
         new_leaves.append(_cast_adapter(node, spec.adapter_dtype))
     _add_shared(key, pairs, assignment, new_leaves)
-    return jax.tree_util.tree_unflatten(jax.tree_util.tree_structure(params, is_leaf=is_adapter), new_leaves)
+    return jax.tree_util.tree_unflatten(jax.tree_util.tree_structure(params, is_leaf=is_leaf_node), new_leaves)
+
+
+def is_leaf_node(x) -> bool:
+    """Adapter nodes and quantised leaves: the units `init`, `apply` and `split` treat whole."""
+    return isinstance(x, (Adapter, QTensor))
+
+
+def _base_for(method, path: str, leaf):
+    """The array `method.create` sees: the leaf, or a quantised leaf dequantised (for the methods
+    that accept a quantised base and keep it)."""
+    if not is_quantized(leaf):
+        return leaf
+    if not method.quantized_base:
+        raise SpecError(f"{path}: quantised ({leaf.config.kind}) and targeted by {method.name}, which does not "
+                        "take a quantised base (those that do: see docs/quant.md); dequantise this leaf or "
+                        "choose another method")
+    if method.rewrites_base:
+        raise SpecError(f"{path}: {method!r} rewrites the base at init; on a quantised leaf that would quantise "
+                        "the residual of an already quantised weight. Init on the full-precision tree, then "
+                        "jpeft.quantize the result (its adapter bases are quantised: QPiSSA)")
+    return dequantize_array(leaf)
 
 
 def leaf_views(pairs, assignment, spec: Spec) -> dict:
@@ -107,6 +132,8 @@ def _cast_adapter(node: Adapter, dtype: str | None) -> Adapter:
 
 
 def _first_slice(node, leaf):
+    if is_quantized(leaf):
+        leaf = dequantize_array(leaf)
     if not isinstance(node, Adapter) or node.view is None:
         return leaf
     m = node.view.to_matrix(leaf)
@@ -132,7 +159,7 @@ def check_fits(params: Any, spec: Spec) -> None:
     every entry present, of the shape (`compact` may shrink components; inside `shard_map` a
     per-device axis shows this device's share) and dtype kind (float / integer) that `init`
     gives. The error names the first mismatching path and entry."""
-    pairs = leaves_with_paths(params, is_leaf=is_adapter)
+    pairs = leaves_with_paths(params, is_leaf=is_leaf_node)
     assignment = spec.resolve([p for p, _ in pairs])
     declared = spec.resolve_views([p for p, _ in pairs])
     for path, leaf in pairs:
@@ -220,11 +247,13 @@ def _expected_arrays(method, shape, dtype, view, adapter_dtype):
 
 
 def _materialise_with_paths(params, spec, materialise):
+    """Each adapter node through `materialise(path, node)`; quantised leaves dequantised."""
     check_fits(params, spec)
-    pairs = leaves_with_paths(params, is_leaf=is_adapter)
+    pairs = leaves_with_paths(params, is_leaf=is_leaf_node)
     lent = attach_shared([leaf for _, leaf in pairs])
-    leaves = [materialise(path, leaf) if isinstance(leaf, Adapter) else leaf for (path, _), leaf in zip(pairs, lent)]
-    return jax.tree_util.tree_unflatten(jax.tree_util.tree_structure(params, is_leaf=is_adapter), leaves)
+    leaves = [materialise(path, leaf) if isinstance(leaf, Adapter) else
+              dequantize_array(leaf) if is_quantized(leaf) else leaf for (path, _), leaf in zip(pairs, lent)]
+    return jax.tree_util.tree_unflatten(jax.tree_util.tree_structure(params, is_leaf=is_leaf_node), leaves)
 
 
 _remat_materialise = jax.checkpoint(materialise_node)
@@ -280,7 +309,7 @@ def split(params: Any) -> tuple[Any, Any]:
             return None
         return x.replace(base=None, frozen=_holes(x.frozen), state=_holes(x.state))
 
-    trainable = jax.tree.map(trainable_part, params, is_leaf=is_adapter)
+    trainable = jax.tree.map(trainable_part, params, is_leaf=is_leaf_node)  # a quantised leaf is frozen
     frozen = map_adapters(lambda n: n.replace(train=_holes(n.train)), params)
     return trainable, frozen
 
@@ -339,7 +368,7 @@ class ParamCount(NamedTuple):
 
 
 def count(params: Any) -> ParamCount:
-    """Numbers of trainable and frozen scalars (works on abstract `jax.eval_shape` trees too)."""
-    size = lambda tree: int(sum(np.prod(np.shape(x)) for x in jax.tree.leaves(tree)))  # noqa: E731
+    """Numbers of trainable and frozen scalars (works on abstract `jax.eval_shape` trees too); a
+    quantised leaf counts the parameters it stands for (`jpeft.quant.stored_bytes`: its bytes)."""
     trainable, frozen = split(params)
-    return ParamCount(size(trainable), size(frozen))
+    return ParamCount(logical_size(trainable), logical_size(frozen))

@@ -54,6 +54,7 @@ from jpeft.errors import SpecError
 from jpeft.execution import using_impl
 from jpeft.hooks import leaf_key
 from jpeft.inspect import output_sources
+from jpeft.quant import dequantize, is_quantized, placeholder
 from jpeft.methods.base import Method
 from jpeft.paths import leaves_with_paths, path_str
 from jpeft.shared import SHARED, attach_shared
@@ -136,6 +137,10 @@ def _contract(kernel: _Kernel, karray, x, k_contract, x_contract, k_batch, x_bat
 
     method = node.method
     out_shape = tuple(karray.shape[a] for a in side_out)
+    quantized = is_quantized(node.base)
+    if quantized and (fn != "matmul" or not view.is_plain or not method.quantized_matmul):
+        _STATE.declined.add(kernel.path)   # a quantised base runs factored as a plain `x @ K` only (for now)
+        return None
 
     def one(n, xs, key):
         y = getattr(method, fn)(n, xs, key)
@@ -154,8 +159,11 @@ def _contract(kernel: _Kernel, karray, x, k_contract, x_contract, k_batch, x_bat
     # op sees is a slice of the stacked input, and without this each layer's matrix-shaped copy
     # of it (and the CPU form's transposed activations) became a stacked scan residual
     # (bench_views `scan`: peak 453.9 → 407.9 MB, below the hand-written LoRA's 418.7).
+    # A quantised base stays quantised here: `lowrank_matmul` contracts with it through
+    # `jpeft.quant.qmatmul`, which dequantises in the forward and again in the backward pass.
+    base = node.base if quantized and not _STATE.probing else _compute_base(karray)
     y = jax.checkpoint(lambda n, xs: f(matrix_node(n), xs, keys), policy=_recompute_layout,
-                       prevent_cse=False)(node.replace(base=_compute_base(karray), view=view), xt)
+                       prevent_cse=False)(node.replace(base=base, view=view), xt)
     if y is None:
         _STATE.declined.add(kernel.path)   # the method has no factored form for this config
         return None
@@ -309,7 +317,7 @@ def _take(a, indices, axis=None, *args, **kw):
             _STATE.consumed.add(kernel.path)
         elif kernel.node.view is None or kernel.node.view.is_plain:
             method = kernel.node.method
-            if type(method).lookup is Method.lookup:
+            if type(method).lookup is Method.lookup or is_quantized(kernel.node.base):
                 _STATE.declined.add(kernel.path)   # no factored lookup: materialised rows
             else:
                 _STATE.inside = True
@@ -344,7 +352,7 @@ def _conv_general_dilated(lhs, rhs, window_strides, padding, lhs_dilation=None, 
     if view.batch or view.outputs != (o_axis,) or sorted(view.inputs) != [a for a in range(rhs.ndim) if a != o_axis]:
         return call(lhs, rhs)
     method = kernel.node.method
-    if type(method).conv is Method.conv:
+    if type(method).conv is Method.conv or is_quantized(kernel.node.base):
         _STATE.declined.add(kernel.path)
         return call(lhs, rhs)
     node = matrix_node(kernel.node.replace(base=_compute_base(rhs), view=view))
@@ -564,7 +572,8 @@ def _linen_register(next_fun, args, kwargs, context):
                 continue
             if isinstance(value, Adapter):
                 outer = _STATE.meta["/".join((*module.path, base_name))]
-                _register(array, dataclasses.replace(outer, node=value.replace(base=array)))
+                node = value if is_quantized(value.base) else value.replace(base=array)
+                _register(array, dataclasses.replace(outer, node=node))
     if context.method_name == "attend" and isinstance(module, nn.Embed):
         embedding = scope_params.get("embedding")
         kernel = _lookup(embedding)
@@ -604,8 +613,12 @@ def _with_siblings(params, factored_nodes: dict[str, Adapter], materialised: dic
             path = f"{prefix}/{k}" if prefix else str(k)
             if path in factored_nodes:
                 node = factored_nodes[path]   # with its shared state lent
-                out[k] = node.base
-                out[f"{k}{SUFFIX}"] = node.replace(base=None)
+                if is_quantized(node.base):   # the model multiplies a stand-in; the node keeps the codes
+                    out[k] = placeholder(node.base)
+                    out[f"{k}{SUFFIX}"] = node
+                else:
+                    out[k] = node.base
+                    out[f"{k}{SUFFIX}"] = node.replace(base=None)
             elif path in materialised:
                 out[k] = materialised[path]
             else:
@@ -676,8 +689,8 @@ def factored(apply_fn: Callable, spec: Spec, *, rng: jax.Array | None = None, im
 
     def _run_linen(variables, *args, **kwargs):
         variables = unfreeze(variables)
-        params = variables["params"]
-        check_fits(params, spec)
+        check_fits(variables["params"], spec)
+        params = dequantize(variables["params"], bases=False)  # quantised leaves no spec targets
         pairs = leaves_with_paths(params, is_leaf=is_adapter)
         lent = attach_shared([leaf for _, leaf in pairs])
         pairs = [(p, leaf) for (p, _), leaf in zip(pairs, lent)]
@@ -715,6 +728,7 @@ def factored_nnx(graphdef: Any, spec: Spec, *, rng: jax.Array | None = None, imp
 
     def _run_nnx(state, *args, **kwargs):
         check_fits(state, spec)
+        state = dequantize(state, bases=False)  # quantised leaves no spec targets
         pairs = leaves_with_paths(state, is_leaf=is_adapter)
         lent = attach_shared([leaf for _, leaf in pairs])
         pairs = [(p, leaf) for (p, _), leaf in zip(pairs, lent)]
@@ -724,9 +738,10 @@ def factored_nnx(graphdef: Any, spec: Spec, *, rng: jax.Array | None = None, imp
         treedef = jax.tree_util.tree_structure(state, is_leaf=is_adapter)
 
         def call(fact, mat, probing=False):
-            leaves = [(fact[p].base if p in fact else mat[p] if p in mat else leaf) for p, leaf in pairs]
+            seen = {p: placeholder(n.base) if is_quantized(n.base) else n.base for p, n in fact.items()}
+            leaves = [(seen[p] if p in fact else mat[p] if p in mat else leaf) for p, leaf in pairs]
             model = nnx.merge(graphdef, jax.tree_util.tree_unflatten(treedef, leaves))
-            kernels = {id(n.base): (n.base, _Kernel(p, n, tuple(n.base.shape), keyed(p))) for p, n in fact.items()}
+            kernels = {id(seen[p]): (seen[p], _Kernel(p, n, tuple(n.base.shape), keyed(p))) for p, n in fact.items()}
             with _intercepting(kernels, probing=probing) as st:
                 _bind_nnx_ops(model)
                 out = model(*args, **kwargs)

@@ -29,7 +29,8 @@ import jax.numpy as jnp
 import numpy as np
 
 from jpeft.adapter import Adapter
-from jpeft.errors import leaf_error
+from jpeft.errors import SpecError, leaf_error
+from jpeft.quant import dequantize_array, is_quantized
 from jpeft.shared import SHARED
 
 
@@ -158,6 +159,10 @@ def node_axes(node: Adapter, axis: int | None = 0, base_axis: int | None = 0) ->
 def matrix_node(node: Adapter) -> Adapter:
     """The node with its base as `(*batch, in, out)` and no view: what `slice_map` maps over."""
     view = node.view
+    if is_quantized(node.base):
+        if not view.is_plain:
+            raise SpecError(f"a quantised base is used as a plain (in, out) kernel only, not through {view!r}")
+        return node.replace(view=None)
     base = None if node.base is None else view.to_matrix(node.base)
     return node.replace(base=base, view=None)
 
@@ -208,7 +213,10 @@ def create_node(method, path: str, key: jax.Array, w: jax.Array, calib, view: Vi
 
 
 def materialise_node(node: Adapter, rng: jax.Array | None = None) -> jax.Array:
-    """The effective kernel of a node, in the leaf's own shape."""
+    """The effective kernel of a node, in the leaf's own shape (a quantised base is dequantised
+    here, so under `jax.checkpoint` it is recomputed, never saved)."""
+    if is_quantized(node.base):
+        node = node.replace(base=dequantize_array(node.base))
     if node.view is None:
         return node.method.materialise(node, rng)
     view, shape = node.view, node.base.shape

@@ -23,6 +23,7 @@ from jpeft.execution import kernel_impl
 from jpeft.adapter import Adapter
 from jpeft.errors import leaf_error
 from jpeft.hooks import HookResult
+from jpeft.quant import is_quantized, qmatmul
 from jpeft.methods.base import Method, require, require_float_matrix, require_rank
 from jpeft.registry import register, register_alias
 
@@ -58,6 +59,8 @@ def lowrank_matmul(x, xd, w, a, b, s):
       backward fused into a strided copy); `_lowrank_jvp` pins the transposes on the rank-r
       operands instead (LoRA step wall time −15–20% on the reference workload).
     """
+    if is_quantized(w):   # QLoRA: the base product dequantises the frozen codes (every backend; no fused kernel yet)
+        return qmatmul(x, w) + s * ((xd @ a) @ b)
     impl = resolve_impl(kernel_impl())
     if impl == "kernel" and xd is x:
         return fused_lora_matmul(x, w, a, b, s, impl="kernel")
@@ -123,6 +126,8 @@ class LoRA(Method):
     """
 
     name = "lora"
+    quantized_base = True    # QLoRA / QPiSSA (and DoRA: QDoRA)
+    quantized_matmul = True  # `lowrank_matmul` takes a quantised base
 
     rank: int = 8
     alpha: float = 8.0
@@ -247,7 +252,7 @@ class LoRA(Method):
     def matmul(self, node, x, rng=None):
         # Computed in the layer's dtype (`x` and the base as the layer promotes them): fp32
         # adapters on a bf16 layer are cast at use; their gradients stay fp32.
-        dt = jnp.result_type(x, node.base)
+        dt = jnp.result_type(x, jnp.dtype(node.base.dtype))   # (a quantised base: the dtype it stands for)
         a = (node.train["a"] if "a" in node.train else node.frozen["a"]).astype(dt)
         b = node.train["b"].astype(dt)
         xd = x if rng is None or self.dropout == 0 else x * dropout_mask(rng, x.shape, self.dropout, x.dtype)
@@ -326,6 +331,7 @@ class PeriodicLoRA(LoRA):
     """
 
     name = "periodic_lora"
+    quantized_base = False  # its hook folds the adapter into the base: a quantised base is not re-quantised yet
     checkpoint_base = True  # the unload hook folds the adapter into the base
 
     period: int = 100
