@@ -292,4 +292,4 @@ def test_a_quantised_tree_goes_through_orbax_jit_and_eval_shape(tmp_path):
         back = ckpt.restore(tmp_path / "q", jax.eval_shape(lambda: qtree))
     assert quant.is_quantized(back["k"]) and back["k"].config == quant.nf4()
     jax.tree.map(np.testing.assert_array_equal, back, qtree)
-    np.testing.assert_array_equal(jax.jit(jpeft.dequantize)(back)["k"], jpeft.dequantize(qtree)["k"])
+    np.testing.assert_allclose(jax.jit(jpeft.dequantize)(back)["k"], jpeft.dequantize(qtree)["k"], rtol=1e-6)
