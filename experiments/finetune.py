@@ -280,7 +280,8 @@ def _train(mesh, layout, spec, task, classifier, ckpt, writer, say) -> dict:
             seconds.append(time.perf_counter() - t0)
             log.log(i + 1, **metrics)
             if not all(math.isfinite(v) for v in metrics.values()):
-                message = (f"step {i + 1}: non-finite " + ", ".join(f"{k} ({v})" for k, v in metrics.items()) +
+                named = ", ".join(f"{k} ({metrics[k]})" for k in ("loss", "grad_norm") if k in metrics)
+                message = (f"step {i + 1}: non-finite {named}" +
                            f"; check the data, the base weights and --learning_rate={FLAGS.learning_rate}")
                 if not FLAGS.allow_nonfinite:
                     raise FloatingPointError(f"{message}. Stopped (--allow_nonfinite continues); nothing exported")
