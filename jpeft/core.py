@@ -16,7 +16,7 @@ from jpeft.adapter import Adapter, is_adapter, map_adapters
 from jpeft.errors import AdapterError, SpecError
 from jpeft.hooks import leaf_key
 from jpeft.paths import leaves_with_paths, path_str
-from jpeft.quant import QTensor, dequantize_array, is_quantized, logical_size
+from jpeft.quant import dequantize_array, is_leaf_node, is_quantized, logical_size
 from jpeft.shared import SHARED, attach_shared
 from jpeft.spec import Spec
 from jpeft.views import check_leaf, create_node, materialise_node, missing_view_error
@@ -35,26 +35,23 @@ def init(key: jax.Array, params: Any, spec: Spec, *, calib: Any = None) -> Any:
     assignment = spec.resolve([p for p, _ in pairs])
     views = leaf_views(pairs, assignment, spec)
     calib_map = dict(leaves_with_paths(calib)) if calib is not None else {}
-    new_leaves = []
+    new_leaves, seen = [], []   # `seen`: each leaf as `create` saw it (quantised ones dequantised)
     for path, leaf in pairs:
         method = assignment.get(path)
         if method is None:
             new_leaves.append(leaf)
+            seen.append((path, leaf))
             continue
         w = _base_for(method, path, leaf)
+        seen.append((path, w))
         check_leaf(method, path, w, views.get(path))
         node = create_node(method, path, leaf_key(key, path), w, _calib_for(method, path, w, calib_map),
                            views.get(path))
         if is_quantized(leaf):  # the base stays quantised
             node = node.replace(base=leaf)
         new_leaves.append(_cast_adapter(node, spec.adapter_dtype))
-    _add_shared(key, pairs, assignment, new_leaves)
+    _add_shared(key, seen, assignment, new_leaves)
     return jax.tree_util.tree_unflatten(jax.tree_util.tree_structure(params, is_leaf=is_leaf_node), new_leaves)
-
-
-def is_leaf_node(x) -> bool:
-    """Adapter nodes and quantised leaves: the units `init`, `apply` and `split` treat whole."""
-    return isinstance(x, (Adapter, QTensor))
 
 
 def _base_for(method, path: str, leaf):
@@ -132,8 +129,6 @@ def _cast_adapter(node: Adapter, dtype: str | None) -> Adapter:
 
 
 def _first_slice(node, leaf):
-    if is_quantized(leaf):
-        leaf = dequantize_array(leaf)
     if not isinstance(node, Adapter) or node.view is None:
         return leaf
     m = node.view.to_matrix(leaf)

@@ -54,9 +54,9 @@ from jpeft.errors import SpecError
 from jpeft.execution import using_impl
 from jpeft.hooks import leaf_key
 from jpeft.inspect import output_sources
-from jpeft.quant import dequantize, is_quantized, placeholder
 from jpeft.methods.base import Method
 from jpeft.paths import leaves_with_paths, path_str
+from jpeft.quant import dequantize, is_quantized, placeholder
 from jpeft.shared import SHARED, attach_shared
 from jpeft.spec import Spec
 from jpeft.views import PLAIN, View, materialise_node, matrix_node, node_axes, slice_keys

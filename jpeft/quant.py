@@ -32,6 +32,7 @@ from flax import struct
 
 from pallas_kernels import on_accelerator
 
+from jpeft.adapter import Adapter
 from jpeft.errors import SpecError
 from jpeft.paths import leaves_with_paths
 
@@ -164,6 +165,12 @@ class QTensor:
 
 def is_quantized(x: Any) -> bool:
     return isinstance(x, QTensor)
+
+
+def is_leaf_node(x: Any) -> bool:
+    """Adapter nodes and quantised leaves: the units `init`, `apply`, `split` and `quantize`
+    treat whole (a flattening predicate)."""
+    return isinstance(x, (Adapter, QTensor))
 
 
 # ----------------------------------------------------------------------------- 4-bit float codes
@@ -383,18 +390,15 @@ def quantize(params: Any, rules: dict[str, QuantConfig]) -> Any:
     gets its frozen base quantised, never its trainable arrays: this is how a base-rewriting init
     is quantised (QPiSSA: `jpeft.init` PiSSA on the full-precision tree, then quantise the
     residual it leaves)."""
-    from jpeft.adapter import Adapter, is_adapter
-
     compiled = []
     for pattern, config in rules.items():
         if not isinstance(config, QuantConfig):
             raise SpecError(f"quantize rule {pattern!r}: expected a jpeft.quant config (nf4(), fp4(), int8(), "
                             f"int4()), got {config!r}")
         compiled.append((re.compile(pattern), config))
-    stop = lambda x: is_adapter(x) or is_quantized(x)  # noqa: E731
     used = set()
     leaves = []
-    for path, leaf in leaves_with_paths(params, is_leaf=stop):
+    for path, leaf in leaves_with_paths(params, is_leaf=is_leaf_node):
         found = next(((i, c) for i, (rx, c) in enumerate(compiled) if rx.fullmatch(path)), None)
         if found is None:
             leaves.append(leaf)
@@ -414,14 +418,12 @@ def quantize(params: Any, rules: dict[str, QuantConfig]) -> Any:
     unused = [p for i, (p, _) in enumerate(rules.items()) if i not in used]
     if unused:
         raise SpecError(f"quantize: rule(s) {unused} matched no leaf")
-    return jax.tree_util.tree_unflatten(jax.tree_util.tree_structure(params, is_leaf=stop), leaves)
+    return jax.tree_util.tree_unflatten(jax.tree_util.tree_structure(params, is_leaf=is_leaf_node), leaves)
 
 
 def dequantize(tree: Any, dtype: Any = None, *, bases: bool = True) -> Any:
     """Every `QTensor` of `tree` as a plain array; with `bases` also the quantised base of every
     adapter node."""
-    from jpeft.adapter import Adapter
-
     def one(x):
         if is_quantized(x):
             return dequantize_array(x, dtype)
@@ -429,7 +431,7 @@ def dequantize(tree: Any, dtype: Any = None, *, bases: bool = True) -> Any:
             return x.replace(base=dequantize_array(x.base, dtype))
         return x
 
-    return jax.tree.map(one, tree, is_leaf=lambda x: is_quantized(x) or isinstance(x, Adapter))
+    return jax.tree.map(one, tree, is_leaf=is_leaf_node)
 
 
 def stored_bytes(tree: Any) -> int:
@@ -445,5 +447,5 @@ def logical_size(tree: Any) -> int:
 
 
 __all__ = ["DYN8_CODE", "FP4_CODE", "dynamic_map", "NF4_CODE", "QTensor", "QuantConfig", "check_quantizable", "dequantize",
-           "dequantize_array", "fp4", "int4", "int8", "is_quantized", "logical_size", "nf4", "placeholder", "qmatmul", "quantize",
+           "dequantize_array", "fp4", "int4", "int8", "is_leaf_node", "is_quantized", "logical_size", "nf4", "placeholder", "qmatmul", "quantize",
            "quantize_array", "stored_bytes"]

@@ -51,24 +51,24 @@ class Method:
     #: Whether the node's arrays carry one slice per device on axis 0 (HD-PiSSA's frames): inside
     #: `shard_map` each device sees its own share of that axis.
     per_device_leading: ClassVar[bool] = False
-    # Accepts a quantised base (`jpeft.quantize`): the effective weight is the (dequantised) base
-    # plus the method's own terms, and an init that rewrites the base (PiSSA's residual) is
-    # re-quantised with the leaf's config.
+    #: Accepts a quantised base (`jpeft.quantize`): the effective weight is the (dequantised) base
+    #: plus the method's own terms. A config that `rewrites_base` is refused on a quantised leaf
+    #: (init on the full-precision tree, then quantise the adapted tree: QPiSSA).
     quantized_base: ClassVar[bool] = False
-    # Its factored `matmul` contracts with a quantised base itself (`jpeft.quant.qmatmul`); when
-    # False a quantised base is materialised (dequantised under remat) instead.
+    #: Its factored `matmul` contracts with a quantised base itself (`jpeft.quant.qmatmul`); when
+    #: False a quantised base is materialised (dequantised under remat) instead.
     quantized_matmul: ClassVar[bool] = False
+    #: Whether `init` needs a calibration gradient (`jpeft.init(..., calib=grads)`).
+    needs_calib: ClassVar[bool] = False
+    #: Pure step hook `(nodes, moments, *, step, keys, grads) -> HookResult` over all the nodes
+    #: that use this config (see `jpeft.hooks`), or None.
+    step_hook: ClassVar[Any] = None
 
     @property
     def rewrites_base(self) -> bool:
         """Whether `create` returns a new base (a residual `K − s·a@b`: PiSSA, OLoRA, LoRA-GA, ...)
         that `rebuild_base` recreates from the original weights."""
         return False
-    #: Whether `init` needs a calibration gradient (`jpeft.init(..., calib=grads)`).
-    needs_calib: ClassVar[bool] = False
-    #: Pure step hook `(nodes, moments, *, step, keys, grads) -> HookResult` over all the nodes
-    #: that use this config (see `jpeft.hooks`), or None.
-    step_hook: ClassVar[Any] = None
 
     def __post_init__(self) -> None:
         check_option_types(self)

@@ -23,8 +23,8 @@ from jpeft.execution import kernel_impl
 from jpeft.adapter import Adapter
 from jpeft.errors import leaf_error
 from jpeft.hooks import HookResult
-from jpeft.quant import is_quantized, qmatmul
 from jpeft.methods.base import Method, require, require_float_matrix, require_rank
+from jpeft.quant import is_quantized, qmatmul
 from jpeft.registry import register, register_alias
 
 INITS = ("kaiming", "gaussian", "pissa", "olora", "orthogonal", "lora_ga")
