@@ -32,6 +32,7 @@ from jpeft.adapter import Adapter, is_adapter
 from jpeft.core import check_fits, init
 from jpeft.errors import SpecError
 from jpeft.paths import leaves_with_paths
+from jpeft.quant import is_leaf_node, is_quantized
 from jpeft.spec import Spec
 from jpeft.views import rebuild_base
 
@@ -67,7 +68,7 @@ def restore_adapters(base_params: Any, spec: Spec, arrays: dict[str, dict[str, A
     if missing or extra:
         raise CheckpointError(f"the checkpoint's adapters do not match the spec on this model: "
                               f"missing {missing[:5]}, unexpected {extra[:5]}")
-    originals = dict(leaves_with_paths(base_params))
+    originals = dict(leaves_with_paths(base_params, is_leaf=is_leaf_node))   # a quantised leaf whole
     nodes = {}
     for path, node in expected.items():
         saved = arrays[path]
@@ -77,10 +78,12 @@ def restore_adapters(base_params: Any, spec: Spec, arrays: dict[str, dict[str, A
         rebuilt = node.method.node(base, saved["train"], saved.get("frozen", {}), saved.get("state", {}))
         rebuilt = rebuilt.replace(view=node.view)
         if base is None:
-            rebuilt = rebuilt.replace(base=rebuild_base(rebuilt, jax.numpy.asarray(originals[path])))
+            original = originals[path]
+            rebuilt = rebuilt.replace(base=rebuild_base(
+                rebuilt, original if is_quantized(original) else jax.numpy.asarray(original)))
         nodes[path] = jax.tree.map(lambda x, like: np.asarray(x).astype(like.dtype), rebuilt, node)
-    leaves = [nodes.get(p, leaf) for p, leaf in leaves_with_paths(base_params)]
-    return jax.tree_util.tree_unflatten(jax.tree_util.tree_structure(base_params), leaves)
+    leaves = [nodes.get(p, leaf) for p, leaf in leaves_with_paths(base_params, is_leaf=is_leaf_node)]
+    return jax.tree_util.tree_unflatten(jax.tree_util.tree_structure(base_params, is_leaf=is_leaf_node), leaves)
 
 
 def _zeros_calib(base_params):

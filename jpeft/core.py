@@ -16,7 +16,7 @@ from jpeft.adapter import Adapter, is_adapter, map_adapters
 from jpeft.errors import AdapterError, SpecError
 from jpeft.hooks import leaf_key
 from jpeft.paths import leaves_with_paths, path_str
-from jpeft.quant import dequantize_array, is_leaf_node, is_quantized, logical_size
+from jpeft.quant import dequantize_array, is_leaf_node, is_quantized, logical_size, quantize_array
 from jpeft.shared import SHARED, attach_shared
 from jpeft.spec import Spec
 from jpeft.views import check_leaf, create_node, materialise_node, missing_view_error
@@ -63,6 +63,9 @@ def _base_for(method, path: str, leaf):
         raise SpecError(f"{path}: quantised ({leaf.config.kind}) and targeted by {method.name}, which does not "
                         "take a quantised base (those that do: see docs/quant.md); dequantise this leaf or "
                         "choose another method")
+    if method.base_quant is not None:
+        raise SpecError(f"{path}: {method!r} chooses and quantises the base itself; pass this leaf in full "
+                        "precision (not quantised) to jpeft.init")
     if method.rewrites_base:
         raise SpecError(f"{path}: {method!r} rewrites the base at init; on a quantised leaf that would quantise "
                         "the residual of an already quantised weight. Init on the full-precision tree, then "
@@ -241,13 +244,15 @@ def _expected_arrays(method, shape, dtype, view, adapter_dtype):
             for part in ("train", "frozen", "state")}
 
 
-def _materialise_with_paths(params, spec, materialise):
-    """Each adapter node through `materialise(path, node)`; quantised leaves dequantised."""
+def _materialise_with_paths(params, spec, materialise, keep_quantized: bool = False):
+    """Each adapter node through `materialise(path, node)`; other quantised leaves dequantised
+    unless `keep_quantized`."""
     check_fits(params, spec)
     pairs = leaves_with_paths(params, is_leaf=is_leaf_node)
     lent = attach_shared([leaf for _, leaf in pairs])
     leaves = [materialise(path, leaf) if isinstance(leaf, Adapter) else
-              dequantize_array(leaf) if is_quantized(leaf) else leaf for (path, _), leaf in zip(pairs, lent)]
+              dequantize_array(leaf) if is_quantized(leaf) and not keep_quantized else leaf
+              for (path, _), leaf in zip(pairs, lent)]
     return jax.tree_util.tree_unflatten(jax.tree_util.tree_structure(params, is_leaf=is_leaf_node), leaves)
 
 
@@ -288,9 +293,22 @@ def check_finite_tree(tree: Any, where: str) -> None:
             checkify.check(jnp.all(jnp.isfinite(x)), "jpeft: non-finite values in " + name.replace("{", "{{").replace("}", "}}"))
 
 
-def merge(params: Any, spec: Spec) -> Any:
-    """An ordinary parameter tree with every adapter folded in (export / inference)."""
-    return _materialise_with_paths(params, spec, lambda path, node: materialise_node(node, None))
+def merge(params: Any, spec: Spec, *, requantize: bool = False) -> Any:
+    """An ordinary parameter tree with every adapter folded in (export / inference).
+
+    Quantised leaves come back dequantised; with `requantize=True` they stay quantised instead:
+    an adapted leaf whose base was quantised is re-quantised from its merged weight with its
+    base's own config, and an untargeted quantised leaf is kept as it is (its codes unchanged)."""
+    if not isinstance(requantize, bool):
+        raise SpecError(f"jpeft.merge: requantize must be True or False, got {requantize!r} (to quantise other "
+                        "leaves, jpeft.quantize the merged tree)")
+    if not requantize:
+        return _materialise_with_paths(params, spec, lambda path, node: materialise_node(node, None))
+
+    def merged(path, node):
+        out = materialise_node(node, None)
+        return quantize_array(out, node.base.config, path) if is_quantized(node.base) else out
+    return _materialise_with_paths(params, spec, merged, keep_quantized=True)
 
 
 def _holes(d: dict) -> dict:

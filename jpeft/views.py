@@ -30,7 +30,7 @@ import numpy as np
 
 from jpeft.adapter import Adapter
 from jpeft.errors import SpecError, leaf_error
-from jpeft.quant import dequantize_array, is_quantized
+from jpeft.quant import dequantize_array, is_quantized, quantize_array
 from jpeft.shared import SHARED
 
 
@@ -77,6 +77,12 @@ class View:
     @property
     def perm(self) -> tuple[int, ...]:
         return self.batch + self.inputs + self.outputs
+
+    @property
+    def is_trailing_matrix(self) -> bool:
+        """Batch axes first, then one input and one output axis: the matrices are the trailing
+        2-D slices, in place (an `nn.scan` stack)."""
+        return len(self.inputs) == 1 and len(self.outputs) == 1 and self.perm == tuple(range(self.ndim))
 
     @property
     def is_plain(self) -> bool:
@@ -192,8 +198,13 @@ def create_node(method, path: str, key: jax.Array, w: jax.Array, calib, view: Vi
     """`method.create` on a leaf through its view: one independent adapter per batch slice."""
     if view is None or view.is_plain:
         method.check(path, w)
-        return method.create(key, w, calib)
+        node = method.create(key, w, calib)
+        return node.replace(base=_stored_base(method, node.base, path))
     view.check(path, w.shape, w.dtype)
+    if method.base_quant is not None and not view.is_trailing_matrix:
+        raise SpecError(f"{path}: {method!r} quantises the base it chooses, which is stored as a stack of the "
+                        f"leaf's trailing 2-D matrices; the view {view} regroups the axes (use a view whose "
+                        "batch axes lead and whose inputs / outputs are the last two axes, in order)")
     batch_shape = view.batch_shape(w.shape)
     m = view.to_matrix(w)
     cm = None if calib is None else view.to_matrix(calib)
@@ -209,7 +220,14 @@ def create_node(method, path: str, key: jax.Array, w: jax.Array, calib, view: Vi
                  for i in range(flat_m.shape[0])]
         node = stack_nodes(nodes, batch_shape)
     base = None if node.base is None else view.from_matrix(node.base, w.shape)
-    return node.replace(base=base, view=view)
+    return node.replace(base=_stored_base(method, base, path), view=view)
+
+
+def _stored_base(method, base, path: str = "array"):
+    """The base as the node keeps it: quantised with `method.base_quant` when it has one."""
+    if method.base_quant is None or base is None:
+        return base
+    return quantize_array(base, method.base_quant, path)
 
 
 def materialise_node(node: Adapter, rng: jax.Array | None = None) -> jax.Array:
@@ -231,11 +249,11 @@ def materialise_node(node: Adapter, rng: jax.Array | None = None) -> jax.Array:
 def rebuild_base(node: Adapter, w: jax.Array) -> jax.Array:
     """`method.rebuild_base(w, node)` through the node's view (checkpoint restore)."""
     if node.view is None:
-        return node.method.rebuild_base(w, node)
+        return _stored_base(node.method, node.method.rebuild_base(w, node))
     view = node.view
     mnode = matrix_node(node.replace(base=w))
     out = slice_map(lambda n, ws: n.method.rebuild_base(ws, n), mnode, len(view.batch), view.to_matrix(w))
-    return None if out is None else view.from_matrix(out, w.shape)
+    return None if out is None else _stored_base(node.method, view.from_matrix(out, w.shape))
 
 
 def stack_nodes(nodes: list[Adapter], batch_shape: tuple[int, ...]) -> Adapter:

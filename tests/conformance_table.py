@@ -33,6 +33,7 @@ CORE_CASES = [
     Case("lora_dropout", "lora", jpeft.LoRA(rank=4, alpha=8, dropout=0.25)),
     Case("lora_olora", "lora", jpeft.LoRA(rank=4, alpha=8, init="olora"), tolerance="close"),
     Case("lora_orthogonal", "lora", jpeft.LoRA(rank=4, alpha=8, init="orthogonal"), tolerance="close"),
+    Case("lora_loftq", "lora", jpeft.LoRA(rank=4, alpha=8, init="loftq", loftq_iter=2)),   # quantised base
     Case("pissa", "pissa", jpeft.PiSSA(rank=4, alpha=4), tolerance="close"),
     Case("pissa_randomized", "pissa", jpeft.PiSSA(rank=4, alpha=8, svd_niter=4), tolerance="close"),
     Case("lora_ga", "lora_ga", jpeft.LoRAGA(rank=4, alpha=8), tolerance="close", calib=True),

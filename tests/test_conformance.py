@@ -11,6 +11,7 @@ import pytest
 
 import jpeft
 from jpeft.shared import attach_shared
+from jpeft.views import materialise_node
 from tests.conformance_table import (CASES, adapted, base_params, calib_grads, forward, inputs, loss, spec_for,
                                      targets)
 
@@ -57,8 +58,8 @@ def test_factored_equals_materialised(case):
     _, _, ad = adapted(case)
     for node in attach_shared(adapter_nodes(ad)):  # model-level state lent as jpeft.apply does
         node = perturbed(node)
-        x = jax.random.normal(jax.random.PRNGKey(5), (16, node.method.materialise(node).shape[0]))
-        dense = lambda n: x @ n.method.materialise(n)  # noqa: E731
+        x = jax.random.normal(jax.random.PRNGKey(5), (16, materialise_node(node).shape[0]))
+        dense = lambda n: x @ materialise_node(n)  # noqa: E731   (a quantised base dequantised)
         fact = lambda n: n.method.matmul(n, x)  # noqa: E731
         assert (fact(node) is not None) == case.factored
         if not case.factored:

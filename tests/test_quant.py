@@ -293,3 +293,31 @@ def test_a_quantised_tree_goes_through_orbax_jit_and_eval_shape(tmp_path):
     assert quant.is_quantized(back["k"]) and back["k"].config == quant.nf4()
     jax.tree.map(np.testing.assert_array_equal, back, qtree)
     np.testing.assert_allclose(jax.jit(jpeft.dequantize)(back)["k"], jpeft.dequantize(qtree)["k"], rtol=1e-6)
+
+
+def test_merge_requantize_and_an_adapter_checkpoint_restored_onto_the_quantised_base(mlp, tmp_path):
+    """`merge(requantize=True)`: each adapted leaf re-quantised from its merged weight with its
+    base's config, untargeted quantised leaves kept bit for bit; `load_adapters` onto the
+    quantised base gives the saved tree back."""
+    from jpeft import checkpoint
+
+    x, base, qbase = mlp
+    qbase = {**qbase, "extra": jpeft.quantize({"k": base["up"]["kernel"]}, {"k": quant.int4(group=32)})}
+    spec = jpeft.Spec({r"(up|down)/kernel": jpeft.LoRA(rank=4, alpha=8)})
+    trainable, frozen = jpeft.split(jpeft.init(jax.random.PRNGKey(2), qbase, spec))
+    params = jpeft.combine(jax.tree.map(lambda t: t + 0.05, trainable), frozen)
+    plain = jpeft.merge(params, spec)
+    requant = jpeft.merge(params, spec, requantize=True)
+    for path, config in (("up", quant.nf4()), ("down", quant.int8())):
+        want = quant.quantize_array(plain[path]["kernel"], config)
+        got = requant[path]["kernel"]
+        assert quant.is_quantized(got) and got.config == config
+        np.testing.assert_array_equal(got.codes, want.codes)
+    assert requant["extra"]["k"].config == quant.int4(group=32)
+    jax.tree.map(np.testing.assert_array_equal, requant["extra"]["k"], qbase["extra"]["k"])
+    np.testing.assert_array_equal(requant["up"]["bias"], plain["up"]["bias"])
+    with pytest.raises(jpeft.SpecError, match="requantize must be True or False"):
+        jpeft.merge(params, spec, requantize="nf4")
+    checkpoint.save_adapters(str(tmp_path / "a"), params, spec)
+    back, _ = checkpoint.load_adapters(str(tmp_path / "a"), qbase, spec)
+    jax.tree.map(np.testing.assert_array_equal, back, params)

@@ -35,6 +35,7 @@ import numpy as np
 
 from jpeft.adapter import Adapter
 from jpeft.errors import OptionError, leaf_error
+from jpeft.quant import QuantConfig
 
 
 @dataclasses.dataclass(frozen=True)
@@ -69,6 +70,13 @@ class Method:
         """Whether `create` returns a new base (a residual `K − s·a@b`: PiSSA, OLoRA, LoRA-GA, ...)
         that `rebuild_base` recreates from the original weights."""
         return False
+
+    @property
+    def base_quant(self) -> QuantConfig | None:
+        """The quantisation the rewritten base is stored in (LoftQ chooses a quantised base with
+        its factors), or None. `jpeft.init` and checkpoint restore quantise the base `create` /
+        `rebuild_base` return with it (re-quantising a dequantised code is exact)."""
+        return None
 
     def __post_init__(self) -> None:
         check_option_types(self)

@@ -1,8 +1,9 @@
 """Family A: additive low-rank adapters `K' = K_base + s·a@b` (METHODS.md §1.2, §2.1–2.4, §2.8,
-§3.9, §3.24).
+§3.9, §3.24; LoftQ: METHODS_MULTI_QUANT.md K.3).
 
 Kernel layout: `a ∈ R^{in×r}` is the paper's `Aᵀ`, `b ∈ R^{r×out}` is the paper's `Bᵀ`, so
-`ΔK = s·a@b = (s·B A)ᵀ`. The inits differ (LoRA, gaussian, PiSSA, OLoRA, orthogonal, LoRA-GA);
+`ΔK = s·a@b = (s·B A)ᵀ`. The inits differ (LoRA, gaussian, PiSSA, OLoRA, orthogonal, LoRA-GA,
+LoftQ);
 rsLoRA is the scale `α/√r`; FFA-LoRA freezes `a`; PeriodicLoRA adds a merge-and-restart hook.
 """
 
@@ -24,10 +25,12 @@ from jpeft.adapter import Adapter
 from jpeft.errors import leaf_error
 from jpeft.hooks import HookResult
 from jpeft.methods.base import Method, require, require_float_matrix, require_rank
-from jpeft.quant import is_quantized, qmatmul
+from jpeft.quant import QuantConfig, dequantize_array, int8, is_quantized, nf4, qmatmul, quantize_array
 from jpeft.registry import register, register_alias
 
-INITS = ("kaiming", "gaussian", "pissa", "olora", "orthogonal", "lora_ga")
+INITS = ("kaiming", "gaussian", "pissa", "olora", "orthogonal", "lora_ga", "loftq")
+RESIDUAL_INITS = ("pissa", "olora", "lora_ga")   # base = K − s·a₀@b₀, rebuilt from the kept factors
+LOFTQ_COMPAT = ("paper", "peft")
 GA_DIRECTIONS = ("ArB2r", "A2rBr", "ArBr", "random")
 GA_SCALES = ("stable", "gd", "unit", "weightS")
 
@@ -116,7 +119,15 @@ class LoRA(Method):
 
     init:       "kaiming" (a ~ U(±1/√in), b = 0; PEFT default), "gaussian" (a ~ N(0, 1/r²)),
                 "pissa" (principal SVD part, residual base; §2.4), "olora" (QR; PEFT `olora`),
-                "orthogonal" (PEFT `orthogonal`; rank even), "lora_ga" (needs `calib`; §2.8).
+                "orthogonal" (PEFT `orthogonal`; rank even), "lora_ga" (needs `calib`; §2.8),
+                "loftq" (METHODS_MULTI_QUANT.md K.3: the base becomes a quantised `Q` chosen with
+                the factors so that `Q + s·a@b ≈ K`; `jpeft.init` returns it as a `QTensor`).
+    loftq_bits: 4 (NF4, blocks of 64, no double quantisation, as PEFT) or 8 (`jpeft.quant.int8()`
+                per output channel; PEFT casts the weight to fp16 first, jpeft does not).
+    loftq_iter: alternations of quantise / rank-r SVD of the residual (PEFT's `loftq_iter`).
+    loftq_compat: "paper" (`s·a@b` is the rank-r part of the residual) or "peft" (PEFT assigns
+                the factors without dividing by the scale: `a@b` is that part, the effective init
+                `Q + s·E_r`; the same when alpha == rank).
     svd_niter:  None for an exact SVD (PiSSA / LoRA-GA); k for a randomised SVD with k power
                 iterations (PEFT `pissa_niter_k`; the LoRA-GA reference uses 4).
     dropout:    adapter-branch dropout. The factored path drops inputs of the adapter branch per
@@ -139,6 +150,9 @@ class LoRA(Method):
     ga_direction: str = "ArB2r"
     ga_scale: str = "stable"
     ga_gamma: float = 16.0
+    loftq_bits: int = 4
+    loftq_iter: int = 1
+    loftq_compat: str = "paper"
 
     def validate(self) -> None:
         require(isinstance(self.rank, int) and self.rank >= 1, f"{self.name}: rank must be a positive int, got {self.rank!r}")
@@ -149,10 +163,19 @@ class LoRA(Method):
         require(self.svd_niter is None or self.svd_niter >= 0, f"{self.name}: svd_niter must be None or >= 0")
         require(self.ga_direction in GA_DIRECTIONS, f"{self.name}: ga_direction must be one of {GA_DIRECTIONS}")
         require(self.ga_scale in GA_SCALES, f"{self.name}: ga_scale must be one of {GA_SCALES}")
+        require(self.loftq_bits in (4, 8), f"{self.name}: loftq_bits must be 4 or 8, got {self.loftq_bits!r}")
+        require(isinstance(self.loftq_iter, int) and self.loftq_iter >= 1,
+                f"{self.name}: loftq_iter must be an int >= 1, got {self.loftq_iter!r}")
+        require(self.loftq_compat in LOFTQ_COMPAT,
+                f"{self.name}: loftq_compat must be one of {LOFTQ_COMPAT}, got {self.loftq_compat!r}")
 
     @property
     def needs_calib(self) -> bool:  # type: ignore[override]
         return self.init == "lora_ga"
+
+    @property
+    def identity_at_init(self) -> bool:  # type: ignore[override]
+        return self.init != "loftq"   # LoftQ: `Q + E_r ≈ K`, the quantisation error less its rank-r part
 
     @property
     def scale(self) -> float:
@@ -169,13 +192,19 @@ class LoRA(Method):
     @property
     def rewrites_base(self) -> bool:
         """Inits that move the principal / gradient part into the adapter (`K_res = K − s·a₀@b₀`)."""
-        return self.init in ("pissa", "olora", "lora_ga")
+        return self.init in (*RESIDUAL_INITS, "loftq")
+
+    @property
+    def base_quant(self) -> QuantConfig | None:
+        if self.init != "loftq":
+            return None
+        return nf4(block=64, double_quant=False) if self.loftq_bits == 4 else int8()
 
     def create(self, key, w, calib=None):
         base, a, b = self.factors(key, w, calib)
         a, b = a.astype(w.dtype), b.astype(w.dtype)
         node = self.lowrank_node(base, a, b)
-        if self.rewrites_base:  # keep the init factors: the base is `rebuild_base(K)` from them
+        if self.init in RESIDUAL_INITS:  # keep the init factors: the base is `rebuild_base(K)` from them
             node = node.replace(frozen={**node.frozen, "a0": a, "b0": b})
         return node
 
@@ -185,6 +214,8 @@ class LoRA(Method):
         return self.node(base, train={"a": a, "b": b})
 
     def rebuild_base(self, w, node):
+        if self.init == "loftq":   # deterministic: the same alternation on the original weight
+            return self.loftq_factors(w)[0]
         if "a0" not in node.frozen:
             return w
         return residual_base(w, node.frozen["a0"], node.frozen["b0"], self.scale)
@@ -206,9 +237,26 @@ class LoRA(Method):
             a, b = pissa_factors(key, w, r, s, self.svd_niter)
         elif self.init == "olora":
             a, b = olora_factors(w, r)
+        elif self.init == "loftq":
+            return self.loftq_factors(w)
         else:
             a, b = self.lora_ga_factors(key, w, calib)
         return residual_base(w, a, b, s), a, b
+
+    def loftq_factors(self, w):
+        """LoftQ (K.3, PEFT `loftq_init`): `R ← K`; T times `Q ← deq(quant(R))`, the rank-r SVD
+        `E_r` of `K − Q`, `R ← K − E_r`. Returns `(Q, a, b)` with `s·a@b = E_r` ("paper") or
+        `a@b = E_r` ("peft"); kernel layout, so the SVD of `Kᵀ − Qᵀ` is the transpose of this one."""
+        config = self.base_quant
+        wf = linalg.upcast(w)
+        residual = wf
+        for t in range(self.loftq_iter):
+            q = dequantize_array(quantize_array(residual, config), jnp.float32)
+            u, sig, vh = linalg.leading_svd(None, wf - q, self.rank, None)
+            if t + 1 < self.loftq_iter:
+                residual = wf - (u * sig) @ vh
+        root = jnp.sqrt(sig if self.loftq_compat == "peft" else sig / self.scale)
+        return q.astype(w.dtype), u * root, root[:, None] * vh
 
     def lora_ga_factors(self, key, w, grad):
         """LoRA-GA (METHODS.md §2.8, official repo): factors from the SVD of the gradient."""
