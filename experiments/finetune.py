@@ -35,6 +35,8 @@ from jpeft.paths import leaves_with_paths
 from jpeft.registry import method_with_defaults
 from jpeft.registry import options as options_of
 
+QUANT_CONFIGS = {"none": None, "nf4": jpeft.quant.nf4(), "int8": jpeft.quant.int8()}   # --quantize
+
 flags.DEFINE_enum("model", "smollm2_135m", ["smollm2_135m", "tiny", "minilm"],
                   "base model (minilm: a mean-pooled BertClassifier on all-MiniLM-L6-v2, for --task=fortunes)")
 flags.DEFINE_enum("task", "arithmetic", list(tasks.TASKS), "task")
@@ -65,6 +67,9 @@ flags.DEFINE_string("mesh", "data=-1", "device mesh over every process's devices
                     "data × fsdp (each process reads its own rows), the frozen weights are sharded over fsdp "
                     "(FSDP) and tensor, adapters and optimizer state follow their base weights; "
                     "--method=hd_pissa spreads its frames over data")
+flags.DEFINE_enum("quantize", "none", list(QUANT_CONFIGS), "quantise the frozen block kernels (QUANTIZED[--model]) "
+                  "before training: nf4 = QLoRA's NF4 with double quantisation, int8 = one scale per output channel; "
+                  "the adapters train over the quantised base (docs/quant.md)")
 flags.DEFINE_integer("seed", 0, "seed for the adapter init and the data order")
 flags.DEFINE_bool("allow_nonfinite", False, "keep training after a non-finite loss or gradient (default: stop "
                   "with an error); an adapter with non-finite values is never exported")
@@ -72,6 +77,7 @@ FLAGS = flags.FLAGS
 
 LM_TARGET = r"layers_\d+/(self_attn|mlp)/\w+_proj/kernel"
 TARGETS = {"smollm2_135m": LM_TARGET, "tiny": LM_TARGET, "minilm": r"bert/layer_\d+/attention/(query|value)/kernel"}
+QUANTIZED = {"smollm2_135m": LM_TARGET, "tiny": LM_TARGET, "minilm": r"bert/layer_\d+/.*/kernel"}  # --quantize
 HEAD = r"classifier/(kernel|bias)"  # the classifier's head, trained fully (jpeft.Full) next to the adapters
 
 
@@ -179,6 +185,10 @@ def train() -> dict:
     if classifier and FLAGS.export_hf:
         raise ValueError("--export_hf: HF export covers the LM models (smollm2_135m, tiny), not minilm's "
                          "adapters + fully trained head")
+    if FLAGS.quantize != "none" and (not method.quantized_base or method.base_quant is not None):
+        why = ("chooses and quantises its own base (loftq_bits)" if method.base_quant is not None else
+               "does not take a quantised base (docs/quant.md lists those that do)")
+        raise app.UsageError(f"--quantize={FLAGS.quantize} with --method={FLAGS.method}: {method!r} {why}")
     rules = {FLAGS.target or TARGETS[FLAGS.model]: method}
     if classifier:
         rules[HEAD] = jpeft.Full()
@@ -196,6 +206,13 @@ def train() -> dict:
     finally:
         if ckpt:
             ckpt.close()
+
+
+def quantized(params):
+    """`params` (adapted, from the full-precision base) with the --quantize leaves quantised: the
+    adapter bases there (QLoRA; a PiSSA-style residual: QPiSSA) and the untargeted kernels."""
+    config = QUANT_CONFIGS[FLAGS.quantize]
+    return params if config is None else jpeft.quantize(params, {QUANTIZED[FLAGS.model]: config})
 
 
 def _train(mesh, layout, spec, task, classifier, ckpt, writer, say) -> dict:
@@ -222,8 +239,10 @@ def _train(mesh, layout, spec, task, classifier, ckpt, writer, say) -> dict:
         first = {k: jnp.asarray(v) for k, v in full.items()}
         calib = jax.grad(lambda p: tasks.loss(task, model.apply({"params": p}, *tasks.model_inputs(task, first)),
                                               first))(base)
-    params = jpeft.init(jax.random.PRNGKey(FLAGS.seed), base, spec, calib=calib)
-    say(f"{FLAGS.model} + {spec.rules[0][1]!r}\nparameters: {jpeft.count(params)}\n"
+    params = quantized(jpeft.init(jax.random.PRNGKey(FLAGS.seed), base, spec, calib=calib))
+    quant_note = "" if FLAGS.quantize == "none" else (
+        f" over a {FLAGS.quantize} base ({jpeft.quant.stored_bytes(jpeft.split(params)[1]) / 2 ** 20:.1f} MB frozen)")
+    say(f"{FLAGS.model} + {spec.rules[0][1]!r}{quant_note}\nparameters: {jpeft.count(params)}\n"
         f"mesh: {scale.describe(mesh)} over {jax.process_count()} process{'es' if jax.process_count() > 1 else ''}")
 
     tx = optimizer(FLAGS.optimizer, FLAGS.learning_rate, FLAGS.steps)
@@ -235,7 +254,7 @@ def _train(mesh, layout, spec, task, classifier, ckpt, writer, say) -> dict:
     start, rng, data_it = 0, np.asarray(jax.random.PRNGKey(FLAGS.seed)), iter(train_ds)
     if resume is not None:  # restored replicated on this mesh, then moved to the training shardings
         state = ckpt.restore(base, opt_state, step=resume, spec=spec, sharding=rep)
-        trainable, frozen = scale.put(jpeft.split(state["params"]), (train_sh, frozen_sh))
+        trainable, frozen = scale.put(jpeft.split(quantized(state["params"])), (train_sh, frozen_sh))
         opt_state = scale.reshard(state["opt_state"], opt_sh)
         start, rng = state["step"], np.asarray(state["rng"])
         data_it.set_state(state["data_state"])

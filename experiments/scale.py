@@ -157,8 +157,10 @@ def gather(tree: Any) -> Any:
 
 def host_params(params: Any, base: Any) -> Any:
     """The adapted tree on the host for export: adapter nodes gathered, every other leaf taken
-    from the host copy of the `base` weights (they are frozen, so equal), not gathered."""
-    return jax.tree.map(lambda p, b: gather(p) if is_adapter(p) else b, params, base, is_leaf=is_adapter)
+    from the host copy of the `base` weights (they are frozen, so equal; a quantised leaf's
+    full-precision original), not gathered."""
+    whole = lambda x: is_adapter(x) or jpeft.quant.is_quantized(x)  # noqa: E731
+    return jax.tree.map(lambda p, b: gather(p) if is_adapter(p) else b, params, base, is_leaf=whole)
 
 
 def state_shardings(params, base, spec: jpeft.Spec, tx: optax.GradientTransformation, mesh) -> tuple:

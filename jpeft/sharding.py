@@ -11,7 +11,10 @@ every adapter array gets the sharding its role implies:
 - a method may state its arrays' roles itself with `sharding_layout(node) -> {part: {key: roles}}`,
   roles being `"in"`, `"out"`, `"stack"` (a leading data-parallel device axis, HD-PiSSA) or None;
 - a mesh axis is used at most once per array (the stack axis wins), and a dimension that the mesh
-  axis size does not divide is replicated instead.
+  axis size does not divide is replicated instead;
+- a quantised leaf (`jpeft.quant.QTensor`, as a leaf or an adapter's base) has its codes and
+  scales replicated (4-bit codes are flat per matrix); the adapters on it still follow the
+  spec of its logical shape.
 
     base = {"layer": {"q": {"kernel": P("fsdp", "tp")}, "o": {"kernel": P("tp", "fsdp")}}}
     shardings = jpeft.sharding.adapter_shardings(params, base, mesh)
@@ -31,6 +34,7 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec
 from jpeft.adapter import Adapter, is_adapter_or_hole
 from jpeft.core import split
 from jpeft.paths import leaves_with_paths
+from jpeft.quant import QTensor, is_quantized
 from jpeft.shared import SHARED
 
 P = PartitionSpec
@@ -73,6 +77,11 @@ def _base_lookup(base: Any) -> Callable[[str, Any], PartitionSpec]:
         return table[path]
 
     return lookup
+
+
+def _quantized_specs(q: QTensor) -> QTensor:
+    """A `QTensor` of replicated specs, one per array of `q`."""
+    return jax.tree.map(lambda _: P(), q)
 
 
 def _entries(spec: PartitionSpec, ndim: int) -> list:
@@ -184,7 +193,8 @@ def _viewed_partition_specs(node: Adapter, base_spec: PartitionSpec, mesh: Mesh,
                                                         is_leaf=lambda x: isinstance(x, PartitionSpec)))
                 for k, v in d.items()}
 
-    base = _spec_from_roles(tuple(f"base:{i}" for i in range(len(shape))), shape, entries, mesh, None)
+    base = _quantized_specs(node.base) if is_quantized(node.base) else _spec_from_roles(
+        tuple(f"base:{i}" for i in range(len(shape))), shape, entries, mesh, None)
     return node.replace(base=base, train=prepend(inner.train), frozen=prepend(inner.frozen),
                         state=prepend(inner.state))
 
@@ -213,8 +223,8 @@ def node_partition_specs(node: Adapter, base_spec: PartitionSpec, mesh: Mesh, *,
 
         return {k: one(k, v) for k, v in d.items()}
 
-    base = None if node.base is None else _spec_from_roles(
-        tuple(f"base:{i}" for i in range(len(base_shape))), base_shape, base_entries, mesh, None)
+    base = None if node.base is None else _quantized_specs(node.base) if is_quantized(node.base) else \
+        _spec_from_roles(tuple(f"base:{i}" for i in range(len(base_shape))), base_shape, base_entries, mesh, None)
     return node.replace(base=base, train=part("train", node.train), frozen=part("frozen", node.frozen),
                         state=part("state", node.state))
 
@@ -237,12 +247,15 @@ def partition_specs(params: Any, base: Any, mesh: Mesh | None = None, *, stack_a
             return None
         if isinstance(leaf, Adapter):
             return node_partition_specs(leaf, lookup(path, leaf), mesh, stack_axis=stack_axis)
+        if is_quantized(leaf):
+            return _quantized_specs(leaf)
         spec = lookup(path, leaf)
         return _spec_from_roles(tuple(f"base:{i}" for i in range(np.ndim(leaf))), tuple(np.shape(leaf)),
                                 _entries(spec, np.ndim(leaf)), mesh, None)
 
-    pairs = leaves_with_paths(params, is_leaf=is_adapter_or_hole)
-    treedef = jax.tree_util.tree_structure(params, is_leaf=is_adapter_or_hole)
+    whole = lambda x: is_adapter_or_hole(x) or is_quantized(x)  # noqa: E731
+    pairs = leaves_with_paths(params, is_leaf=whole)
+    treedef = jax.tree_util.tree_structure(params, is_leaf=whole)
     return jax.tree_util.tree_unflatten(treedef, [one(p, leaf) for p, leaf in pairs])
 
 
@@ -280,7 +293,8 @@ def fsdp_specs(base: Any, mesh: Mesh, axis: str = "fsdp", *, tensor: str | None 
     at least `min_size` elements has its largest dimension that the size of mesh axis `axis`
     divides split over `axis`, and with `tensor` its largest other dimension that axis divides
     split over `tensor`; smaller arrays (norm scales, biases) and axes of size 1 stay replicated.
-    Pass it as `base` to `partition_specs` / `adapter_shardings` / `split_shardings`: the adapters
+    A quantised leaf gets the spec of its logical shape (its adapters follow it; its own codes
+    are replicated by `partition_specs`). Pass it as `base` to `partition_specs` / `adapter_shardings` / `split_shardings`: the adapters
     then follow it."""
     for name in (axis, tensor):
         if name is not None and name not in mesh.shape:
@@ -301,7 +315,7 @@ def fsdp_specs(base: Any, mesh: Mesh, axis: str = "fsdp", *, tensor: str | None 
             entries.pop()
         return P(*entries)
 
-    return jax.tree.map(one, base)
+    return jax.tree.map(one, base, is_leaf=is_quantized)
 
 
 def replicated(tree: Any, mesh: Mesh) -> Any:

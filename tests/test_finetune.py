@@ -36,6 +36,33 @@ def test_tiny_run_writes_metrics_and_resumes_bit_identically(tmp_path):
 
 
 @pytest.mark.slow
+def test_qlora_run_resumes_and_its_export_loads_in_peft_as_plain_lora(tmp_path):
+    """`--quantize=nf4`: the frozen block kernels train as NF4 codes (through a checkpoint and a
+    resume); the exported adapter is a plain PEFT LoRA adapter that gives, over the dequantised
+    base in transformers, the logits jpeft gives over the quantised one."""
+    torch, peft = pytest.importorskip("torch"), pytest.importorskip("peft")
+    from jpeft.models.llama import Llama, LlamaConfig
+    from tests.models.test_llama import torch_model
+
+    common = ("--quantize=nf4", f"--ckpt_dir={tmp_path / 'ckpt'}")
+    run(tmp_path, *common, f"--out_dir={tmp_path / 'a'}", "--stop_at=2")
+    resumed = run(tmp_path, *common, f"--out_dir={tmp_path / 'b'}", "--resume", f"--export_hf={tmp_path / 'hf'}")
+    params, spec = resumed["params"], resumed["spec"]
+    node = params["layers_0"]["mlp"]["down_proj"]["kernel"]
+    assert jpeft.quant.is_quantized(node.base) and node.base.config == jpeft.quant.nf4()
+    assert float(np.max(np.abs(np.asarray(node.train["b"])))) > 0          # trained
+    base = jpeft.dequantize(jax.tree.map(lambda n: n.base if isinstance(n, jpeft.Adapter) else n, params,
+                                         is_leaf=jpeft.is_adapter))
+    config = LlamaConfig.reference()
+    loaded = peft.PeftModel.from_pretrained(torch_model(config, jax.device_get(base)), str(tmp_path / "hf"))
+    ids = np.array([[1, 40, 50, 60, 70, 80, 90, 100]], np.int32)
+    with torch.no_grad():
+        want = loaded(torch.from_numpy(ids)).logits.numpy()
+    got = jpeft.factored(Llama(config).apply, spec)({"params": jax.device_get(params)}, ids)
+    np.testing.assert_allclose(got, want, atol=1e-4, rtol=1e-4)
+
+
+@pytest.mark.slow
 def test_compare_tabulates_methods(tmp_path):
     from experiments import compare
 
@@ -76,6 +103,8 @@ def test_minilm_learns_fortune_topics_as_a_program(tmp_path):
     (["--method_options=[1]"], "expected a JSON object"),
     (["--rank=4", "--method_options={\"rank\": 8}"], "disagree; set it once"),
     (["--method=lora", "--alpha=nan"], "option 'alpha' must be a finite float"),
+    (["--method=loca", "--quantize=nf4"], r"--quantize=nf4 with --method=loca: .*does not take a quantised base"),
+    (["--method_options={\"init\": \"loftq\"}", "--quantize=int8"], r"--quantize=int8 .*chooses and quantises its own"),
     (["--method=lift", "--method_options={\"density\": 0.05, \"lora_rank\": 8}"], "set only one of density, lora_rank"),
 ])
 def test_bad_method_flags_are_refused_before_anything_loads(args, message, tmp_path, monkeypatch):
