@@ -273,8 +273,8 @@ def _train(mesh, layout, spec, task, classifier, ckpt, writer, say) -> dict:
     def evaluate(trainable, frozen, which):
         params = jpeft.combine(trainable, frozen)
         logits = lambda p, *inputs: run({"params": p}, *inputs)  # noqa: E731
-        out = {task.metric: tasks.evaluate(task, logits, params, tokenizer, FLAGS.data_dir, FLAGS.eval_count, 16,
-                                           max_len, layout)["metric"]}
+        scores = tasks.evaluate(task, logits, params, tokenizer, FLAGS.data_dir, FLAGS.eval_count, 16, max_len, layout)
+        out = {task.metric: scores["metric"], **({} if task.metric == "loss" else {"test_loss": scores["loss"]})}
         if probe:
             lm = tasks.TASKS["shakespeare"]
             out["shakespeare_perplexity"] = tasks.evaluate(lm, logits, params, tokenizer, FLAGS.data_dir, 32, 16, 128,

@@ -243,7 +243,7 @@ _INT4_BYTES = _byte_table(np.arange(16, dtype=np.float32) - 8)
 
 
 def _lookup_bytes(table: np.ndarray, packed, count: int, tie=None):
-    t = jnp.asarray(table) if tie is None else jnp.asarray(table) + tie   # (see `_dequantized_after`)
+    t = jnp.asarray(table) if tie is None else jnp.asarray(table) + tie   # (see `dequantized_after`)
     return t[packed.astype(jnp.int32)].reshape(-1)[:count]
 
 
@@ -345,7 +345,7 @@ def placeholder(q: QTensor) -> jax.Array:
     return jnp.broadcast_to(tie, shape)
 
 
-def _dequantized_after(q: QTensor, t: jax.Array, dtype) -> jax.Array:
+def dequantized_after(q: QTensor, t: jax.Array, dtype) -> jax.Array:
     """`q` dequantised only once `t` (this layer's input, or its output gradient) exists, as its
     own computation (never merged with another dequantisation of `q`).
 
@@ -365,7 +365,7 @@ def qmatmul(x: jax.Array, q: QTensor) -> jax.Array:
     dequantised when the layer runs and again in its backward pass, never kept in between (a
     quantised base is frozen: only `x` gets a gradient)."""
     dt = jnp.result_type(x.dtype, jnp.dtype(q.dtype))
-    return x.astype(dt) @ _dequantized_after(q, x, dt)
+    return x.astype(dt) @ dequantized_after(q, x, dt)
 
 
 def _qmatmul_fwd(x, q):
@@ -374,10 +374,15 @@ def _qmatmul_fwd(x, q):
 
 def _qmatmul_bwd(res, g):
     q, like = res
-    dx = (g @ _dequantized_after(q, g, g.dtype).T).astype(like.dtype)
+    dx = (g @ dequantized_after(q, g, g.dtype).T).astype(like.dtype)
+    return dx, frozen_zeros(q)
+
+
+def frozen_zeros(q: QTensor) -> QTensor:
+    """The cotangent of a quantised (frozen) leaf in a `custom_vjp`: zeros (float0 for the codes)."""
     zero = lambda a: np.zeros(a.shape, jax.dtypes.float0) if not jnp.issubdtype(a.dtype, jnp.inexact) \
         else jnp.zeros_like(a)  # noqa: E731
-    return dx, jax.tree.map(zero, q)
+    return jax.tree.map(zero, q)
 
 
 qmatmul.defvjp(_qmatmul_fwd, _qmatmul_bwd)
@@ -447,5 +452,5 @@ def logical_size(tree: Any) -> int:
 
 
 __all__ = ["DYN8_CODE", "FP4_CODE", "dynamic_map", "NF4_CODE", "QTensor", "QuantConfig", "check_quantizable", "dequantize",
-           "dequantize_array", "fp4", "int4", "int8", "is_leaf_node", "is_quantized", "logical_size", "nf4", "placeholder", "qmatmul", "quantize",
+           "dequantize_array", "dequantized_after", "fp4", "frozen_zeros", "int4", "int8", "is_leaf_node", "is_quantized", "logical_size", "nf4", "placeholder", "qmatmul", "quantize",
            "quantize_array", "stored_bytes"]

@@ -321,3 +321,27 @@ def test_merge_requantize_and_an_adapter_checkpoint_restored_onto_the_quantised_
     checkpoint.save_adapters(str(tmp_path / "a"), params, spec)
     back, _ = checkpoint.load_adapters(str(tmp_path / "a"), qbase, spec)
     jax.tree.map(np.testing.assert_array_equal, back, params)
+
+
+@pytest.mark.parametrize("tokens", [8, 96], ids=["two_matmuls", "one_matmul"])
+def test_qlora_matmul_values_and_gradients_equal_the_dense_form(tokens):
+    """`lowrank_matmul` over a quantised base (XLA:CPU's custom VJP in both of its forms, fewer
+    and more tokens than input features; an adapter-branch input `xd` unlike `x`, as dropout
+    makes it) against `x@deq(q) + s·(xd@a)@b` by autodiff."""
+    from jpeft.methods.lowrank import lowrank_matmul
+
+    keys = jax.random.split(jax.random.PRNGKey(0), 5)
+    q = quant.quantize_array(jax.random.normal(keys[0], (64, 48)), quant.nf4())
+    x, a, b = (jax.random.normal(k, s) for k, s in zip(keys[1:], [(2, tokens // 2, 64), (64, 4), (4, 48)]))
+    xd = x * (jax.random.uniform(keys[4], x.shape) > 0.25)
+    w = quant.dequantize_array(q)
+
+    def loss(fn):
+        return lambda x, xd, a, b: jnp.sum(jnp.sin(fn(x, xd, a, b)))
+
+    got = jax.value_and_grad(loss(lambda x, xd, a, b: lowrank_matmul(x, xd, q, a, b, 0.5)), argnums=(0, 1, 2, 3))
+    want = jax.value_and_grad(loss(lambda x, xd, a, b: x @ w + 0.5 * ((xd @ a) @ b)), argnums=(0, 1, 2, 3))
+    (vg, gg), (vw, gw) = jax.jit(got)(x, xd, a, b), want(x, xd, a, b)
+    np.testing.assert_allclose(vg, vw, rtol=1e-5)
+    for g1, g2 in zip(gg, gw):   # fp32 sums in another order: 1e-5 of the gradient's scale
+        np.testing.assert_allclose(g1, g2, rtol=1e-5, atol=1e-5 * max(1.0, float(jnp.max(jnp.abs(g2)))))

@@ -25,7 +25,8 @@ from jpeft.adapter import Adapter
 from jpeft.errors import leaf_error
 from jpeft.hooks import HookResult
 from jpeft.methods.base import Method, require, require_float_matrix, require_rank
-from jpeft.quant import QuantConfig, dequantize_array, int8, is_quantized, nf4, qmatmul, quantize_array
+from jpeft.quant import (QuantConfig, dequantize_array, dequantized_after, frozen_zeros, int8, is_quantized, nf4,
+                         qmatmul, quantize_array)
 from jpeft.registry import register, register_alias
 
 INITS = ("kaiming", "gaussian", "pissa", "olora", "orthogonal", "lora_ga", "loftq")
@@ -62,8 +63,10 @@ def lowrank_matmul(x, xd, w, a, b, s):
       backward fused into a strided copy); `_lowrank_jvp` pins the transposes on the rank-r
       operands instead (LoRA step wall time −15–20% on the reference workload).
     """
-    if is_quantized(w):   # QLoRA: the base product dequantises the frozen codes (every backend; no fused kernel yet)
-        return qmatmul(x, w) + s * ((xd @ a) @ b)
+    if is_quantized(w):   # QLoRA: the base product dequantises the frozen codes (no fused kernel yet)
+        if on_accelerator():
+            return qmatmul(x, w) + s * ((xd @ a) @ b)
+        return _cpu_qlowrank_matmul(x, xd, w, a, b, s)
     impl = resolve_impl(kernel_impl())
     if impl == "kernel" and xd is x:
         return fused_lora_matmul(x, w, a, b, s, impl="kernel")
@@ -73,6 +76,43 @@ def lowrank_matmul(x, xd, w, a, b, s):
     flat = lambda t: t.reshape(tokens, t.shape[-1])  # noqa: E731
     y = _lowrank(flat(x), flat(xd), w, a, b, s, tokens >= w.shape[0])
     return y.reshape(*x.shape[:-1], w.shape[1])
+
+
+def _cpu_qlowrank_matmul(x, xd, q, a, b, s):
+    """QLoRA on XLA:CPU: `x@deq(q) + s·(xd@a)@b` in the one-matmul form of the fp32 path (the
+    first bullet above; without it the SwiGLU summands of every layer stay alive: +45 MB of
+    temporaries on the reference workload, `experiments/bench_quant.py`), the weight dequantised
+    in the forward and again in the backward (`jpeft.quant.qmatmul`'s rule), never saved."""
+    tokens = math.prod(x.shape[:-1])
+    flat = lambda t: t.reshape(tokens, t.shape[-1])  # noqa: E731
+    y = _qlowrank(flat(x), flat(xd), q, a, b, s, tokens >= q.shape[-2])
+    return y.reshape(*x.shape[:-1], q.shape[-1])
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(5, 6))
+def _qlowrank(x, xd, q, a, b, s, stacked):
+    dt = jnp.result_type(x.dtype, jnp.dtype(q.dtype))
+    return _lowrank_primal(x, xd @ a, dequantized_after(q, x, dt), b, s, stacked)
+
+
+def _qlowrank_fwd(x, xd, q, a, b, s, stacked):
+    xa = xd @ a
+    dt = jnp.result_type(x.dtype, jnp.dtype(q.dtype))
+    y = _lowrank_primal(x, xa, dequantized_after(q, x, dt), b, s, stacked)
+    return y, (xd, xa, q, a, b, jnp.zeros((0,), x.dtype))   # (x's dtype, carried as an empty array)
+
+
+def _qlowrank_bwd(s, stacked, res, g):
+    xd, xa, q, a, b, like = res
+    gb = g @ b.T.astype(g.dtype)
+    dx = (g @ dequantized_after(q, g, g.dtype).T).astype(like.dtype)
+    dxd = (s * (gb @ a.T.astype(g.dtype))).astype(xd.dtype)
+    da = (s * (xd.T.astype(g.dtype) @ gb)).astype(a.dtype)
+    db = (s * (xa.T.astype(g.dtype) @ g)).astype(b.dtype)
+    return dx, dxd, frozen_zeros(q), da, db
+
+
+_qlowrank.defvjp(_qlowrank_fwd, _qlowrank_bwd)
 
 
 @functools.partial(jax.custom_jvp, nondiff_argnums=(5, 6))
