@@ -345,3 +345,43 @@ def test_qlora_matmul_values_and_gradients_equal_the_dense_form(tokens):
     np.testing.assert_allclose(vg, vw, rtol=1e-5)
     for g1, g2 in zip(gg, gw):   # fp32 sums in another order: 1e-5 of the gradient's scale
         np.testing.assert_allclose(g1, g2, rtol=1e-5, atol=1e-5 * max(1.0, float(jnp.max(jnp.abs(g2)))))
+
+
+def test_side_by_side_with_qwix_nf4_and_int8_lora(mlp):
+    """qwix's `LoraRule(weight_qtype=...)` on the same MLP and weights (K.5). NF4 with
+    `tile_size=64` (blocks of 64 along the contraction, as bitsandbytes' on `Kᵀ`): the same
+    dequantised weights bit for bit as `nf4(double_quant=False)`, and with qwix's own LoRA factors
+    (b moved off zero) the same outputs. int8: qwix rounds to [-128, 127] with bound 127.5, jpeft to
+    [-127, 127] with 127 (bitsandbytes' rule): the two dequantised weights differ by less than one
+    code step of either."""
+    qwix = pytest.importorskip("qwix")
+    from qwix._src.core import qarray
+
+    x, base, _ = mlp
+    for qtype, config in (("nf4", quant.nf4(double_quant=False)), (jnp.int8, quant.int8())):
+        provider = qwix.LoraProvider(module_path=r".*(up|down)", rank=4, alpha=8.0, weight_qtype=qtype,
+                                     tile_size=64 if qtype == "nf4" else None)
+        model = qwix.apply_lora_to_model(MLP(), provider)
+        qparams = model.init(jax.random.PRNGKey(0), x)["params"]   # the same init key: the same float kernels
+        qbase = jpeft.quantize(base, {r"(up|down)/kernel": config})
+        for name in ("up", "down"):
+            theirs = qarray.dequantize(qparams[name]["kernel"].array)
+            ours = quant.dequantize_array(qbase[name]["kernel"])
+            if qtype == "nf4":
+                np.testing.assert_array_equal(theirs, ours)
+            else:
+                step = jnp.max(jnp.abs(base[name]["kernel"]), axis=0) / 127.0
+                assert bool(jnp.all(jnp.abs(theirs - ours) <= step)) and bool(jnp.any(theirs != ours))
+        if qtype != "nf4":
+            continue
+        for name in ("up", "down"):
+            qparams[name]["kernel_lora_b"] = 0.05 * jax.random.normal(jax.random.PRNGKey(3), qparams[name]["kernel_lora_b"].shape)
+        spec = jpeft.Spec({r"(up|down)/kernel": jpeft.LoRA(rank=4, alpha=8)})
+        params = jpeft.init(jax.random.PRNGKey(2), qbase, spec)
+        for name in ("up", "down"):
+            node = params[name]["kernel"]
+            params[name]["kernel"] = node.replace(train={"a": qparams[name]["kernel_lora_a"],
+                                                         "b": qparams[name]["kernel_lora_b"]})
+        want = model.apply({"params": qparams}, x)
+        got = jpeft.factored(MLP().apply, spec)({"params": params}, x)
+        np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-6)
