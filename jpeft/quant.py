@@ -336,6 +336,19 @@ def dequantize_array(q: QTensor, dtype: Any = None, *, tie: jax.Array | None = N
     return w.astype(dtype or q.dtype)
 
 
+def kernel_operands(q: QTensor):
+    """`(codes (m, n/2), absmax (n/block, m), table)` of a 2-D NF4 / FP4 leaf whose blocks lie
+    within the input features of one output (`n % block == 0`): the operands of
+    `pallas_kernels.fused_qlora_matmul` (double-quantised scales expanded, 1/block of the
+    weight's size); None for any other leaf (it runs through `qmatmul`)."""
+    if q.config.kind not in ("nf4", "fp4") or q.codes.ndim != 1 or len(q.shape) != 2 or q.shape[0] % q.config.block:
+        return None
+    n, m = q.shape
+    absmax = _absmax_of(q.scales, q.config).reshape(m, n // q.config.block).T
+    table = tuple(float(v) for v in (NF4_CODE if q.config.kind == "nf4" else FP4_CODE))
+    return q.codes.reshape(m, n // 2), absmax, table
+
+
 def placeholder(q: QTensor) -> jax.Array:
     """A stand-in array of `q`'s logical shape (zeros) that depends on its codes: what a model
     multiplies where `jpeft.factored` intercepts the op and contracts with `q` itself. Any other
@@ -452,5 +465,5 @@ def logical_size(tree: Any) -> int:
 
 
 __all__ = ["DYN8_CODE", "FP4_CODE", "dynamic_map", "NF4_CODE", "QTensor", "QuantConfig", "check_quantizable", "dequantize",
-           "dequantize_array", "dequantized_after", "fp4", "frozen_zeros", "int4", "int8", "is_leaf_node", "is_quantized", "logical_size", "nf4", "placeholder", "qmatmul", "quantize",
+           "dequantize_array", "dequantized_after", "fp4", "frozen_zeros", "int4", "int8", "is_leaf_node", "is_quantized", "kernel_operands", "logical_size", "nf4", "placeholder", "qmatmul", "quantize",
            "quantize_array", "stored_bytes"]

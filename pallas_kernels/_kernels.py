@@ -51,7 +51,7 @@ class _Layout(NamedTuple):
     chunk: int
 
 
-def _mm(a, b, trans_b: bool = False, exact: bool = False):
+def mm(a, b, trans_b: bool = False, exact: bool = False):
     """a @ b (or a @ b.T) with float32 accumulation.
 
     exact=True forces full-precision inputs (IEEE on Triton, not TF32): used for the one-hot
@@ -83,7 +83,7 @@ def _table_spec(shape, platform: str):
     return _full_spec(shape)
 
 
-def _call_options(platform: str, semantics: tuple[str, ...]):
+def call_options(platform: str, semantics: tuple[str, ...]):
     """interpret / compiler_params for pl.pallas_call on `platform` ("gpu" selects Triton)."""
     if platform == "gpu":
         from jax.experimental.pallas import triton as pltriton
@@ -102,8 +102,8 @@ def _dense_term(x_ref, w_ref, acc, lay: _Layout):
         start = pl.multiple_of(kk * lay.inner, lay.inner)
         xs = x_ref[:, pl.ds(start, lay.inner)]
         if lay.weight_transposed:
-            return acc + _mm(xs, w_ref[:, pl.ds(start, lay.inner)], trans_b=True)
-        return acc + _mm(xs, w_ref[pl.ds(start, lay.inner), :])
+            return acc + mm(xs, w_ref[:, pl.ds(start, lay.inner)], trans_b=True)
+        return acc + mm(xs, w_ref[pl.ds(start, lay.inner), :])
 
     return lax.fori_loop(0, lay.n_inner, step, acc)
 
@@ -111,10 +111,10 @@ def _dense_term(x_ref, w_ref, acc, lay: _Layout):
 def _lowrank_term(t_ref, core_ref, gate_ref, b_ref, acc):
     u = t_ref[...].astype(F32)
     if core_ref is not None:
-        u = _mm(u, core_ref[...].astype(F32))
+        u = mm(u, core_ref[...].astype(F32))
     if gate_ref is not None:
         u = u * gate_ref[...].astype(F32)
-    return acc + _mm(u, b_ref[...].astype(F32))
+    return acc + mm(u, b_ref[...].astype(F32))
 
 
 def _sparse_term(x_ref, refs, acc, lay: _Layout):
@@ -129,9 +129,9 @@ def _sparse_term(x_ref, refs, acc, lay: _Layout):
         col0 = pl.multiple_of(tile_ref[q] * lay.inner, lay.inner)
         xs = x_ref[:, pl.ds(col0, lay.inner)].astype(F32)
         pick = _one_hot_cols(in_ref[pl.ds(q, 1), :], lay.inner)                # (bi, C)
-        picked = _mm(xs, pick, exact=True) * val_ref[pl.ds(q, 1), :].astype(F32)  # gather
+        picked = mm(xs, pick, exact=True) * val_ref[pl.ds(q, 1), :].astype(F32)  # gather
         place = _one_hot_cols(out_ref[pl.ds(q, 1), :], block_out)             # (bo, C)
-        return acc + _mm(picked, place, trans_b=True, exact=True)              # scatter-add
+        return acc + mm(picked, place, trans_b=True, exact=True)              # scatter-add
 
     return lax.fori_loop(lo, hi, step, acc)
 
@@ -210,7 +210,7 @@ def fused_linear_call(x, *, out_dim: int, tiles: Tiles, platform: str, weight=No
         grid=(tokens // bt, out_dim // bo),
         in_specs=specs,
         out_specs=pl.BlockSpec((bt, bo), lambda i, j: (i, j)),
-        **_call_options(platform, ("parallel", "parallel")),
+        **call_options(platform, ("parallel", "parallel")),
     )
     return call(*operands)
 
@@ -225,8 +225,8 @@ def _sddmm_body(tiles: Tiles, n_in_tiles: int, g_ref, x_ref, start_ref, out_ref,
 
         def token_tile(ti, acc):
             rows = pl.ds(pl.multiple_of(ti * tiles.tokens, tiles.tokens), tiles.tokens)
-            gq = _mm(g_ref[rows, :], pick_out, exact=True)   # (bt, C): g[:, out_e]
-            xq = _mm(x_ref[rows, :], pick_in, exact=True)    # (bt, C): x[:, in_e]
+            gq = mm(g_ref[rows, :], pick_out, exact=True)   # (bt, C): g[:, out_e]
+            xq = mm(x_ref[rows, :], pick_in, exact=True)    # (bt, C): x[:, in_e]
             return acc + jnp.sum(gq * xq, axis=0, keepdims=True)
 
         acc = lax.fori_loop(0, n_token_tiles, token_tile, jnp.zeros((1, tiles.chunk), F32))
@@ -256,5 +256,5 @@ def sddmm_call(g, x, plan: SparsePlan, *, tiles: Tiles, platform: str):
                   _full_spec(plan.local_out.shape),
                   _full_spec(plan.local_in.shape)],
         out_specs=_full_spec(plan.local_out.shape),
-        **_call_options(platform, ("arbitrary", "arbitrary")),
+        **call_options(platform, ("arbitrary", "arbitrary")),
     )(g, x, plan.chunk_start, plan.local_out, plan.local_in)

@@ -17,7 +17,7 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
-from pallas_kernels import fused_lora_matmul, on_accelerator, resolve_impl
+from pallas_kernels import fused_lora_matmul, fused_qlora_matmul, on_accelerator, resolve_impl
 
 from jpeft import linalg
 from jpeft.execution import kernel_impl
@@ -25,8 +25,8 @@ from jpeft.adapter import Adapter
 from jpeft.errors import leaf_error
 from jpeft.hooks import HookResult
 from jpeft.methods.base import Method, require, require_float_matrix, require_rank
-from jpeft.quant import (QuantConfig, dequantize_array, dequantized_after, frozen_zeros, int8, is_quantized, nf4,
-                         qmatmul, quantize_array)
+from jpeft.quant import (QuantConfig, dequantize_array, dequantized_after, frozen_zeros, int8, is_quantized,
+                         kernel_operands, nf4, qmatmul, quantize_array)
 from jpeft.registry import register, register_alias
 
 INITS = ("kaiming", "gaussian", "pissa", "olora", "orthogonal", "lora_ga", "loftq")
@@ -47,7 +47,9 @@ def lowrank_matmul(x, xd, w, a, b, s):
     Per backend (`jpeft.execution`): on GPU/TPU, without dropout, the fused Pallas kernel
     (`pallas_kernels.fused_lora_matmul`; `impl="kernel"` forces it, in interpret mode on CPU); on
     GPU/TPU with `impl="reference"` (or dropout) the plain two-matmul form, which their compilers
-    schedule well. On XLA:CPU the form below.
+    schedule well. On XLA:CPU the form below. A quantised base (QLoRA) takes
+    `pallas_kernels.fused_qlora_matmul` where the kernel runs (NF4 / FP4 2-D leaves), else
+    `jpeft.quant.qmatmul` (accelerators) or `_cpu_qlowrank_matmul` (XLA:CPU).
 
     Two choices here are about XLA:CPU, not maths (`experiments/bench_step.py` measures both):
 
@@ -63,11 +65,15 @@ def lowrank_matmul(x, xd, w, a, b, s):
       backward fused into a strided copy); `_lowrank_jvp` pins the transposes on the rank-r
       operands instead (LoRA step wall time −15–20% on the reference workload).
     """
-    if is_quantized(w):   # QLoRA: the base product dequantises the frozen codes (no fused kernel yet)
+    impl = resolve_impl(kernel_impl())
+    if is_quantized(w):   # QLoRA: the frozen codes are dequantised inside the product
+        operands = kernel_operands(w) if impl == "kernel" and xd is x else None
+        if operands is not None:   # GPU/TPU (or forced): the fused Pallas dequantise + matmul + LoRA kernel
+            codes, absmax, table = operands
+            return fused_qlora_matmul(x, codes, absmax, table, a, b, s, block=w.config.block, impl="kernel")
         if on_accelerator():
             return qmatmul(x, w) + s * ((xd @ a) @ b)
         return _cpu_qlowrank_matmul(x, xd, w, a, b, s)
-    impl = resolve_impl(kernel_impl())
     if impl == "kernel" and xd is x:
         return fused_lora_matmul(x, w, a, b, s, impl="kernel")
     if on_accelerator():
