@@ -298,7 +298,8 @@ def merge(params: Any, spec: Spec, *, requantize: bool = False) -> Any:
 
     Quantised leaves come back dequantised; with `requantize=True` they stay quantised instead:
     an adapted leaf whose base was quantised is re-quantised from its merged weight with its
-    base's own config, and an untargeted quantised leaf is kept as it is (its codes unchanged)."""
+    base's own config, a method that trained on a grid (L4Q, LR-QAT) gives its codes and learned
+    scales (`Method.merged_quantized`), and an untargeted quantised leaf is kept as it is."""
     if not isinstance(requantize, bool):
         raise SpecError(f"jpeft.merge: requantize must be True or False, got {requantize!r} (to quantise other "
                         "leaves, jpeft.quantize the merged tree)")
@@ -306,6 +307,11 @@ def merge(params: Any, spec: Spec, *, requantize: bool = False) -> Any:
         return _materialise_with_paths(params, spec, lambda path, node: materialise_node(node, None))
 
     def merged(path, node):
+        if node.method.quantized_merge:
+            if node.view is not None:
+                raise SpecError(f"{path}: {node.method.name} under the view {node.view}: requantize=True exports a "
+                                "plain 2-D leaf only; merge without it, or adapt the leaf without a view")
+            return node.method.merged_quantized(node)
         out = materialise_node(node, None)
         return quantize_array(out, node.base.config, path) if is_quantized(node.base) else out
     return _materialise_with_paths(params, spec, merged, keep_quantized=True)

@@ -268,13 +268,18 @@ def _quantize_int_matrix(k, config: QuantConfig) -> dict:
     amax = jnp.where(amax > 0, amax, 1.0)                          # an all-zero channel: codes 0
     # round-half-even of w·(bound/absmax), as bitsandbytes' int8_vectorwise_quant (after its fp16 cast)
     codes = jnp.round(grouped * (_bound(config) / amax)[:, None, :]).astype(jnp.int8).reshape(n, m)
-    scale = amax / _bound(config)
-    if config.kind == "int4":
-        flat = (codes.astype(jnp.int32) + 8).astype(jnp.uint8).reshape(-1)
-        if flat.shape[0] % 2:
-            flat = jnp.concatenate([flat, jnp.full((1,), 8, jnp.uint8)])
-        codes = (flat[0::2] << 4) | flat[1::2]
-    return {"codes": codes, "scale": scale}
+    return {"codes": pack_int_codes(codes, config), "scale": amax / _bound(config)}
+
+
+def pack_int_codes(codes: jax.Array, config: QuantConfig) -> jax.Array:
+    """int8 codes `(in, out)` as a `QTensor` of `config` stores them: as they are (int8), or two per
+    byte for int4 (`code + 8` in a nibble, row-major, the first in the high nibble; -8..7)."""
+    if config.kind != "int4":
+        return codes
+    flat = (codes.astype(jnp.int32) + 8).astype(jnp.uint8).reshape(-1)
+    if flat.shape[0] % 2:
+        flat = jnp.concatenate([flat, jnp.full((1,), 8, jnp.uint8)])
+    return (flat[0::2] << 4) | flat[1::2]
 
 
 def _dequantize_int_matrix(q: dict, config: QuantConfig, shape: tuple[int, int], tie=None):
@@ -465,5 +470,5 @@ def logical_size(tree: Any) -> int:
 
 
 __all__ = ["DYN8_CODE", "FP4_CODE", "dynamic_map", "NF4_CODE", "QTensor", "QuantConfig", "check_quantizable", "dequantize",
-           "dequantize_array", "dequantized_after", "fp4", "frozen_zeros", "int4", "int8", "is_leaf_node", "is_quantized", "kernel_operands", "logical_size", "nf4", "placeholder", "qmatmul", "quantize",
+           "dequantize_array", "dequantized_after", "fp4", "frozen_zeros", "int4", "int8", "is_leaf_node", "is_quantized", "kernel_operands", "logical_size", "nf4", "pack_int_codes", "placeholder", "qmatmul", "quantize",
            "quantize_array", "stored_bytes"]

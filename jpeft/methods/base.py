@@ -35,7 +35,7 @@ import numpy as np
 
 from jpeft.adapter import Adapter
 from jpeft.errors import OptionError, leaf_error
-from jpeft.quant import QuantConfig
+from jpeft.quant import QTensor, QuantConfig
 
 
 @dataclasses.dataclass(frozen=True)
@@ -121,6 +121,14 @@ class Method:
     def rebuild_base(self, w: jax.Array, node: Adapter) -> jax.Array:
         """The node's base from the original weight `w` (identity unless `create` rewrote it)."""
         return w
+
+    #: Whether training puts the merged weight on a quantisation grid (L4Q, LR-QAT): then
+    #: `merged_quantized(node)` gives it for `jpeft.merge(..., requantize=True)`.
+    quantized_merge: ClassVar[bool] = False
+
+    def merged_quantized(self, node: Adapter) -> QTensor:
+        """The merged weight as a `QTensor` whose dequantisation is `materialise(node)` exactly."""
+        raise NotImplementedError
 
     def create_shared(self, key: jax.Array, leaves: list[tuple[str, jax.Array]]) -> tuple[dict, dict] | None:
         """Model-level state for all leaves using this config, as `(train, frozen)` dicts, or None.

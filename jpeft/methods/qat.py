@@ -1,0 +1,175 @@
+"""Family K + A: quantisation-aware low-rank adapters (METHODS_MULTI_QUANT.md K.4). Training sees
+the weight on an integer grid, so the merged model is itself quantised: `jpeft.merge(...,
+requantize=True)` gives it as a `jpeft.quant.QTensor` (int4 / int8 codes with the learned scales)
+whose dequantisation is, bit for bit, the weight the model was trained with.
+
+Both are jpeft's documented reading of the spec's formulas (their papers' details beyond the
+abstracts are marked [UNVERIFIED] there): a symmetric grid (zero point 0), one step size per
+output channel or per `group` input features of it, `round` with a straight-through gradient, and
+the step sizes trained with the gradient autodiff gives through that (LSQ's, without its
+gradient-scale factor).
+
+- **L4Q** (`l4q`): `K_q = δ·clip(⌊(K + s·a@b)/δ⌉, −q, q)`, `q = 2^{bits−1} − 1`, `δ` trainable,
+  initialised to the round-to-nearest scale `absmax/q`; `K` frozen in full precision.
+- **LR-QAT** (`lr_qat`): the low-rank term on the integer grid,
+  `K_q = δ·clip(⌊U + s·a@b⌉, −2^{bits−1}, 2^{bits−1} − 1)` with the frozen `U = φ(K/δ₀)`
+  (`δ₀` the round-to-nearest scale; `φ` stores `U` in `base_dtype`, bfloat16 by default: the
+  paper's downcasting operator read as a cast) and `δ` trainable from `δ₀`.
+
+Neither has a factored form: the rounding acts on the merged weight, so `jpeft.factored`
+materialises them per layer (under remat, never saved).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+
+import jax
+import jax.numpy as jnp
+
+from jpeft import linalg
+from jpeft.errors import leaf_error
+from jpeft.methods.base import Method, require, require_float_matrix, require_rank
+from jpeft.quant import QTensor, QuantConfig, int4, int8, pack_int_codes
+from jpeft.registry import register
+
+BASE_DTYPES = ("float32", "bfloat16", "float16")
+
+
+def round_ste(v: jax.Array) -> jax.Array:
+    """`round(v)` forward, identity backward (the straight-through estimator)."""
+    return v + jax.lax.stop_gradient(jnp.round(v) - v)
+
+
+def clip_codes(q: jax.Array, lo: int, hi: int) -> jax.Array:
+    """`clip(q, lo, hi)` whose gradient is 1 on `[lo, hi]` (ends included) and 0 outside
+    (`jnp.clip` would halve it where `q` equals an end)."""
+    return jnp.where(q > hi, hi, jnp.where(q < lo, lo, q)).astype(q.dtype)
+
+
+def _grouped(k: jax.Array, group: int | None) -> jax.Array:
+    """`(in, out)` as `(in/g, g, out)`."""
+    n, m = k.shape
+    g = group or n
+    return k.reshape(n // g, g, m)
+
+
+@dataclasses.dataclass(frozen=True)
+class _QAT(Method):
+    """Shared options and init of the two grid-aware adapters (not registered)."""
+
+    identity_at_init = False   # the weight starts on the grid: round-to-nearest of K, not K
+    quantized_merge = True
+
+    rank: int = 8
+    alpha: float = 8.0
+    bits: int = 4
+    group: int | None = None
+
+    def validate(self) -> None:
+        n = self.name
+        require(isinstance(self.rank, int) and self.rank >= 1, f"{n}: rank must be a positive int, got {self.rank!r}")
+        require(self.bits in (4, 8), f"{n}: bits must be 4 or 8 (int4 / int8 codes), got {self.bits!r}")
+        require(self.group is None or (isinstance(self.group, int) and self.group >= 1),
+                f"{n}: group must be a positive int or None (one step per output channel), got {self.group!r}")
+
+    @property
+    def scale(self) -> float:
+        return self.alpha / self.rank
+
+    @property
+    def quant_config(self) -> QuantConfig:
+        return int4(group=self.group) if self.bits == 4 else int8(group=self.group)
+
+    def check(self, path, w):
+        require_float_matrix(path, w)
+        require_rank(path, w, self.rank)
+        if self.group is not None and w.shape[0] % self.group:
+            raise leaf_error(path, w.shape, w.dtype, f"group {self.group} must divide the input dimension {w.shape[0]}")
+
+    def rtn_step(self, w: jax.Array) -> jax.Array:
+        """Round-to-nearest step sizes `(in/g, out)`: `absmax / (2^{bits−1} − 1)` (1 where a
+        group is all zeros), as `jpeft.quant`'s int configs."""
+        amax = jnp.max(jnp.abs(_grouped(linalg.upcast(w), self.group)), axis=1)
+        return jnp.where(amax > 0, amax, 1.0) / (2 ** (self.bits - 1) - 1)
+
+    def lowrank_init(self, key, w):
+        n, m = w.shape
+        dt = jnp.promote_types(w.dtype, jnp.float32)
+        bound = 1.0 / math.sqrt(n)
+        return jax.random.uniform(key, (n, self.rank), dt, -bound, bound), jnp.zeros((self.rank, m), dt)
+
+    def delta(self, node):
+        return self.scale * (linalg.upcast(node.train["a"]) @ linalg.upcast(node.train["b"]))
+
+    # ---------------------------------------------------------------- the grid
+    def codes(self, node, ste: bool = True) -> jax.Array:
+        """The integer codes `(in/g, g, out)` (float, straight-through when `ste`)."""
+        raise NotImplementedError
+
+    def materialise(self, node, rng=None):
+        """`δ·codes` in the weight's dtype (that of the factors, created in the leaf's dtype)."""
+        step = linalg.upcast(node.train["step"])
+        return (self.codes(node) * step[:, None, :]).reshape(node.base.shape).astype(node.train["a"].dtype)
+
+    def merged_quantized(self, node) -> QTensor:
+        """The merged weight as the `QTensor` it is on the grid: int codes and the learned steps
+        (its dequantisation is `materialise` exactly)."""
+        codes = self.codes(node, ste=False).reshape(node.base.shape).astype(jnp.int8)
+        return QTensor(codes=pack_int_codes(codes, self.quant_config),
+                       scales={"scale": linalg.upcast(node.train["step"])}, config=self.quant_config,
+                       shape=tuple(node.base.shape), dtype=str(jnp.dtype(node.train["a"].dtype)))
+
+
+@register
+@dataclasses.dataclass(frozen=True)
+class L4Q(_QAT):
+    """L4Q (K.4.1): fake-quantise the merged weight with learned step sizes `δ`."""
+
+    name = "l4q"
+
+    def create(self, key, w, calib=None):
+        a, b = self.lowrank_init(key, w)
+        return self.node(w, train={"a": a.astype(w.dtype), "b": b.astype(w.dtype), "step": self.rtn_step(w)})
+
+    def codes(self, node, ste=True):
+        bound = 2 ** (self.bits - 1) - 1
+        merged = _grouped(linalg.upcast(node.base) + self.delta(node), self.group)
+        v = merged / node.train["step"][:, None, :]
+        return clip_codes(round_ste(v) if ste else jnp.round(v), -bound, bound)
+
+
+@register
+@dataclasses.dataclass(frozen=True)
+class LRQAT(_QAT):
+    """LR-QAT (K.4.2): the low-rank term added on the integer grid of a frozen, downcast `K/δ₀`."""
+
+    name = "lr_qat"
+
+    base_dtype: str = "bfloat16"
+
+    def validate(self) -> None:
+        super().validate()
+        require(self.base_dtype in BASE_DTYPES,
+                f"{self.name}: base_dtype must be one of {BASE_DTYPES} (how φ stores K/δ₀), got {self.base_dtype!r}")
+
+    @property
+    def rewrites_base(self) -> bool:
+        return True
+
+    def create(self, key, w, calib=None):
+        a, b = self.lowrank_init(key, w)
+        step = self.rtn_step(w)
+        return self.node(self.rebuild_base(w, None), train={"a": a.astype(w.dtype), "b": b.astype(w.dtype),
+                                                            "step": step}, frozen={})
+
+    def rebuild_base(self, w, node):
+        """`U = φ(K/δ₀)`: the weight on its round-to-nearest grid, downcast to `base_dtype`."""
+        grid = _grouped(linalg.upcast(w), self.group) / self.rtn_step(w)[:, None, :]
+        return grid.reshape(w.shape).astype(self.base_dtype)
+
+    def codes(self, node, ste=True):
+        lo, hi = -(2 ** (self.bits - 1)), 2 ** (self.bits - 1) - 1
+        v = _grouped(linalg.upcast(node.base) + self.delta(node), self.group)
+        return clip_codes(round_ste(v) if ste else jnp.round(v), lo, hi)
