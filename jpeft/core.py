@@ -12,7 +12,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jpeft.adapter import Adapter, is_adapter, map_adapters
+from jpeft.adapter import Adapter, map_adapters
 from jpeft.errors import AdapterError, SpecError
 from jpeft.hooks import leaf_key
 from jpeft.paths import leaves_with_paths, path_str
