@@ -174,3 +174,31 @@ def test_fsdp_specs_split_the_largest_divisible_dimension_and_leave_small_arrays
                                                           "stack": P(None, "fsdp"), "norm": P()}
     with pytest.raises(ValueError, match="no axis 'data'"):
         sharding.fsdp_specs(base, mesh(), "data")
+
+
+def test_a_quantised_base_is_replicated_and_its_adapters_follow_its_logical_shape():
+    """QLoRA under FSDP + tensor parallelism: a `QTensor`'s codes and scales are replicated, the
+    adapters on it take the spec of its logical `(in, out)`, untargeted quantised leaves too are
+    handled; the sharded step runs and matches the unsharded one."""
+    base = {"q": {"kernel": jax.random.normal(jax.random.PRNGKey(0), (512, 256))},
+            "o": {"kernel": jax.random.normal(jax.random.PRNGKey(1), (256, 512))}}
+    spec = jpeft.Spec({"q/kernel": jpeft.LoRA(rank=8)})
+    params = jpeft.quantize(jpeft.init(jax.random.PRNGKey(2), base, spec), {".*/kernel": jpeft.quant.nf4()})
+    base_specs = sharding.fsdp_specs(base, mesh(), "fsdp", tensor="tp")
+    assert base_specs["q"]["kernel"] == P("fsdp", "tp")
+    specs = sharding.partition_specs(params, base_specs, mesh())
+    node = specs["q"]["kernel"]
+    assert node.train == {"a": P("fsdp"), "b": P(None, "tp")}     # (512, r) over fsdp, (r, 256) over tp
+    assert jpeft.quant.is_quantized(node.base) and all(s == P() for s in jax.tree.leaves(node.base))
+    assert jpeft.quant.is_quantized(specs["o"]["kernel"]) and all(s == P() for s in jax.tree.leaves(specs["o"]["kernel"]))
+    train_sh, frozen_sh = jpeft.split(sharding.adapter_shardings(params, base_specs, mesh()))
+    trainable, frozen = jpeft.split(params)
+    x = jax.random.normal(jax.random.PRNGKey(3), (16, 512))
+
+    def loss(t, f):
+        p = jpeft.combine(t, f)
+        return jnp.sum(jnp.tanh(x @ jpeft.apply(p, spec)["q"]["kernel"]) @ jpeft.apply(p, spec)["o"]["kernel"])
+
+    sharded = jax.jit(jax.grad(loss), in_shardings=(train_sh, frozen_sh))(trainable, frozen)
+    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-5 * float(np.max(np.abs(b)))),
+                 sharded, jax.grad(loss)(trainable, frozen))   # sums split over the mesh: 1e-5 of the scale
