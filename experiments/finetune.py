@@ -189,6 +189,9 @@ def train() -> dict:
         why = ("chooses and quantises its own base (loftq_bits)" if method.base_quant is not None else
                "does not take a quantised base (docs/quant.md lists those that do)")
         raise app.UsageError(f"--quantize={FLAGS.quantize} with --method={FLAGS.method}: {method!r} {why}")
+    if FLAGS.quantize != "none" and FLAGS.export_hf and method.rewrites_base:
+        raise app.UsageError(f"--export_hf with --quantize={FLAGS.quantize} and init={method.init!r}: the exported "
+                             "adapter would assume the full-precision residual base, which this run quantised")
     rules = {FLAGS.target or TARGETS[FLAGS.model]: method}
     if classifier:
         rules[HEAD] = jpeft.Full()

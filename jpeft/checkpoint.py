@@ -78,9 +78,9 @@ def restore_adapters(base_params: Any, spec: Spec, arrays: dict[str, dict[str, A
         rebuilt = node.method.node(base, saved["train"], saved.get("frozen", {}), saved.get("state", {}))
         rebuilt = rebuilt.replace(view=node.view)
         if base is None:
-            original = originals[path]
-            rebuilt = rebuilt.replace(base=rebuild_base(
-                rebuilt, original if is_quantized(original) else jax.numpy.asarray(original)))
+            original = originals[path]   # a quantised one is the base itself (base-rewriting inits refuse it)
+            rebuilt = rebuilt.replace(base=original if is_quantized(original) else
+                                      rebuild_base(rebuilt, jax.numpy.asarray(original)))
         nodes[path] = jax.tree.map(lambda x, like: np.asarray(x).astype(like.dtype), rebuilt, node)
     leaves = [nodes.get(p, leaf) for p, leaf in leaves_with_paths(base_params, is_leaf=is_leaf_node)]
     return jax.tree_util.tree_unflatten(jax.tree_util.tree_structure(base_params, is_leaf=is_leaf_node), leaves)

@@ -105,6 +105,7 @@ def test_minilm_learns_fortune_topics_as_a_program(tmp_path):
     (["--method=lora", "--alpha=nan"], "option 'alpha' must be a finite float"),
     (["--method=loca", "--quantize=nf4"], r"--quantize=nf4 with --method=loca: .*does not take a quantised base"),
     (["--method_options={\"init\": \"loftq\"}", "--quantize=int8"], r"--quantize=int8 .*chooses and quantises its own"),
+    (["--method=pissa", "--quantize=nf4", "--export_hf=x"], r"--export_hf with --quantize=nf4 and init='pissa'"),
     (["--method=lift", "--method_options={\"density\": 0.05, \"lora_rank\": 8}"], "set only one of density, lora_rank"),
 ])
 def test_bad_method_flags_are_refused_before_anything_loads(args, message, tmp_path, monkeypatch):

@@ -14,6 +14,7 @@ import pytest
 
 import jpeft
 from jpeft import checkpoint, quant
+from jpeft.interop.hf import check_exportable
 from tests.test_quant import Stack
 
 PATH = "blk/q_proj/kernel"
@@ -139,6 +140,12 @@ def test_bad_input_names_the_path():
         jpeft.LoRA(init="loftq", loftq_iter=0)
     with pytest.raises(jpeft.OptionError, match="loftq_compat"):
         jpeft.LoRA(init="loftq", loftq_compat="code")
+    with pytest.raises(jpeft.OptionError, match=r"\['loftq_iter'\] apply to init='loftq' only"):
+        jpeft.LoRA(loftq_iter=3)
+    with pytest.raises(jpeft.OptionError, match="svd_niter=4 would be ignored"):
+        jpeft.LoRA(init="loftq", svd_niter=4)
+    with pytest.raises(jpeft.SpecError, match="not exported"):
+        check_exportable(jpeft.Spec({PATH: jpeft.LoRA(init="loftq")}))
     qbase = jpeft.quantize({"blk": {"q_proj": {"kernel": w}}}, {PATH: quant.nf4()})
     with pytest.raises(jpeft.SpecError, match=rf"{PATH}.*chooses and quantises the base itself.*full precision"):
         jpeft.init(jax.random.PRNGKey(0), qbase, jpeft.Spec({PATH: jpeft.LoRA(init="loftq")}))

@@ -13,7 +13,8 @@ import numpy as np
 import pytest
 
 import jpeft
-from jpeft import quant
+from jpeft import checkpoint, quant
+from jpeft.methods.lowrank import lowrank_matmul
 
 SPEC_NF4 = [-1.0, -0.6961928009986877, -0.5250730514526367, -0.39491748809814453, -0.28444138169288635,
             -0.18477343022823334, -0.09105003625154495, 0.0, 0.07958029955625534, 0.16093020141124725,
@@ -220,7 +221,7 @@ class NNXLinear(nnx.Module):
         return self.l(x)
 
 
-def test_qlora_runs_factored_on_an_nn_scan_stack_and_an_nnx_module():
+def test_qlora_runs_factored_on_an_nn_scan_stack_and_an_nnx_module(tmp_path):
     x = jax.random.normal(jax.random.PRNGKey(1), (4, 64))
     base = Stack().init(jax.random.PRNGKey(0), x)["params"]
     qbase = jpeft.quantize(base, {r".*d/kernel": quant.nf4()})
@@ -234,6 +235,10 @@ def test_qlora_runs_factored_on_an_nn_scan_stack_and_an_nnx_module():
         got = jpeft.factored(Stack().apply, spec)({"params": jpeft.combine(trainable, frozen)}, x)
     want = Stack().apply({"params": jpeft.apply(jpeft.combine(trainable, frozen), spec)}, x)
     np.testing.assert_allclose(got, want, atol=1e-5)
+    # a viewed QLoRA checkpoint restores onto the quantised stack
+    checkpoint.save_adapters(str(tmp_path / "scan"), jpeft.combine(trainable, frozen), spec)
+    back, _ = checkpoint.load_adapters(str(tmp_path / "scan"), qbase, spec)
+    jax.tree.map(np.testing.assert_array_equal, back, jpeft.combine(trainable, frozen))
 
     graphdef, state = nnx.split(NNXLinear(nnx.Rngs(0)))
     spec = jpeft.Spec({r"l/kernel": jpeft.LoRA(rank=4)})
@@ -299,8 +304,6 @@ def test_merge_requantize_and_an_adapter_checkpoint_restored_onto_the_quantised_
     """`merge(requantize=True)`: each adapted leaf re-quantised from its merged weight with its
     base's config, untargeted quantised leaves kept bit for bit; `load_adapters` onto the
     quantised base gives the saved tree back."""
-    from jpeft import checkpoint
-
     x, base, qbase = mlp
     qbase = {**qbase, "extra": jpeft.quantize({"k": base["up"]["kernel"]}, {"k": quant.int4(group=32)})}
     spec = jpeft.Spec({r"(up|down)/kernel": jpeft.LoRA(rank=4, alpha=8)})
@@ -328,8 +331,6 @@ def test_qlora_matmul_values_and_gradients_equal_the_dense_form(tokens):
     """`lowrank_matmul` over a quantised base (XLA:CPU's custom VJP in both of its forms, fewer
     and more tokens than input features; an adapter-branch input `xd` unlike `x`, as dropout
     makes it) against `x@deq(q) + s·(xd@a)@b` by autodiff."""
-    from jpeft.methods.lowrank import lowrank_matmul
-
     keys = jax.random.split(jax.random.PRNGKey(0), 5)
     q = quant.quantize_array(jax.random.normal(keys[0], (64, 48)), quant.nf4())
     x, a, b = (jax.random.normal(k, s) for k, s in zip(keys[1:], [(2, tokens // 2, 64), (64, 4), (4, 48)]))

@@ -102,7 +102,11 @@ def _exported_method(methods: set) -> LoRA:
     if len(methods) != 1 or type(next(iter(methods))) not in (LoRA, DoRA):
         raise SpecError(f"HF PEFT export needs one LoRA or DoRA config on every adapted leaf; got "
                         f"{sorted({m.name for m in methods})} with {len(methods)} distinct configs")
-    return next(iter(methods))
+    method = next(iter(methods))
+    if method.base_quant is not None:
+        raise SpecError(f"{method!r}: init='loftq' trains over the quantised base it chose; a PEFT adapter file "
+                        "applies to the original weights, so it is not exported (use export_merged)")
+    return method
 
 
 def check_exportable(spec: Spec) -> None:

@@ -75,7 +75,7 @@ class Method:
     def base_quant(self) -> QuantConfig | None:
         """The quantisation the rewritten base is stored in (LoftQ chooses a quantised base with
         its factors), or None. `jpeft.init` and checkpoint restore quantise the base `create` /
-        `rebuild_base` return with it (re-quantising a dequantised code is exact)."""
+        `rebuild_base` return with it (re-quantising a dequantised code is exact for fp32)."""
         return None
 
     def __post_init__(self) -> None:

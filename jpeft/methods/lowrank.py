@@ -214,6 +214,12 @@ class LoRA(Method):
                 f"{self.name}: loftq_iter must be an int >= 1, got {self.loftq_iter!r}")
         require(self.loftq_compat in LOFTQ_COMPAT,
                 f"{self.name}: loftq_compat must be one of {LOFTQ_COMPAT}, got {self.loftq_compat!r}")
+        if self.init != "loftq":
+            changed = [f for f, d in (("loftq_bits", 4), ("loftq_iter", 1), ("loftq_compat", "paper"))
+                       if getattr(self, f) != d]
+            require(not changed, f"{self.name}: {changed} apply to init='loftq' only (init={self.init!r})")
+        require(self.init != "loftq" or self.svd_niter is None,
+                f"{self.name}: init='loftq' takes exact SVDs (as PEFT); svd_niter={self.svd_niter!r} would be ignored")
 
     @property
     def needs_calib(self) -> bool:  # type: ignore[override]

@@ -6,15 +6,16 @@ whose dequantisation is, bit for bit, the weight the model was trained with.
 Both are jpeft's documented reading of the spec's formulas (their papers' details beyond the
 abstracts are marked [UNVERIFIED] there): a symmetric grid (zero point 0), one step size per
 output channel or per `group` input features of it, `round` with a straight-through gradient, and
-the step sizes trained with the gradient autodiff gives through that (LSQ's, without its
-gradient-scale factor).
+the step sizes trained with the gradient autodiff gives through that (LSQ's: clip, then round;
+without its gradient-scale factor).
 
 - **L4Q** (`l4q`): `K_q = δ·clip(⌊(K + s·a@b)/δ⌉, −q, q)`, `q = 2^{bits−1} − 1`, `δ` trainable,
   initialised to the round-to-nearest scale `absmax/q`; `K` frozen in full precision.
 - **LR-QAT** (`lr_qat`): the low-rank term on the integer grid,
   `K_q = δ·clip(⌊U + s·a@b⌉, −2^{bits−1}, 2^{bits−1} − 1)` with the frozen `U = φ(K/δ₀)`
-  (`δ₀` the round-to-nearest scale; `φ` stores `U` in `base_dtype`, bfloat16 by default: the
-  paper's downcasting operator read as a cast) and `δ` trainable from `δ₀`.
+  (`δ₀` the round-to-nearest scale; `φ` stores `U` in `base_dtype`, by default bfloat16 for 4
+  bits and float32 for 8: the paper's downcasting operator read as a cast) and `δ` trainable
+  from `δ₀`.
 
 Neither has a factored form: the rounding acts on the merged weight, so `jpeft.factored`
 materialises them per layer (under remat, never saved).
@@ -44,7 +45,7 @@ def round_ste(v: jax.Array) -> jax.Array:
 
 def clip_codes(q: jax.Array, lo: int, hi: int) -> jax.Array:
     """`clip(q, lo, hi)` whose gradient is 1 on `[lo, hi]` (ends included) and 0 outside
-    (`jnp.clip` would halve it where `q` equals an end)."""
+    (`jnp.clip` would halve it where `q` equals an end). Applied before rounding, as LSQ does."""
     return jnp.where(q > hi, hi, jnp.where(q < lo, lo, q)).astype(q.dtype)
 
 
@@ -109,9 +110,9 @@ class _QAT(Method):
         raise NotImplementedError
 
     def materialise(self, node, rng=None):
-        """`δ·codes` in the weight's dtype (that of the factors, created in the leaf's dtype)."""
+        """`δ·codes` in the weight's dtype."""
         step = linalg.upcast(node.train["step"])
-        return (self.codes(node) * step[:, None, :]).reshape(node.base.shape).astype(node.train["a"].dtype)
+        return (self.codes(node) * step[:, None, :]).reshape(node.base.shape).astype(self.weight_dtype(node))
 
     def merged_quantized(self, node) -> QTensor:
         """The merged weight as the `QTensor` it is on the grid: int codes and the learned steps
@@ -119,7 +120,11 @@ class _QAT(Method):
         codes = self.codes(node, ste=False).reshape(node.base.shape).astype(jnp.int8)
         return QTensor(codes=pack_int_codes(codes, self.quant_config),
                        scales={"scale": linalg.upcast(node.train["step"])}, config=self.quant_config,
-                       shape=tuple(node.base.shape), dtype=str(jnp.dtype(node.train["a"].dtype)))
+                       shape=tuple(node.base.shape), dtype=self.weight_dtype(node))
+
+    def weight_dtype(self, node) -> str:
+        """The leaf's dtype: the frozen base's (L4Q keeps `K`)."""
+        return str(jnp.dtype(node.base.dtype))
 
 
 @register
@@ -137,7 +142,7 @@ class L4Q(_QAT):
         bound = 2 ** (self.bits - 1) - 1
         merged = _grouped(linalg.upcast(node.base) + self.delta(node), self.group)
         v = merged / node.train["step"][:, None, :]
-        return clip_codes(round_ste(v) if ste else jnp.round(v), -bound, bound)
+        return round_ste(clip_codes(v, -bound, bound)) if ste else jnp.round(jnp.clip(v, -bound, bound))
 
 
 @register
@@ -147,12 +152,21 @@ class LRQAT(_QAT):
 
     name = "lr_qat"
 
-    base_dtype: str = "bfloat16"
+    base_dtype: str | None = None
 
     def validate(self) -> None:
         super().validate()
-        require(self.base_dtype in BASE_DTYPES,
-                f"{self.name}: base_dtype must be one of {BASE_DTYPES} (how φ stores K/δ₀), got {self.base_dtype!r}")
+        require(self.base_dtype is None or self.base_dtype in BASE_DTYPES,
+                f"{self.name}: base_dtype must be None or one of {BASE_DTYPES} (how φ stores K/δ₀), "
+                f"got {self.base_dtype!r}")
+        require(not (self.bits == 8 and self.base_dtype == "bfloat16"),
+                f"{self.name}: base_dtype='bfloat16' with bits=8: |K/δ₀| reaches 127, where bfloat16's spacing "
+                "(0.5) moves codes off round-to-nearest; use float16 or float32")
+
+    @property
+    def phi_dtype(self) -> str:
+        """φ's storage: `base_dtype`, or bfloat16 for 4 bits and float32 for 8 (None)."""
+        return self.base_dtype or ("bfloat16" if self.bits == 4 else "float32")
 
     @property
     def rewrites_base(self) -> bool:
@@ -167,9 +181,14 @@ class LRQAT(_QAT):
     def rebuild_base(self, w, node):
         """`U = φ(K/δ₀)`: the weight on its round-to-nearest grid, downcast to `base_dtype`."""
         grid = _grouped(linalg.upcast(w), self.group) / self.rtn_step(w)[:, None, :]
-        return grid.reshape(w.shape).astype(self.base_dtype)
+        return grid.reshape(w.shape).astype(self.phi_dtype)
+
+    def weight_dtype(self, node) -> str:
+        """The base holds `φ(K/δ₀)`, not `K`: the factors' dtype (created in the leaf's; a Spec's
+        `adapter_dtype` changes it)."""
+        return str(jnp.dtype(node.train["a"].dtype))
 
     def codes(self, node, ste=True):
         lo, hi = -(2 ** (self.bits - 1)), 2 ** (self.bits - 1) - 1
         v = _grouped(linalg.upcast(node.base) + self.delta(node), self.group)
-        return clip_codes(round_ste(v) if ste else jnp.round(v), lo, hi)
+        return round_ste(clip_codes(v, lo, hi)) if ste else jnp.round(jnp.clip(v, lo, hi))

@@ -49,6 +49,8 @@ def test_bad_operands_are_refused_by_name():
         pk.fused_qlora_matmul(x, codes, absmax, table, a, b, block=48)
     with pytest.raises(ValueError, match=r"absmax must be \(n/block, m\) = \(2, 96\)"):
         pk.fused_qlora_matmul(x, codes, absmax.T, table, a, b)
+    with pytest.raises(ValueError, match="a and b: pass both"):
+        pk.fused_qlora_matmul(x, codes, absmax, table, None, b)
     with pytest.raises(ValueError, match="codes must be uint8"):
         pk.fused_qlora_matmul(x, codes.astype(jnp.int32), absmax, table, a, b)
 
