@@ -159,8 +159,8 @@ def host_params(params: Any, base: Any) -> Any:
     """The adapted tree on the host for export: adapter nodes gathered, every other leaf taken
     from the host copy of the `base` weights (they are frozen, so equal; a quantised leaf's
     full-precision original), not gathered."""
-    whole = lambda x: is_adapter(x) or jpeft.quant.is_quantized(x)  # noqa: E731
-    return jax.tree.map(lambda p, b: gather(p) if is_adapter(p) else b, params, base, is_leaf=whole)
+    return jax.tree.map(lambda p, b: gather(p) if is_adapter(p) else b, params, base,
+                        is_leaf=jpeft.quant.is_leaf_node)
 
 
 def state_shardings(params, base, spec: jpeft.Spec, tx: optax.GradientTransformation, mesh) -> tuple:

@@ -259,13 +259,21 @@ def _bound(config: QuantConfig) -> int:
     return 127 if config.kind == "int8" else 7
 
 
+def group_absmax(k, group: int | None) -> jax.Array:
+    """`(in/g, out)` absmax of each `group` input features of each output of an `(in, out)`
+    matrix (None: one per output), in fp32; 1 for an all-zero group (its codes are 0)."""
+    k = jnp.asarray(k, jnp.float32)
+    n, m = k.shape
+    amax = jnp.max(jnp.abs(k.reshape(n // (group or n), group or n, m)), axis=1)
+    return jnp.where(amax > 0, amax, 1.0)
+
+
 def _quantize_int_matrix(k, config: QuantConfig) -> dict:
     k = jnp.asarray(k, jnp.float32)
     n, m = k.shape
     g = config.group or n
     grouped = k.reshape(n // g, g, m)
-    amax = jnp.max(jnp.abs(grouped), axis=1)                       # (n/g, out)
-    amax = jnp.where(amax > 0, amax, 1.0)                          # an all-zero channel: codes 0
+    amax = group_absmax(k, config.group)                           # (n/g, out)
     # round-half-even of w·(bound/absmax), as bitsandbytes' int8_vectorwise_quant (after its fp16 cast)
     codes = jnp.round(grouped * (_bound(config) / amax)[:, None, :]).astype(jnp.int8).reshape(n, m)
     return {"codes": pack_int_codes(codes, config), "scale": amax / _bound(config)}
@@ -470,5 +478,5 @@ def logical_size(tree: Any) -> int:
 
 
 __all__ = ["DYN8_CODE", "FP4_CODE", "dynamic_map", "NF4_CODE", "QTensor", "QuantConfig", "check_quantizable", "dequantize",
-           "dequantize_array", "dequantized_after", "fp4", "frozen_zeros", "int4", "int8", "is_leaf_node", "is_quantized", "kernel_operands", "logical_size", "nf4", "pack_int_codes", "placeholder", "qmatmul", "quantize",
+           "dequantize_array", "dequantized_after", "fp4", "frozen_zeros", "group_absmax", "int4", "int8", "is_leaf_node", "is_quantized", "kernel_operands", "logical_size", "nf4", "pack_int_codes", "placeholder", "qmatmul", "quantize",
            "quantize_array", "stored_bytes"]

@@ -97,8 +97,7 @@ def _cpu_qlowrank_matmul(x, xd, q, a, b, s):
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(5, 6))
 def _qlowrank(x, xd, q, a, b, s, stacked):
-    dt = jnp.result_type(x.dtype, jnp.dtype(q.dtype))
-    return _lowrank_primal(x, xd @ a, dequantized_after(q, x, dt), b, s, stacked)
+    return _qlowrank_fwd(x, xd, q, a, b, s, stacked)[0]
 
 
 def _qlowrank_fwd(x, xd, q, a, b, s, stacked):

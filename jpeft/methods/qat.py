@@ -32,7 +32,7 @@ import jax.numpy as jnp
 from jpeft import linalg
 from jpeft.errors import leaf_error
 from jpeft.methods.base import Method, require, require_float_matrix, require_rank
-from jpeft.quant import QTensor, QuantConfig, int4, int8, pack_int_codes
+from jpeft.quant import QTensor, QuantConfig, group_absmax, int4, int8, pack_int_codes
 from jpeft.registry import register
 
 BASE_DTYPES = ("float32", "bfloat16", "float16")
@@ -92,8 +92,7 @@ class _QAT(Method):
     def rtn_step(self, w: jax.Array) -> jax.Array:
         """Round-to-nearest step sizes `(in/g, out)`: `absmax / (2^{bits−1} − 1)` (1 where a
         group is all zeros), as `jpeft.quant`'s int configs."""
-        amax = jnp.max(jnp.abs(_grouped(linalg.upcast(w), self.group)), axis=1)
-        return jnp.where(amax > 0, amax, 1.0) / (2 ** (self.bits - 1) - 1)
+        return group_absmax(w, self.group) / (2 ** (self.bits - 1) - 1)
 
     def lowrank_init(self, key, w):
         n, m = w.shape
