@@ -13,6 +13,7 @@
 from __future__ import annotations
 
 import dataclasses
+import functools
 from typing import Callable
 
 import grain
@@ -129,6 +130,14 @@ def class_metrics(logits: jax.Array, batch: dict) -> dict:
             "exact": jnp.sum((jnp.argmax(logits, -1) == batch["label"]) * valid), "sequences": jnp.sum(valid)}
 
 
+@functools.lru_cache(maxsize=16)
+def _metrics_fn(task: Task, logits_fn):
+    """The jitted per-batch sums, one per `(task, logits_fn)`: evaluating before and after training
+    (or on several layouts of the same shapes) compiles once."""
+    per_batch = class_metrics if task.kind == "classify" else batch_metrics
+    return jax.jit(lambda p, b: per_batch(logits_fn(p, *model_inputs(task, b)), b))
+
+
 def evaluate(task: Task, logits_fn, params, tokenizer, data_dir: str, count: int, batch: int, max_len: int,
              layout=None) -> dict:
     """The task metric on exactly the first `count` test examples, `logits_fn(params,
@@ -143,8 +152,7 @@ def evaluate(task: Task, logits_fn, params, tokenizer, data_dir: str, count: int
     available = len(source.dataset(task.builder, data_dir, "test"))
     if count > available:
         raise ValueError(f"{task.name}: {count} test examples asked, the test split has {available}")
-    per_batch = class_metrics if task.kind == "classify" else batch_metrics
-    metrics_fn = jax.jit(lambda p, b: per_batch(logits_fn(p, *model_inputs(task, b)), b))
+    metrics_fn = _metrics_fn(task, logits_fn)
     totals: dict[str, float] = {}
     size = rows[1] - rows[0]
     for i in range(-(-count // batch)):
