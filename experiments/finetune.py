@@ -114,6 +114,13 @@ def load_model(name: str, num_labels: int | None = None):
     return Llama(config), params, tokenizer
 
 
+def hf_module_map(model):
+    """The HF module names of `load_model`'s LM (for `--export_hf`)."""
+    from jpeft.models.llama import hf_module_map as llama_map
+
+    return llama_map(model.config)
+
+
 def method_from_flags(mesh=None) -> jpeft.Method:
     """The method config the flags ask for, validated before anything is loaded. `--rank` /
     `--alpha` set the method's option of that name only when given, and are an error for a method
@@ -184,8 +191,9 @@ def train() -> dict:
                          f"(classification tasks: {[t for t, v in tasks.TASKS.items() if v.kind == 'classify']}); "
                          "smollm2_135m and tiny are the LMs")
     if classifier and FLAGS.export_hf:
-        raise ValueError("--export_hf: HF export covers the LM models (smollm2_135m, tiny), not minilm's "
-                         "adapters + fully trained head")
+        raise ValueError("--export_hf: HF export covers the LM models (smollm2_135m, tiny): minilm's classifier "
+                         "mean-pools (sentence-transformers), transformers' BertForSequenceClassification reads the "
+                         "pooler, so its PEFT export would not reproduce the run")
     if FLAGS.quantize != "none" and (not method.quantized_base or method.base_quant is not None):
         why = ("chooses and quantises its own base (loftq_bits)" if method.base_quant is not None else
                "does not take a quantised base (docs/quant.md lists those that do)")
@@ -323,10 +331,10 @@ def _train(mesh, layout, spec, task, classifier, ckpt, writer, say) -> dict:
         if bad:
             raise FloatingPointError(f"--export_hf: the adapters have non-finite values ({bad[:3]}); not exported")
         if writer:
-            from jpeft.interop.hf import default_module_path, export_peft
+            from jpeft.interop.hf import export_peft
 
-            export_peft(FLAGS.export_hf, host, spec, overwrite=True,
-                        module_path=lambda p: "model." + default_module_path(p), task_type="CAUSAL_LM")
+            export_peft(FLAGS.export_hf, host, spec, overwrite=True, modules=hf_module_map(model),
+                        task_type="CAUSAL_LM")
     return {"before": before, "after": after, "params": jpeft.combine(trainable, frozen), "spec": spec,
             "trainable": jpeft.count(jpeft.combine(trainable, frozen)).trainable, "peak_mb": peak_mb,
             "step_s": statistics.median(seconds[1:] or seconds or [float("nan")])}

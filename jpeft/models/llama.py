@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import re
 from typing import Any
 
 import flax.linen as nn
@@ -20,6 +19,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import traverse_util
+
+from jpeft.interop.modules import LEAVES, ModuleMap, flax_to_torch
 
 _INIT = nn.initializers.normal(stddev=0.02)
 
@@ -161,13 +162,57 @@ def generate_greedy(params: Any, config: LlamaConfig, prompt_ids: jax.Array,
     return jax.lax.fori_loop(0, max_new_tokens, step, tokens)
 
 
+def hf_module(module_path: str) -> str:
+    """The transformers `LlamaForCausalLM` module name of one of our module paths
+    (`layers_0/self_attn/q_proj` → `model.layers.0.self_attn.q_proj`; `lm_head` stays)."""
+    return module_path if module_path == "lm_head" else "model." + flax_to_torch(module_path)
+
+
+def _hf_name(path: str) -> str:
+    module, _, leaf = path.rpartition("/")
+    return f"{hf_module(module)}.{LEAVES[leaf]}"
+
+
 def to_hf_state_dict(params: Any) -> dict[str, np.ndarray]:
     """`params` as a transformers `LlamaForCausalLM` state dict: `(out, in)` weights, names such
     as `model.layers.0.self_attn.q_proj.weight` (no `lm_head.weight` when tied)."""
-    out = {}
-    for path, leaf in traverse_util.flatten_dict(params, sep="/").items():
-        *modules, kind = path.split("/")
-        name = ".".join(re.sub(r"_(\d+)$", r".\1", m) for m in modules) + ".weight"
-        out[name if modules[0] == "lm_head" else f"model.{name}"] = np.asarray(
-            leaf.T if kind == "kernel" else leaf)
-    return out
+    return {_hf_name(path): np.asarray(leaf.T if path.endswith("/kernel") else leaf)
+            for path, leaf in traverse_util.flatten_dict(params, sep="/").items()}
+
+
+def _shapes(config: LlamaConfig) -> dict[str, jax.ShapeDtypeStruct]:
+    tree = jax.eval_shape(Llama(config).init, jax.random.PRNGKey(0), jnp.zeros((1, 1), jnp.int32))["params"]
+    return traverse_util.flatten_dict(tree, sep="/")
+
+
+def from_hf_state_dict(state: dict[str, Any], config: LlamaConfig) -> dict:
+    """`Llama(config)` params from a transformers `LlamaForCausalLM` state dict (numpy or
+    anything `np.asarray` takes). Every key must be used and every parameter present; a tied
+    model's `lm_head.weight` must equal the embedding."""
+    state = {k: np.asarray(v) for k, v in state.items()}
+    flat, used = {}, set()
+    for path, shape in _shapes(config).items():
+        name = _hf_name(path)
+        if name not in state:
+            raise ValueError(f"{name} (for {path}) is missing from the state dict")
+        w = state[name].T if path.endswith("/kernel") else state[name]
+        if w.shape != shape.shape:
+            raise ValueError(f"{name} has shape {state[name].shape}; {path} needs {shape.shape} (in Flax layout)")
+        flat[path], used = jnp.asarray(w, shape.dtype), used | {name}
+    if config.tie_embeddings and "lm_head.weight" in state:
+        if not np.array_equal(state["lm_head.weight"], state["model.embed_tokens.weight"]):
+            raise ValueError("lm_head.weight differs from model.embed_tokens.weight, but the config ties them")
+        used.add("lm_head.weight")
+    extra = sorted(set(state) - used)
+    if extra:
+        raise ValueError(f"state-dict keys this config has no parameter for: {extra[:5]}")
+    return traverse_util.unflatten_dict(flat, sep="/")
+
+
+def hf_module_map(config: LlamaConfig) -> ModuleMap:
+    """The `ModuleMap` for HF files of `Llama(config)` (PEFT adapter folders over a transformers
+    `LlamaForCausalLM`): every module's name, the model's state-dict keys, and the tied embedding."""
+    paths = list(_shapes(config))
+    table = {p.rpartition("/")[0]: hf_module(p.rpartition("/")[0]) for p in paths}
+    keys = {_hf_name(p) for p in paths} | ({"lm_head.weight"} if config.tie_embeddings else set())
+    return ModuleMap.from_table(table, keys, tied={"embed_tokens"} if config.tie_embeddings else ())

@@ -7,7 +7,8 @@ import numpy as np
 import pytest
 
 import jpeft
-from jpeft.interop.hf import default_module_path, default_param_path, export_peft, import_peft
+from jpeft.interop.hf import export_peft, import_peft
+from jpeft.interop.modules import flax_to_torch, torch_to_flax
 from tests.interop.test_peft_parity import IN, TinyTorch, base_params, jax_forward, peft_model, perturb_peft
 
 torch = pytest.importorskip("torch")
@@ -57,17 +58,22 @@ def test_peft_adapter_imports_with_the_same_outputs(extra, tmp_path):
     np.testing.assert_allclose(jax_forward(jpeft.apply(tree, spec), X), want, rtol=1e-5, atol=1e-5)
 
 
-def test_export_of_mixed_methods_is_a_clear_error(tmp_path):
+@pytest.mark.parametrize("rules, match", [
+    ({"q_proj/kernel": jpeft.LoRA(rank=4), "v_proj/kernel": jpeft.DoRA(rank=4)}, r"LoRA or DoRA \(one of them\)"),
+    ({"q_proj/kernel": jpeft.LoRA(rank=4, dropout=0.1), "v_proj/kernel": jpeft.LoRA(rank=4)}, "one lora_dropout"),
+    ({"q_proj/kernel": jpeft.LoRA(rank=4, rslora=True), "v_proj/kernel": jpeft.LoRA(rank=4)}, "one use_rslora"),
+], ids=["lora_and_dora", "two_dropouts", "rslora_and_plain"])
+def test_export_of_configs_peft_cannot_hold_in_one_adapter_is_a_clear_error(rules, match, tmp_path):
     original = base_params(TinyTorch())
-    spec = jpeft.Spec({r"q_proj/kernel": jpeft.LoRA(rank=4), r"v_proj/kernel": jpeft.LoRA(rank=2)})
-    with pytest.raises(jpeft.SpecError, match="one LoRA or DoRA config on every adapted leaf"):
+    spec = jpeft.Spec(rules)
+    with pytest.raises(jpeft.SpecError, match=match):
         export_peft(str(tmp_path / "x"), jpeft.init(jax.random.PRNGKey(0), original, spec), spec)
 
 
 def test_module_path_mapping_roundtrips():
-    for path in ["layers_0/self_attn/q_proj/kernel", "q_proj/kernel", "model/layers_11/mlp/up_proj/kernel"]:
-        assert default_param_path(default_module_path(path)) == path
-    assert default_module_path("layers_3/self_attn/q_proj/kernel") == "layers.3.self_attn.q_proj"
+    for path in ["layers_0/self_attn/q_proj", "q_proj", "model/layers_11/mlp/up_proj"]:
+        assert torch_to_flax(flax_to_torch(path)) == path
+    assert flax_to_torch("layers_3/self_attn/q_proj") == "layers.3.self_attn.q_proj"
 
 
 class StackedTorch(torch.nn.Module):

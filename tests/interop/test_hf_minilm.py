@@ -8,8 +8,7 @@ import pytest
 
 import jpeft
 from jpeft.interop.hf import export_peft, import_peft
-from jpeft.models.bert import MINILM_L6, Bert, hf_name, load_minilm
-from jpeft.paths import leaves_with_paths
+from jpeft.models.bert import MINILM_L6, Bert, hf_module_map, load_minilm
 
 torch = pytest.importorskip("torch")
 peft = pytest.importorskip("peft")
@@ -17,10 +16,6 @@ transformers = pytest.importorskip("transformers")
 
 pytestmark = pytest.mark.slow
 TARGET = r"layer_\d/attention/(query|value)/kernel|layer_\d/output/kernel"
-
-
-def module_path(path):
-    return hf_name(path).removesuffix(".weight")
 
 
 @pytest.fixture(scope="module")
@@ -48,7 +43,7 @@ def test_export_loads_in_peft_with_the_same_hidden_states(minilm, method, tmp_pa
     tree = jax.tree.map(lambda n: n.replace(train={k: v + 0.02 * jax.random.normal(next(keys), v.shape) for k, v in n.train.items()})
                         if isinstance(n, jpeft.Adapter) else n, jpeft.init(jax.random.PRNGKey(0), params, spec),
                         is_leaf=jpeft.is_adapter)
-    export_peft(str(tmp_path / "adapter"), tree, spec, module_path=module_path)
+    export_peft(str(tmp_path / "adapter"), tree, spec, modules=hf_module_map(config))
     want = hidden(peft.PeftModel.from_pretrained(hf_bert(), str(tmp_path / "adapter")), ids)
     got = jpeft.factored(Bert(config).apply, spec)({"params": tree}, ids, np.ones_like(ids))[0]
     np.testing.assert_allclose(got, want, atol=1e-4, rtol=1e-4)
@@ -64,8 +59,7 @@ def test_peft_adapter_imports_with_the_same_hidden_states(minilm, tmp_path):
                 p.add_(0.05 * torch.randn(p.shape, generator=gen))
     want = hidden(model, ids)
     model.save_pretrained(str(tmp_path / "adapter"))
-    names = {module_path(p): p for p, _ in leaves_with_paths(params) if p.endswith("kernel")}
-    tree, spec = import_peft(str(tmp_path / "adapter"), params, param_path=names.__getitem__)
+    tree, spec = import_peft(str(tmp_path / "adapter"), params, modules=hf_module_map(config))
     assert jpeft.count(tree).trainable == 6 * 2 * 4 * (384 + 384)
     got = jpeft.factored(Bert(config).apply, spec)({"params": tree}, ids, np.ones_like(ids))[0]
     np.testing.assert_allclose(got, want, atol=1e-4, rtol=1e-4)

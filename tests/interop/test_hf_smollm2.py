@@ -9,8 +9,8 @@ import numpy as np
 import pytest
 
 import jpeft
-from jpeft.interop.hf import default_module_path, default_param_path, export_merged, export_peft, import_peft
-from jpeft.models.llama import Llama, to_hf_state_dict
+from jpeft.interop.hf import export_merged, export_peft, import_peft
+from jpeft.models.llama import Llama, hf_module_map, to_hf_state_dict
 
 torch = pytest.importorskip("torch")
 peft = pytest.importorskip("peft")
@@ -20,14 +20,6 @@ from tests.models.test_llama import hf_config, torch_model  # noqa: E402
 pytestmark = pytest.mark.slow
 TARGET = r"layers_(0|7|29)/(self_attn/(q|v)_proj|mlp/down_proj)/kernel"
 IDS = np.array([[1, 504, 2914, 28, 216, 1007, 9478, 30, 216, 33, 34, 35]], np.int32)
-
-
-def module_path(path):
-    return "model." + default_module_path(path)
-
-
-def param_path(module):
-    return default_param_path(module.removeprefix("model."))
 
 
 @pytest.fixture(scope="module")
@@ -50,7 +42,7 @@ def test_export_loads_in_peft_with_the_same_logits(smollm2, method, tmp_path):
     config, params, _ = smollm2
     spec = jpeft.Spec({TARGET: method})
     tree = trained_like(jpeft.init(jax.random.PRNGKey(0), params, spec))
-    export_peft(str(tmp_path / "adapter"), tree, spec, module_path=module_path)
+    export_peft(str(tmp_path / "adapter"), tree, spec, modules=hf_module_map(config))
     loaded = peft.PeftModel.from_pretrained(torch_model(config, params), str(tmp_path / "adapter"))
     with torch.no_grad():
         want = loaded(torch.from_numpy(IDS)).logits.numpy()
@@ -69,7 +61,7 @@ def test_peft_adapter_imports_with_the_same_logits(smollm2, tmp_path):
                 p.add_(0.02 * torch.randn(p.shape, generator=gen))
         want = model(torch.from_numpy(IDS)).logits.numpy()
     model.save_pretrained(str(tmp_path / "adapter"))
-    tree, spec = import_peft(str(tmp_path / "adapter"), params, param_path=param_path)
+    tree, spec = import_peft(str(tmp_path / "adapter"), params, modules=hf_module_map(config))
     assert jpeft.count(tree).trainable == 3 * 2 * 4 * (576 + 576) - 3 * 4 * (576 - 192)  # v_proj: 576 → 192
     np.testing.assert_allclose(jpeft.factored(Llama(config).apply, spec)({"params": tree}, IDS), want,
                                atol=2e-4, rtol=1e-4)

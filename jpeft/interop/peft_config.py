@@ -1,0 +1,213 @@
+"""Every key of HF PEFT's `LoraConfig`, in one table: what jpeft does with it.
+
+- `honoured`: read on import and written on export (`jpeft.interop.hf`).
+- `irrelevant`: carries nothing jpeft needs; the reason says why. Read and ignored on import,
+  written with PEFT's default on export.
+- `refused`: a feature jpeft does not reproduce. Its inert value (PEFT's default) is accepted; any
+  other value is an error naming the key.
+
+`tests/interop/test_peft_config_table.py` fails when the installed PEFT's `LoraConfig` has a key
+this table lacks (or the table a key PEFT dropped), so a PEFT upgrade cannot add a silently
+ignored option.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import re
+from typing import Any
+
+from jpeft.errors import SpecError
+
+TASK_TYPES = (None, "CAUSAL_LM", "SEQ_CLS", "FEATURE_EXTRACTION")
+BIAS = ("none", "all", "lora_only")
+# init_lora_weights values whose saved factors apply to the untouched base weights.
+PLAIN_INITS = (True, False, "gaussian", "orthogonal", "eva")
+# ... whose saves PEFT reloads by re-running the deterministic init on the original base (jpeft
+# does the same: `jpeft.LoRA(init=...)`).
+RERUN_INITS = ("pissa", "olora")
+
+
+@dataclasses.dataclass(frozen=True)
+class Key:
+    handling: str            # "honoured" | "irrelevant" | "refused"
+    why: str
+    default: Any = None      # PEFT's default: written on export; for "refused", the accepted inert value
+
+
+def _h(why, default=None):
+    return Key("honoured", why, default)
+
+
+def _i(why, default=None):
+    return Key("irrelevant", why, default)
+
+
+def _r(why, default=None):
+    return Key("refused", why, default)
+
+
+_CONVERTED = "save it with PEFT's `path_initial_model_for_weight_conversion` (a plain LoRA of rank 2r) and import that"
+
+LORA_KEYS: dict[str, Key] = {
+    "task_type": _h(f"one of {TASK_TYPES}; SEQ_CLS puts the classifier head in modules_to_save"),
+    "peft_type": _h("LORA"),
+    "auto_mapping": _i("the transformers class PEFT wrapped; jpeft's caller passes the model"),
+    "peft_version": _i("informational"),
+    "base_model_name_or_path": _i("where PEFT fetches the base; jpeft's caller passes the base (written on export "
+                                  "when given)"),
+    "revision": _i("a hub revision of the base model; jpeft's caller passes the base"),
+    "inference_mode": _i("PEFT's requires_grad switch; in jpeft what trains is `jpeft.split`'s choice", True),
+    "r": _h("the rank (checked against every module's tensors)", 8),
+    "target_modules": _h("checked: every module it selects in the model has its tensors in the file"),
+    "exclude_modules": _h("part of the target check"),
+    "lora_alpha": _h("the scale's alpha", 8),
+    "lora_dropout": _h("the adapter-branch dropout (jpeft.LoRA(dropout=...))", 0.0),
+    "fan_in_fan_out": _r("Conv1D-layout (GPT-2) weights stored (in, out); jpeft's kernels map to torch Linear "
+                         "(out, in) weights", False),
+    "bias": _h(f"one of {BIAS}: the saved biases become jpeft.Full leaves", "none"),
+    "use_rslora": _h("the α/√r scale", False),
+    "modules_to_save": _h("whole modules trained and saved: jpeft.Full leaves"),
+    "init_lora_weights": _h(f"{PLAIN_INITS} load as saved; {RERUN_INITS} re-run the init on the original base "
+                            "as PEFT does; the others are refused", True),
+    "layers_to_transform": _h("part of the target check"),
+    "layers_pattern": _h("part of the target check"),
+    "rank_pattern": _h("per-module ranks (one jpeft Spec rule per rank and alpha)", {}),
+    "alpha_pattern": _h("per-module alphas", {}),
+    "megatron_config": _r("Megatron tensor-parallel layers"),
+    "megatron_core": _i("the Megatron module name, used only with megatron_config", "megatron.core"),
+    "trainable_token_indices": _r("trainable token rows of an embedding (PEFT's TrainableTokens)"),
+    "loftq_config": _r(f"LoftQ's base is torch's quantiser output; {_CONVERTED}", {}),
+    "eva_config": _i("EVA's init options: the saved factors apply to the untouched base"),
+    "corda_config": _r(f"CorDA rewrites the base from calibration data; {_CONVERTED}"),
+    "lora_ga_config": _r(f"LoRA-GA rewrites the base from gradients; {_CONVERTED}"),
+    "use_dora": _h("DoRA (jpeft.DoRA)", False),
+    "velora_config": _r("VeLoRA's compressed activations"),
+    "alora_invocation_tokens": _r("activated LoRA (input-dependent activation)"),
+    "use_qalora": _r("QA-LoRA's pooled inputs", False),
+    "qalora_group_size": _i("used only with use_qalora", 16),
+    "monteclora_config": _r("MonteCLoRA's stochastic factors"),
+    "layer_replication": _r("PEFT's layer replication (the model's depth changes)"),
+    "runtime_config": _i("PEFT runtime options (GPU offload); PEFT does not save it"),
+    "lora_bias": _h("the bias on lora_B: folded into the module's bias, a jpeft.Full leaf", False),
+    "target_parameters": _r("LoRA on nn.Parameter tensors (MoE expert stacks)"),
+    "use_bdlora": _r("block-diagonal LoRA"),
+    "arrow_config": _r("Arrow routing over several adapters"),
+    "kasa_config": _r("PEFT's KaSA layer (jpeft's `kasa` method has its own files)"),
+    "ensure_weight_tying": _r("tied adapters on tied embeddings", False),
+}
+
+
+def _fail(directory: str, key: str, value: Any, expected: str) -> SpecError:
+    return SpecError(f"{directory}/adapter_config.json: {key}={value!r}: expected {expected}")
+
+
+def _is_int(v) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool)
+
+
+def _is_number(v) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool)
+
+
+def _str_list(v) -> bool:
+    return isinstance(v, list) and all(isinstance(x, str) for x in v)
+
+
+_CHECKS = {
+    "r": (lambda v: _is_int(v) and v > 0, "a positive integer"),
+    "lora_alpha": (_is_number, "a number"),
+    "lora_dropout": (lambda v: _is_number(v) and 0 <= v < 1, "a number in [0, 1)"),
+    "bias": (lambda v: v in BIAS, f"one of {BIAS}"),
+    "use_rslora": (lambda v: isinstance(v, bool), "true or false"),
+    "use_dora": (lambda v: isinstance(v, bool), "true or false"),
+    "lora_bias": (lambda v: isinstance(v, bool), "true or false"),
+    "task_type": (lambda v: v in TASK_TYPES, f"one of {TASK_TYPES}"),
+    "target_modules": (lambda v: v is None or isinstance(v, str) or _str_list(v), "a list of names or a regex"),
+    "exclude_modules": (lambda v: v is None or isinstance(v, str) or _str_list(v), "a list of names or a regex"),
+    "modules_to_save": (lambda v: v is None or _str_list(v), "null or a list of module names"),
+    "layers_to_transform": (lambda v: v is None or _is_int(v) or (isinstance(v, list) and all(map(_is_int, v))),
+                            "null, a layer index or a list of them"),
+    "layers_pattern": (lambda v: v is None or isinstance(v, str) or _str_list(v), "null, a name or a list of names"),
+    "rank_pattern": (lambda v: isinstance(v, dict) and all(_is_int(x) and x > 0 for x in v.values()),
+                     "a {pattern: positive integer} object"),
+    "alpha_pattern": (lambda v: isinstance(v, dict) and all(map(_is_number, v.values())),
+                      "a {pattern: number} object"),
+}
+
+
+def check_lora_config(config: Any, directory: str) -> dict:
+    """`config` (a parsed `adapter_config.json`) checked key by key against `LORA_KEYS`; returns it
+    with PEFT's defaults filled in for absent keys. Raises `SpecError` naming the first key that is
+    unknown, malformed or set to a refused feature."""
+    if not isinstance(config, dict):
+        raise SpecError(f"{directory}/adapter_config.json: expected a JSON object, got {type(config).__name__}")
+    if config.get("peft_type") != "LORA":
+        raise SpecError(f"{directory}: peft_type={config.get('peft_type')!r}; jpeft imports LORA adapter folders")
+    for key, value in config.items():
+        entry = LORA_KEYS.get(key)
+        if entry is None:
+            raise SpecError(f"{directory}/adapter_config.json: key {key!r} is not in jpeft's LoraConfig table "
+                            f"(jpeft.interop.peft_config.LORA_KEYS); refusing to ignore it")
+        if entry.handling == "refused" and value not in (entry.default, None, {}, []):
+            raise SpecError(f"{directory}/adapter_config.json: {key}={value!r} is not supported: {entry.why}")
+        check = _CHECKS.get(key)
+        if check is not None and not check[0](value):
+            raise _fail(directory, key, value, check[1])
+    init = config.get("init_lora_weights", True)
+    if init not in PLAIN_INITS + RERUN_INITS:
+        hint = _CONVERTED if isinstance(init, str) and re.fullmatch(r"pissa_niter_\d+|loftq|corda|lora_ga", init) \
+            else "a value PEFT documents"
+        raise _fail(directory, "init_lora_weights", init,
+                    f"one of {PLAIN_INITS + RERUN_INITS} ({init!r} depends on torch's generator, quantiser or data: "
+                    f"{hint})" if hint == _CONVERTED else f"one of {PLAIN_INITS + RERUN_INITS}")
+    return {**{k: e.default for k, e in LORA_KEYS.items() if k != "runtime_config"}, **config}
+
+
+def export_config(**values) -> dict:
+    """A complete `adapter_config.json` object: PEFT's defaults for every table key, overridden by
+    `values` (which must be table keys)."""
+    unknown = set(values) - set(LORA_KEYS)
+    if unknown:
+        raise KeyError(f"not LoraConfig keys: {sorted(unknown)}")
+    return {**{k: e.default for k, e in LORA_KEYS.items() if k != "runtime_config"}, "peft_type": "LORA", **values}
+
+
+def pattern_value(patterns: dict, module: str, default):
+    """PEFT's `rank_pattern` / `alpha_pattern` lookup: the first pattern `p` with
+    `re.match(rf"(.*\\.)?({p})$", module)`, else `default`."""
+    for pattern, value in patterns.items():
+        if re.match(rf"(.*\.)?({pattern})$", module):
+            return value
+    return default
+
+
+def targets_module(config: dict, module: str) -> bool:
+    """Whether PEFT's `target_modules` / `exclude_modules` / `modules_to_save` /
+    `layers_to_transform` / `layers_pattern` select `module` (PEFT's `check_target_module_exists`)."""
+    exclude = config.get("exclude_modules")
+    if exclude and (re.fullmatch(exclude, module) if isinstance(exclude, str)
+                    else module in exclude or any(module.endswith(f".{e}") for e in exclude)):
+        return False
+    if any(re.match(rf"(^|.*\.){m}($|\..*)", module) for m in config.get("modules_to_save") or ()):
+        return False
+    targets = config.get("target_modules")
+    if targets is None:
+        return False
+    if isinstance(targets, str):
+        return re.fullmatch(targets, module) is not None
+    if module in targets:
+        return True
+    if not any(module.endswith(f".{t}") for t in targets):
+        return False
+    layers = config.get("layers_to_transform")
+    if layers is None or layers == []:
+        return True
+    layers = [layers] if isinstance(layers, int) else layers
+    patterns = config.get("layers_pattern")
+    if not patterns:
+        match = re.match(r".*?\.[^.]*\.(?P<idx>\d+)\.", module)
+    else:
+        patterns = [patterns] if isinstance(patterns, str) else patterns
+        match = next((m for p in patterns if (m := re.match(rf"(?:^|.*?\.){p}\.(?P<idx>\d+)\.", module))), None)
+    return match is not None and int(match["idx"]) in layers
