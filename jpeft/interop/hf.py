@@ -451,3 +451,47 @@ def import_peft(directory: str, base_params: Any, *, modules: ModuleMap = DEFAUL
 
     leaves = [load(p, n) for p, n in leaves_with_paths(tree, is_leaf=is_adapter)]
     return jax.tree_util.tree_unflatten(jax.tree_util.tree_structure(tree, is_leaf=is_adapter), leaves), spec
+
+
+# ------------------------------------------------------------------------------- several adapters
+
+DEFAULT_ADAPTER = "default"
+
+
+def export_peft_adapters(directory: str, adapters: dict[str, tuple[Any, Spec]], *, overwrite: bool = False,
+                         **options) -> None:
+    """Several named adapters of one base in PEFT's multi-adapter layout: `"default"` at the top of
+    `directory`, every other name in its own sub-folder (`PeftModel.from_pretrained` loads the
+    default; `load_adapter(f"{directory}/{name}", adapter_name=name)` the others). `adapters`:
+    `{name: (params, spec)}`; `options` go to `export_peft`."""
+    if DEFAULT_ADAPTER not in adapters:
+        raise SpecError(f"PEFT's layout keeps the {DEFAULT_ADAPTER!r} adapter at the top of the folder; got names "
+                        f"{sorted(adapters)}")
+    for name in adapters:
+        if not re.fullmatch(r"[A-Za-z0-9_.-]+", name) or name in (CONFIG, WEIGHTS) or name.startswith("."):
+            raise SpecError(f"adapter name {name!r}: expected letters, digits, '_', '-' or '.' (it names a sub-folder)")
+
+    def write(tmp):
+        params, spec = adapters[DEFAULT_ADAPTER]
+        export_peft(tmp, params, spec, **options)
+        for name, (params, spec) in adapters.items():
+            if name != DEFAULT_ADAPTER:
+                export_peft(os.path.join(tmp, name), params, spec, **options)
+
+    atomic_write(directory, write, overwrite)
+
+
+def import_peft_adapters(directory: str, base_params: Any, *, modules: ModuleMap = DEFAULT_MAP
+                         ) -> dict[str, tuple[Any, Spec]]:
+    """`{name: (params, spec)}` of a PEFT multi-adapter folder: the top-level adapter as
+    `"default"` and every sub-folder holding an adapter under its name (each via `import_peft`).
+    A sub-folder with only one of the two files is an error naming it."""
+    out = {DEFAULT_ADAPTER: import_peft(directory, base_params, modules=modules)}
+    for name in sorted(os.listdir(directory)):
+        sub = os.path.join(directory, name)
+        if not os.path.isdir(sub):
+            continue
+        present = [f for f in (CONFIG, WEIGHTS) if os.path.isfile(os.path.join(sub, f))]
+        if present:
+            out[name] = import_peft(sub, base_params, modules=modules)   # a half folder fails there, named
+    return out

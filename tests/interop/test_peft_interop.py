@@ -16,7 +16,7 @@ from safetensors.numpy import load_file, save_file
 
 import jpeft
 from jpeft.interop import peft_config
-from jpeft.interop.hf import export_peft, import_peft
+from jpeft.interop.hf import export_peft, export_peft_adapters, import_peft, import_peft_adapters
 from jpeft.interop.modules import ModuleMap
 from jpeft.models import bert as jbert
 from jpeft.models.llama import Llama, LlamaConfig, from_hf_state_dict, hf_module_map, to_hf_state_dict
@@ -298,3 +298,35 @@ def test_the_lora_config_table_covers_the_installed_peft():
                                                   f"stale table keys: {set(peft_config.LORA_KEYS) - fields}")
     for key, entry in peft_config.LORA_KEYS.items():
         assert entry.handling in ("honoured", "irrelevant", "refused") and entry.why, key
+
+
+def test_multi_adapter_folders_both_ways(tmp_path):
+    params, modules = KINDS["llama"][:2]
+    model = peft.get_peft_model(fresh("llama"), peft.LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj"]))
+    model.add_adapter("second", peft.LoraConfig(r=2, lora_alpha=4, target_modules=["v_proj", "up_proj"]))
+    gen = torch.Generator().manual_seed(1)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "lora_" in name:
+                p.add_(0.3 * torch.randn(p.shape, generator=gen))
+    want = {}
+    for name in ("default", "second"):
+        model.set_adapter(name)
+        want[name] = torch_out("llama", model)
+    model.save_pretrained(str(tmp_path / "a"))
+    adapters = import_peft_adapters(str(tmp_path / "a"), params, modules=modules)
+    assert sorted(adapters) == ["default", "second"]
+    for name, (tree, spec) in adapters.items():
+        np.testing.assert_allclose(jax_out("llama", jpeft.apply(tree, spec)), want[name], atol=1e-4, rtol=1e-4)
+    assert not np.allclose(want["default"], want["second"], atol=1e-2)
+    export_peft_adapters(str(tmp_path / "b"), adapters, modules=modules, task_type="CAUSAL_LM")
+    loaded = peft.PeftModel.from_pretrained(fresh("llama"), str(tmp_path / "b"))
+    loaded.load_adapter(str(tmp_path / "b" / "second"), adapter_name="second")
+    for name in ("default", "second"):
+        loaded.set_adapter(name)
+        np.testing.assert_allclose(torch_out("llama", loaded), want[name], atol=1e-4, rtol=1e-4)
+    with pytest.raises(jpeft.SpecError, match="keeps the 'default' adapter at the top"):
+        export_peft_adapters(str(tmp_path / "c"), {"second": adapters["second"]}, modules=modules)
+    os.remove(tmp_path / "a" / "second" / "adapter_model.safetensors")
+    with pytest.raises(jpeft.SpecError, match="second: no adapter_model.safetensors"):
+        import_peft_adapters(str(tmp_path / "a"), params, modules=modules)
