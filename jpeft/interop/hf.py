@@ -4,7 +4,7 @@
 What maps to what (the config keys: `jpeft.interop.peft_config.LORA_KEYS`):
 
 - `lora_A.weight` / `lora_B.weight` (+ `lora_magnitude_vector`): `jpeft.LoRA` / `jpeft.DoRA` on a
-  `kernel`; `lora_embedding_A` / `lora_embedding_B`: `jpeft.LoRA` on an `embedding`. Per-module
+  `kernel`; AdaLoRA's `lora_A` / `lora_E` / `lora_B`: `jpeft.AdaLoRA`; `lora_embedding_A` / `lora_embedding_B`: `jpeft.LoRA` on an `embedding`. Per-module
   ranks and alphas are `rank_pattern` / `alpha_pattern` (one Spec rule per rank and alpha).
 - `modules_to_save` (whole modules) and `bias="all"|"lora_only"` (biases): `jpeft.Full` leaves.
   `lora_bias` (a bias on `lora_B`) imports folded into the module's bias, a `jpeft.Full` leaf (the
@@ -23,6 +23,7 @@ theirs).
 from __future__ import annotations
 
 import collections
+import dataclasses
 import json
 import os
 import re
@@ -39,8 +40,9 @@ from jpeft.checkpoint import atomic_write
 from jpeft.core import check_fits, init, merge
 from jpeft.errors import SpecError
 from jpeft.interop.modules import DEFAULT_MAP, LEAVES, ModuleMap, split_leaf
-from jpeft.interop.peft_config import (RERUN_INITS, TASK_TYPES, check_lora_config, export_config, pattern_value,
+from jpeft.interop.peft_config import (RERUN_INITS, TASK_TYPES, check_config, export_config, pattern_value,
                                        targets_module)
+from jpeft.methods.adaptive import AdaLoRA
 from jpeft.methods.dora import DoRA
 from jpeft.methods.full import Full
 from jpeft.methods.lowrank import LoRA, lora_scale
@@ -52,7 +54,8 @@ PREFIX = "base_model.model."
 CONFIG, WEIGHTS = "adapter_config.json", "adapter_model.safetensors"
 HEADS = ("classifier", "score")   # PEFT's SEQ_CLS heads (always modules to save)
 _KEY = re.compile(r"(?P<module>.+?)\.(?P<kind>lora_A\.weight|lora_B\.weight|lora_B\.bias|lora_magnitude_vector|"
-                  r"lora_embedding_A|lora_embedding_B|base_layer\.weight|base_layer\.bias|weight|bias)")
+                  r"lora_embedding_A|lora_embedding_B|lora_A|lora_B|lora_E|base_layer\.weight|base_layer\.bias|"
+                  r"weight|bias)")
 
 
 def default_slice_path(param_path: str, index: tuple[int, ...]) -> str:
@@ -97,9 +100,13 @@ def _exported_scale(method: LoRA, converted: bool, rank: int) -> tuple[int, floa
 
 def _exported_family(methods: set) -> type:
     kinds = {type(m) for m in methods}
-    if not methods or not kinds <= {LoRA, DoRA} or len(kinds) != 1:
-        raise SpecError(f"HF PEFT export needs LoRA or DoRA (one of them) on every adapted kernel, plus optional "
-                        f"jpeft.Full leaves; got {sorted({m.name for m in methods})}")
+    if not methods or not kinds <= {LoRA, DoRA, AdaLoRA} or len(kinds) != 1:
+        raise SpecError(f"HF PEFT export needs LoRA, DoRA or AdaLoRA (one of them) on every adapted kernel, plus "
+                        f"optional jpeft.Full leaves; got {sorted({m.name for m in methods})}")
+    if kinds == {AdaLoRA}:
+        if len(methods) != 1:
+            raise SpecError(f"HF PEFT has one AdaLoRA config per adapter; the spec has {len(methods)}")
+        return AdaLoRA
     for m in methods:
         if m.base_quant is not None:
             raise SpecError(f"{m!r}: init='loftq' trains over the quantised base it chose; a PEFT adapter file "
@@ -123,6 +130,8 @@ def _lora_tensors(path, node, modules: ModuleMap, slice_path, tensors, scales):
     if mpath in modules.tied:
         raise SpecError(f"{path}: the model ties this weight to its output head; PEFT's adapter changes only the "
                         "input lookup, jpeft's changes both, so the export would not reproduce it")
+    if isinstance(node.method, AdaLoRA):
+        return _adalora_tensors(path, node, modules, tensors, scales)
     if leaf == "embedding" and ("m" in node.train or "a0" in node.frozen):
         raise SpecError(f"{path}: only plain LoRA (not DoRA, not a base-rewriting init) exports onto an embedding")
     a, b = _factors(node)
@@ -142,6 +151,20 @@ def _lora_tensors(path, node, modules: ModuleMap, slice_path, tensors, scales):
         if m is not None:
             tensors[f"{key}.lora_magnitude_vector"] = m[idx]
         scales[key] = _exported_scale(node.method, "a0" in node.frozen, a.shape[-1])
+
+
+def _adalora_tensors(path, node, modules: ModuleMap, tensors, scales):
+    """AdaLoRA: every `init_r` triplet, the masked ones with `e = 0` (PEFT loads them unresized:
+    the same outputs)."""
+    if node.view is not None or split_leaf(path)[1] != "kernel":
+        raise SpecError(f"{path}: AdaLoRA exports from plain 2-D kernels")
+    module = modules.to_torch(split_leaf(path)[0])
+    modules.check(module, "weight", path)
+    key = PREFIX + module
+    tensors[f"{key}.lora_A"] = np.ascontiguousarray(np.asarray(node.train["a"], np.float32).T)
+    tensors[f"{key}.lora_E"] = np.asarray(node.train["e"], np.float32)[:, None]
+    tensors[f"{key}.lora_B"] = np.ascontiguousarray(np.asarray(node.train["b"], np.float32).T)
+    scales[key] = (node.method.init_r, float(node.method.alpha), False)
 
 
 def _bias_mode(trained_bias: set, targets: set, all_biases: set) -> str:
@@ -226,12 +249,19 @@ def export_peft(directory: str, params: Any, spec: Spec, *, modules: ModuleMap =
     rank, rank_pattern = _pattern({k: v[0] for k, v in scales.items()})
     alpha, alpha_pattern = _pattern({k: v[1] for k, v in scales.items()})
     rslora = next(iter(scales.values()))[2]
-    config = export_config(
-        task_type=task_type, base_model_name_or_path=base_model_name_or_path, r=rank, lora_alpha=alpha,
-        use_rslora=rslora, use_dora=family is DoRA, lora_dropout=float(lora[0][1].method.dropout),
-        target_modules=sorted(k[len(PREFIX):] for k in scales), bias=mode,
-        modules_to_save=sorted(modules.to_torch(m) for m in to_save) or None,
-        rank_pattern=rank_pattern, alpha_pattern=alpha_pattern, inference_mode=True)
+    common = dict(task_type=task_type, base_model_name_or_path=base_model_name_or_path,
+                  target_modules=sorted(k[len(PREFIX):] for k in scales), bias=mode,
+                  modules_to_save=sorted(modules.to_torch(m) for m in to_save) or None, inference_mode=True)
+    if family is AdaLoRA:
+        m = lora[0][1].method
+        config = export_config("ADALORA", **common, init_r=m.init_r, r=m.init_r, target_r=m.target_r,
+                               lora_alpha=float(m.alpha), total_step=m.total_step, tinit=m.tinit, tfinal=m.tfinal,
+                               deltaT=m.delta_t, beta1=m.beta1, beta2=m.beta2, orth_reg_weight=m.orth_reg_weight,
+                               rank_pattern=None)
+    else:
+        config = export_config(r=rank, lora_alpha=alpha, use_rslora=rslora, use_dora=family is DoRA,
+                               lora_dropout=float(lora[0][1].method.dropout), rank_pattern=rank_pattern,
+                               alpha_pattern=alpha_pattern, **common)
 
     def write(tmp):
         os.makedirs(tmp)
@@ -273,7 +303,7 @@ def read_folder(directory: str) -> tuple[dict, dict[str, np.ndarray]]:
             config = json.load(f)
     except json.JSONDecodeError as e:
         raise SpecError(f"{directory}/{CONFIG}: not valid JSON ({e})") from None
-    config = check_lora_config(config, directory)
+    config = check_config(config, directory)
     try:
         tensors = load_file(os.path.join(directory, WEIGHTS))
     except (SafetensorError, OSError, ValueError) as e:
@@ -314,18 +344,65 @@ def _check_shape(directory, module, name, got, want):
         raise SpecError(f"{directory}: {module}.{name} has shape {tuple(got)}; the model needs {tuple(want)}")
 
 
-def _lora_module(directory, config, module, parts, modules, flat, cls, init_name):
-    """`(path, method, {train field: array}, new base or None, folded bias or None)` of one module."""
-    emb = "lora_embedding_A" in parts or "lora_embedding_B" in parts
-    names = ("lora_embedding_A", "lora_embedding_B") if emb else ("lora_A.weight", "lora_B.weight")
+@dataclasses.dataclass
+class _Placed:
+    """Where one module's adapter tensors go: the leaf, its method, its train fields, and what
+    else the file sets (the base PEFT loads for an embedding, a folded `lora_bias`, node state)."""
+
+    path: str
+    method: Any
+    train: dict
+    base: np.ndarray | None = None
+    bias: np.ndarray | None = None
+    state: dict | None = None
+
+
+def _adapted_leaf(directory, module, parts, names, leaf, modules, flat) -> str:
     for n in names:
         if n not in parts:
-            raise SpecError(f"{directory}: {PREFIX}{module}.{n} is missing (its module has the other LoRA factor)")
-    path = _param(directory, module, ("embedding",) if emb else ("kernel",), modules, flat, "the LoRA factors")
+            raise SpecError(f"{directory}: {PREFIX}{module}.{n} is missing (its module has the other factors)")
+    path = _param(directory, module, (leaf,), modules, flat, "the adapter factors")
+    if len(flat[path].shape) != 2:
+        raise SpecError(f"{directory}: {path} is {len(flat[path].shape)}-D {tuple(flat[path].shape)}; PEFT files "
+                        "import onto 2-D kernels and embeddings")
+    return path
+
+
+def _adalora_module(directory, config, module, parts, modules, flat) -> _Placed:
+    """AdaLoRA: `lora_A` (r, in) = aᵀ, `lora_E` (r, 1) = e, `lora_B` (out, r) = bᵀ; after PEFT's
+    final allocation the file holds the kept triplets and `rank_pattern` their positions among
+    `init_r` (the others become zero triplets, masked: the same outputs)."""
+    for key, bad in (("lora_dropout", 0.0), ("use_rslora", False), ("lora_bias", False)):
+        if config[key] != bad:
+            raise SpecError(f"{directory}: AdaLoRA with {key}={config[key]!r}: jpeft.AdaLoRA has no such option")
+    if config["init_lora_weights"] not in (True, False):
+        raise SpecError(f"{directory}: AdaLoRA with init_lora_weights={config['init_lora_weights']!r}")
+    path = _adapted_leaf(directory, module, parts, ("lora_A", "lora_E", "lora_B"), "kernel", modules, flat)
+    n, m = flat[path].shape
+    r0 = config["init_r"]
+    pattern = {re.sub(r"\.lora_E(\.default)?$", "", k): v for k, v in (config["rank_pattern"] or {}).items()}
+    keep = np.asarray(pattern.get(module, [True] * r0), bool)
+    k = int(keep.sum())
+    if len(keep) != r0:
+        raise SpecError(f"{directory}: rank_pattern of {module} has {len(keep)} entries; init_r={r0}")
+    _check_shape(directory, module, "lora_A", parts["lora_A"].shape, (k, n))
+    _check_shape(directory, module, "lora_E", parts["lora_E"].shape, (k, 1))
+    _check_shape(directory, module, "lora_B", parts["lora_B"].shape, (m, k))
+    a, e, b = np.zeros((n, r0), np.float32), np.zeros((r0,), np.float32), np.zeros((r0, m), np.float32)
+    a[:, keep], e[keep], b[keep] = parts["lora_A"].T, parts["lora_E"][:, 0], parts["lora_B"].T
+    method = AdaLoRA(init_r=r0, target_r=config["target_r"], alpha=float(config["lora_alpha"]),
+                     total_step=config["total_step"], tinit=config["tinit"], tfinal=config["tfinal"],
+                     delta_t=config["deltaT"], beta1=float(config["beta1"]), beta2=float(config["beta2"]),
+                     orth_reg_weight=float(config["orth_reg_weight"]))
+    return _Placed(path, method, {"a": a, "e": e, "b": b}, state={"keep": keep})
+
+
+def _lora_module(directory, config, module, parts, modules, flat, cls, init_name) -> _Placed:
+    """LoRA / DoRA on a kernel, or LoRA on an embedding."""
+    emb = "lora_embedding_A" in parts or "lora_embedding_B" in parts
+    names = ("lora_embedding_A", "lora_embedding_B") if emb else ("lora_A.weight", "lora_B.weight")
+    path = _adapted_leaf(directory, module, parts, names, "embedding" if emb else "kernel", modules, flat)
     base = flat[path]
-    if len(base.shape) != 2:
-        raise SpecError(f"{directory}: {path} is {len(base.shape)}-D {tuple(base.shape)}; PEFT files import onto 2-D "
-                        "kernels and embeddings")
     if split_leaf(path)[0] in modules.tied:
         raise SpecError(f"{directory}: {path} is tied to the output head; PEFT's embedding LoRA changes only the "
                         "input lookup, jpeft's would change both")
@@ -357,11 +434,11 @@ def _lora_module(directory, config, module, parts, modules, flat, cls, init_name
         if not config["lora_bias"]:
             raise SpecError(f"{directory}: {PREFIX}{module}.lora_B.bias with lora_bias=false")
         folded = lora_scale(rank, alpha, options["rslora"]) * parts["lora_B.bias"]
-    return path, cls(**options), train, new_base, folded
+    return _Placed(path, cls(**options), train, new_base, folded)
 
 
 def import_peft(directory: str, base_params: Any, *, modules: ModuleMap = DEFAULT_MAP) -> tuple[Any, Spec]:
-    """`(adapted params, spec)` from a HuggingFace PEFT LoRA/DoRA adapter folder. Every tensor is
+    """`(adapted params, spec)` from a HuggingFace PEFT LoRA/DoRA/AdaLoRA adapter folder. Every tensor is
     placed (LoRA/DoRA factors, trained biases and modules as `jpeft.Full` leaves) or the import
     fails naming it; every config key is honoured or refused (`LORA_KEYS`)."""
     config, tensors = read_folder(directory)
@@ -378,21 +455,25 @@ def import_peft(directory: str, base_params: Any, *, modules: ModuleMap = DEFAUL
     values: dict[str, dict] = {}      # path -> train fields (or {"w": ...} for Full)
     bases: dict[str, np.ndarray] = {}
     folded: dict[str, np.ndarray] = {}
+    states: dict[str, dict] = {}
     lora_modules = set()
+    adalora = config["peft_type"] == "ADALORA"
     for module, parts in parsed.items():
         if any(k.startswith("lora_") for k in parts):
-            path, method, train, new_base, bias = _lora_module(directory, config, module, parts, modules, flat, cls,
-                                                               init_name)
+            placed = (_adalora_module(directory, config, module, parts, modules, flat) if adalora else
+                      _lora_module(directory, config, module, parts, modules, flat, cls, init_name))
             if not targets_module(config, module):
-                raise SpecError(f"{directory}: module {module!r} has LoRA factors but target_modules / "
+                raise SpecError(f"{directory}: module {module!r} has adapter factors but target_modules / "
                                 "layers_to_transform / exclude_modules do not select it")
-            rules[method].append(path)
-            values[path] = train
+            rules[placed.method].append(placed.path)
+            values[placed.path] = placed.train
             lora_modules.add(module)
-            if new_base is not None:
-                bases[path] = new_base
-            if bias is not None:
-                folded[split_leaf(path)[0] + "/bias"] = bias
+            if placed.base is not None:
+                bases[placed.path] = placed.base
+            if placed.bias is not None:
+                folded[split_leaf(placed.path)[0] + "/bias"] = placed.bias
+            if placed.state is not None:
+                states[placed.path] = placed.state
         for kind in ("weight", "bias", "base_layer.bias"):
             if kind not in parts:
                 continue
@@ -447,6 +528,8 @@ def import_peft(directory: str, base_params: Any, *, modules: ModuleMap = DEFAUL
         node = node.replace(train=train)
         if path in bases:
             node = node.replace(base=jnp.asarray(bases[path]).astype(node.base.dtype))
+        if path in states:
+            node = node.replace(state={**node.state, **{k: jnp.asarray(v) for k, v in states[path].items()}})
         return node
 
     leaves = [load(p, n) for p, n in leaves_with_paths(tree, is_leaf=is_adapter)]

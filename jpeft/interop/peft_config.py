@@ -6,9 +6,9 @@
 - `refused`: a feature jpeft does not reproduce. Its inert value (PEFT's default) is accepted; any
   other value is an error naming the key.
 
-`tests/interop/test_peft_config_table.py` fails when the installed PEFT's `LoraConfig` has a key
-this table lacks (or the table a key PEFT dropped), so a PEFT upgrade cannot add a silently
-ignored option.
+`ADALORA_KEYS` does the same for `AdaLoraConfig`. `tests/interop/test_peft_interop.py` fails
+when the installed PEFT's config classes have a key these tables lack (or a table a key PEFT
+dropped), so a PEFT upgrade cannot add a silently ignored option.
 """
 
 from __future__ import annotations
@@ -98,6 +98,27 @@ LORA_KEYS: dict[str, Key] = {
 }
 
 
+# AdaLoRA (`AdaLoraConfig` extends `LoraConfig`): jpeft.AdaLoRA's options by PEFT's names.
+ADALORA_KEYS: dict[str, Key] = {
+    **LORA_KEYS,
+    "r": _i("AdaLoRA's rank is init_r", 8),
+    "rank_pattern": _h("the final allocation {module: [kept?] * init_r}; the saved tensors hold the kept triplets "
+                       "(the others import as zero triplets, masked)"),
+    "alpha_pattern": _r("per-module alphas (PEFT's AdaLoRA ignores them)", {}),
+    "use_dora": _r("DoRA (PEFT refuses it with AdaLoRA)", False),
+    "target_r": _h("AdaLoRA target_r", 8),
+    "init_r": _h("AdaLoRA init_r", 12),
+    "tinit": _h("AdaLoRA tinit", 0),
+    "tfinal": _h("AdaLoRA tfinal", 0),
+    "deltaT": _h("AdaLoRA delta_t", 1),
+    "beta1": _h("AdaLoRA beta1", 0.85),
+    "beta2": _h("AdaLoRA beta2", 0.85),
+    "orth_reg_weight": _h("AdaLoRA orth_reg_weight", 0.5),
+    "total_step": _h("AdaLoRA total_step"),
+}
+TABLES = {"LORA": LORA_KEYS, "ADALORA": ADALORA_KEYS}
+
+
 def _fail(directory: str, key: str, value: Any, expected: str) -> SpecError:
     return SpecError(f"{directory}/adapter_config.json: {key}={value!r}: expected {expected}")
 
@@ -136,22 +157,39 @@ _CHECKS = {
 }
 
 
-def check_lora_config(config: Any, directory: str) -> dict:
-    """`config` (a parsed `adapter_config.json`) checked key by key against `LORA_KEYS`; returns it
-    with PEFT's defaults filled in for absent keys. Raises `SpecError` naming the first key that is
-    unknown, malformed or set to a refused feature."""
+_ADALORA_CHECKS = {
+    **{k: (lambda v: _is_int(v) and v >= 0, "an integer >= 0") for k in ("target_r", "tinit", "tfinal")},
+    "init_r": (lambda v: _is_int(v) and v > 0, "a positive integer"),
+    "deltaT": (lambda v: _is_int(v) and v > 0, "a positive integer"),
+    "total_step": (lambda v: _is_int(v) and v > 0, "a positive integer (the number of training steps)"),
+    **{k: (lambda v: _is_number(v) and 0 < v < 1, "a number in (0, 1)") for k in ("beta1", "beta2")},
+    "orth_reg_weight": (lambda v: _is_number(v) and v >= 0, "a number >= 0"),
+    "r": (lambda v: True, ""),
+    "rank_pattern": (lambda v: v is None or (isinstance(v, dict) and all(
+        isinstance(m, list) and all(isinstance(b, bool) for b in m) for m in v.values())),
+        "null or a {module: [true/false per triplet]} object"),
+}
+
+
+def check_config(config: Any, directory: str) -> dict:
+    """`config` (a parsed `adapter_config.json`) checked key by key against its type's table
+    (`TABLES`: LORA, ADALORA); returns it with PEFT's defaults filled in for absent keys. Raises
+    `SpecError` naming the first key that is unknown, malformed or set to a refused feature."""
     if not isinstance(config, dict):
         raise SpecError(f"{directory}/adapter_config.json: expected a JSON object, got {type(config).__name__}")
-    if config.get("peft_type") != "LORA":
-        raise SpecError(f"{directory}: peft_type={config.get('peft_type')!r}; jpeft imports LORA adapter folders")
+    table = TABLES.get(config.get("peft_type"))
+    if table is None:
+        raise SpecError(f"{directory}: peft_type={config.get('peft_type')!r}; jpeft imports {sorted(TABLES)} "
+                        "adapter folders")
+    checks = {**_CHECKS, **(_ADALORA_CHECKS if table is ADALORA_KEYS else {})}
     for key, value in config.items():
-        entry = LORA_KEYS.get(key)
+        entry = table.get(key)
         if entry is None:
-            raise SpecError(f"{directory}/adapter_config.json: key {key!r} is not in jpeft's LoraConfig table "
-                            f"(jpeft.interop.peft_config.LORA_KEYS); refusing to ignore it")
+            raise SpecError(f"{directory}/adapter_config.json: key {key!r} is not in jpeft's {config['peft_type']} "
+                            f"config table (jpeft.interop.peft_config.TABLES); refusing to ignore it")
         if entry.handling == "refused" and value not in (entry.default, None, {}, []):
             raise SpecError(f"{directory}/adapter_config.json: {key}={value!r} is not supported: {entry.why}")
-        check = _CHECKS.get(key)
+        check = checks.get(key)
         if check is not None and not check[0](value):
             raise _fail(directory, key, value, check[1])
     init = config.get("init_lora_weights", True)
@@ -161,16 +199,17 @@ def check_lora_config(config: Any, directory: str) -> dict:
         raise _fail(directory, "init_lora_weights", init,
                     f"one of {PLAIN_INITS + RERUN_INITS} ({init!r} depends on torch's generator, quantiser or data: "
                     f"{hint})" if hint == _CONVERTED else f"one of {PLAIN_INITS + RERUN_INITS}")
-    return {**{k: e.default for k, e in LORA_KEYS.items() if k != "runtime_config"}, **config}
+    return {**{k: e.default for k, e in table.items() if k != "runtime_config"}, **config}
 
 
-def export_config(**values) -> dict:
-    """A complete `adapter_config.json` object: PEFT's defaults for every table key, overridden by
-    `values` (which must be table keys)."""
-    unknown = set(values) - set(LORA_KEYS)
+def export_config(peft_type: str = "LORA", **values) -> dict:
+    """A complete `adapter_config.json` object of `peft_type`: PEFT's defaults for every table
+    key, overridden by `values` (which must be table keys)."""
+    table = TABLES[peft_type]
+    unknown = set(values) - set(table)
     if unknown:
-        raise KeyError(f"not LoraConfig keys: {sorted(unknown)}")
-    return {**{k: e.default for k, e in LORA_KEYS.items() if k != "runtime_config"}, "peft_type": "LORA", **values}
+        raise KeyError(f"not {peft_type} config keys: {sorted(unknown)}")
+    return {**{k: e.default for k, e in table.items() if k != "runtime_config"}, "peft_type": peft_type, **values}
 
 
 def pattern_value(patterns: dict, module: str, default):

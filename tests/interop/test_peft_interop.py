@@ -18,6 +18,7 @@ import jpeft
 from jpeft.interop import peft_config
 from jpeft.interop.hf import export_peft, export_peft_adapters, import_peft, import_peft_adapters
 from jpeft.interop.modules import ModuleMap
+from jpeft.methods.adaptive import AdaLoRA
 from jpeft.models import bert as jbert
 from jpeft.models.llama import Llama, LlamaConfig, from_hf_state_dict, hf_module_map, to_hf_state_dict
 from jpeft.paths import leaves_with_paths
@@ -292,11 +293,12 @@ def test_exports_peft_would_load_without_effect_are_refused(tmp_path):
         export_peft(str(tmp_path / "c"), jpeft.init(jax.random.PRNGKey(0), bert_params, spec), spec, modules=bert_map)
 
 
-def test_the_lora_config_table_covers_the_installed_peft():
-    fields = {f.name for f in dataclasses.fields(peft.LoraConfig)}
-    assert set(peft_config.LORA_KEYS) == fields, (f"keys PEFT has that the table lacks: {fields - set(peft_config.LORA_KEYS)}; "
-                                                  f"stale table keys: {set(peft_config.LORA_KEYS) - fields}")
-    for key, entry in peft_config.LORA_KEYS.items():
+@pytest.mark.parametrize("peft_type, config_class", [("LORA", "LoraConfig"), ("ADALORA", "AdaLoraConfig")])
+def test_the_config_tables_cover_the_installed_peft(peft_type, config_class):
+    fields = {f.name for f in dataclasses.fields(getattr(peft, config_class))}
+    table = peft_config.TABLES[peft_type]
+    assert set(table) == fields, f"keys PEFT has that the table lacks: {fields - set(table)}; stale: {set(table) - fields}"
+    for key, entry in table.items():
         assert entry.handling in ("honoured", "irrelevant", "refused") and entry.why, key
 
 
@@ -330,3 +332,52 @@ def test_multi_adapter_folders_both_ways(tmp_path):
     os.remove(tmp_path / "a" / "second" / "adapter_model.safetensors")
     with pytest.raises(jpeft.SpecError, match="second: no adapter_model.safetensors"):
         import_peft_adapters(str(tmp_path / "a"), params, modules=modules)
+
+
+ADALORA = dict(init_r=4, target_r=2, lora_alpha=8, total_step=6, tinit=1, tfinal=2, deltaT=1,
+               target_modules=["q_proj", "v_proj"])
+
+
+@pytest.mark.parametrize("allocated", [False, True], ids=["during_training", "after_final_allocation"])
+def test_adalora_folders_import_with_the_same_outputs(allocated, tmp_path):
+    params, modules = KINDS["llama"][:2]
+    model = peft.get_peft_model(fresh("llama"), peft.AdaLoraConfig(**ADALORA))
+    gen = torch.Generator().manual_seed(1)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "lora_" in name:
+                p.add_(0.3 * torch.randn(p.shape, generator=gen))
+    if allocated:   # PEFT's RankAllocator through its final phase: the file holds the kept triplets
+        model.train()
+        for step in range(ADALORA["total_step"]):
+            model.zero_grad()
+            torch.sum(model(torch.from_numpy(IDS)).logits ** 2).backward()
+            model.base_model.update_and_allocate(step)
+        model.eval()
+        assert model.peft_config["default"].rank_pattern
+    want = torch_out("llama", model)
+    model.save_pretrained(str(tmp_path / "a"))
+    tree, spec = import_peft(str(tmp_path / "a"), params, modules=modules)
+    assert isinstance(spec.rules[0][1], AdaLoRA) and spec.rules[0][1].init_r == 4
+    np.testing.assert_allclose(jax_out("llama", jpeft.apply(tree, spec)), want, atol=1e-4, rtol=1e-4)
+    assert visible(want, jax_out("llama", params))
+    kept = [int(np.count_nonzero(n.train["e"])) for _, n in leaves_with_paths(tree, is_leaf=jpeft.is_adapter)
+            if isinstance(n, jpeft.Adapter)]
+    assert sum(kept) == (2 * 2 * 2 if allocated else 4 * 4)
+
+
+def test_adalora_exports_load_in_peft_with_the_same_outputs(tmp_path):
+    params, modules = KINDS["llama"][:2]
+    method = AdaLoRA(init_r=4, target_r=2, alpha=8.0, total_step=6, tinit=1, tfinal=2)
+    spec = jpeft.Spec({LL_QV: method})
+    tree = trained_like(jpeft.init(jax.random.PRNGKey(0), params, spec))
+    tree = jax.tree.map(lambda n: n.replace(train={**n.train, "e": n.train["e"].at[1].set(0.0)})
+                        if isinstance(n, jpeft.Adapter) else n, tree, is_leaf=jpeft.is_adapter)   # a masked triplet
+    want = jax_out("llama", jpeft.apply(tree, spec))
+    export_peft(str(tmp_path / "a"), tree, spec, modules=modules, task_type="CAUSAL_LM")
+    loaded = peft.PeftModel.from_pretrained(fresh("llama"), str(tmp_path / "a"))
+    np.testing.assert_allclose(torch_out("llama", loaded), want, atol=1e-4, rtol=1e-4)
+    assert visible(want, jax_out("llama", params))
+    back, back_spec = import_peft(str(tmp_path / "a"), params, modules=modules)
+    assert back_spec.rules[0][1] == method
+    np.testing.assert_allclose(jax_out("llama", jpeft.apply(back, back_spec)), want, atol=1e-5, rtol=1e-5)
