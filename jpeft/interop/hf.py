@@ -4,8 +4,9 @@
 What maps to what (the config keys: `jpeft.interop.peft_config.LORA_KEYS`):
 
 - `lora_A.weight` / `lora_B.weight` (+ `lora_magnitude_vector`): `jpeft.LoRA` / `jpeft.DoRA` on a
-  `kernel`; AdaLoRA's `lora_A` / `lora_E` / `lora_B`: `jpeft.AdaLoRA`; `lora_embedding_A` / `lora_embedding_B`: `jpeft.LoRA` on an `embedding`. Per-module
+  `kernel`; `lora_embedding_A` / `lora_embedding_B`: `jpeft.LoRA` on an `embedding`. Per-module
   ranks and alphas are `rank_pattern` / `alpha_pattern` (one Spec rule per rank and alpha).
+- AdaLoRA and GraLoRA folders: their rows in `jpeft.interop.peft_rows` (one jpeft method each).
 - `modules_to_save` (whole modules) and `bias="all"|"lora_only"` (biases): `jpeft.Full` leaves.
   `lora_bias` (a bias on `lora_B`) imports folded into the module's bias, a `jpeft.Full` leaf (the
   same outputs; it exports as that trained bias).
@@ -40,9 +41,9 @@ from jpeft.checkpoint import atomic_write
 from jpeft.core import check_fits, init, merge
 from jpeft.errors import SpecError
 from jpeft.interop.modules import DEFAULT_MAP, LEAVES, ModuleMap, split_leaf
-from jpeft.interop.peft_config import (RERUN_INITS, TASK_TYPES, check_config, export_config, pattern_value,
-                                       targets_module)
-from jpeft.methods.adaptive import AdaLoRA
+from jpeft.interop.peft_config import (LORA_KEYS, RERUN_INITS, TASK_TYPES, check_config, export_config,
+                                       pattern_value, targets_module)
+from jpeft.interop.peft_rows import BY_METHOD, CHECKS, ROWS, TABLES, MethodRow
 from jpeft.methods.dora import DoRA
 from jpeft.methods.full import Full
 from jpeft.methods.lowrank import LoRA, lora_scale
@@ -53,9 +54,12 @@ from jpeft.spec import Spec
 PREFIX = "base_model.model."
 CONFIG, WEIGHTS = "adapter_config.json", "adapter_model.safetensors"
 HEADS = ("classifier", "score")   # PEFT's SEQ_CLS heads (always modules to save)
-_KEY = re.compile(r"(?P<module>.+?)\.(?P<kind>lora_A\.weight|lora_B\.weight|lora_B\.bias|lora_magnitude_vector|"
-                  r"lora_embedding_A|lora_embedding_B|lora_A|lora_B|lora_E|base_layer\.weight|base_layer\.bias|"
-                  r"weight|bias)")
+LORA_KINDS = ("lora_A.weight", "lora_B.weight", "lora_B.bias", "lora_magnitude_vector", "lora_embedding_A",
+              "lora_embedding_B")
+ADAPTER_KINDS = frozenset(LORA_KINDS) | {k for row in ROWS.values() for k in row.kinds}
+_BASE_KINDS = ("base_layer.weight", "base_layer.bias", "weight", "bias")
+_KEY = re.compile(r"(?P<module>.+?)\.(?P<kind>" + "|".join(
+    re.escape(k) for k in sorted(ADAPTER_KINDS | set(_BASE_KINDS), key=len, reverse=True)) + ")")
 
 
 def default_slice_path(param_path: str, index: tuple[int, ...]) -> str:
@@ -100,13 +104,14 @@ def _exported_scale(method: LoRA, converted: bool, rank: int) -> tuple[int, floa
 
 def _exported_family(methods: set) -> type:
     kinds = {type(m) for m in methods}
-    if not methods or not kinds <= {LoRA, DoRA, AdaLoRA} or len(kinds) != 1:
-        raise SpecError(f"HF PEFT export needs LoRA, DoRA or AdaLoRA (one of them) on every adapted kernel, plus "
-                        f"optional jpeft.Full leaves; got {sorted({m.name for m in methods})}")
-    if kinds == {AdaLoRA}:
+    if not methods or not kinds <= {LoRA, DoRA, *BY_METHOD} or len(kinds) != 1:
+        raise SpecError(f"HF PEFT export needs one of LoRA, DoRA, {', '.join(c.__name__ for c in BY_METHOD)} on every "
+                        f"adapted kernel, plus optional jpeft.Full leaves; got {sorted({m.name for m in methods})}")
+    if kinds <= set(BY_METHOD):
         if len(methods) != 1:
-            raise SpecError(f"HF PEFT has one AdaLoRA config per adapter; the spec has {len(methods)}")
-        return AdaLoRA
+            raise SpecError(f"HF PEFT has one {next(iter(kinds)).__name__} config per adapter; the spec has "
+                            f"{len(methods)}")
+        return next(iter(kinds))
     for m in methods:
         if m.base_quant is not None:
             raise SpecError(f"{m!r}: init='loftq' trains over the quantised base it chose; a PEFT adapter file "
@@ -130,8 +135,8 @@ def _lora_tensors(path, node, modules: ModuleMap, slice_path, tensors, scales):
     if mpath in modules.tied:
         raise SpecError(f"{path}: the model ties this weight to its output head; PEFT's adapter changes only the "
                         "input lookup, jpeft's changes both, so the export would not reproduce it")
-    if isinstance(node.method, AdaLoRA):
-        return _adalora_tensors(path, node, modules, tensors, scales)
+    if type(node.method) in BY_METHOD:
+        return _row_tensors(BY_METHOD[type(node.method)], path, node, modules, tensors, scales)
     if leaf == "embedding" and ("m" in node.train or "a0" in node.frozen):
         raise SpecError(f"{path}: only plain LoRA (not DoRA, not a base-rewriting init) exports onto an embedding")
     a, b = _factors(node)
@@ -153,18 +158,16 @@ def _lora_tensors(path, node, modules: ModuleMap, slice_path, tensors, scales):
         scales[key] = _exported_scale(node.method, "a0" in node.frozen, a.shape[-1])
 
 
-def _adalora_tensors(path, node, modules: ModuleMap, tensors, scales):
-    """AdaLoRA: every `init_r` triplet, the masked ones with `e = 0` (PEFT loads them unresized:
-    the same outputs)."""
+def _row_tensors(row: MethodRow, path, node, modules: ModuleMap, tensors, scales):
+    """A `MethodRow` method's tensors (plain 2-D kernels)."""
     if node.view is not None or split_leaf(path)[1] != "kernel":
-        raise SpecError(f"{path}: AdaLoRA exports from plain 2-D kernels")
+        raise SpecError(f"{path}: {row.peft_type} exports from plain 2-D kernels")
     module = modules.to_torch(split_leaf(path)[0])
     modules.check(module, "weight", path)
     key = PREFIX + module
-    tensors[f"{key}.lora_A"] = np.ascontiguousarray(np.asarray(node.train["a"], np.float32).T)
-    tensors[f"{key}.lora_E"] = np.asarray(node.train["e"], np.float32)[:, None]
-    tensors[f"{key}.lora_B"] = np.ascontiguousarray(np.asarray(node.train["b"], np.float32).T)
-    scales[key] = (node.method.init_r, float(node.method.alpha), False)
+    for kind, value in row.write(node).items():
+        tensors[f"{key}.{kind}"] = np.ascontiguousarray(value)
+    scales[key] = None
 
 
 def _bias_mode(trained_bias: set, targets: set, all_biases: set) -> str:
@@ -243,25 +246,21 @@ def export_peft(directory: str, params: Any, spec: Spec, *, modules: ModuleMap =
         except SpecError as e:
             raise SpecError(f"{path}: {e}") from None
 
-    if len({v[2] for v in scales.values()}) != 1:
-        raise SpecError("HF PEFT has one use_rslora per adapter; the exported modules mix rsLoRA and plain scales "
-                        "(a base-rewriting init exports with its scale folded into alpha)")
-    rank, rank_pattern = _pattern({k: v[0] for k, v in scales.items()})
-    alpha, alpha_pattern = _pattern({k: v[1] for k, v in scales.items()})
-    rslora = next(iter(scales.values()))[2]
     common = dict(task_type=task_type, base_model_name_or_path=base_model_name_or_path,
                   target_modules=sorted(k[len(PREFIX):] for k in scales), bias=mode,
                   modules_to_save=sorted(modules.to_torch(m) for m in to_save) or None, inference_mode=True)
-    if family is AdaLoRA:
-        m = lora[0][1].method
-        config = export_config("ADALORA", **common, init_r=m.init_r, r=m.init_r, target_r=m.target_r,
-                               lora_alpha=float(m.alpha), total_step=m.total_step, tinit=m.tinit, tfinal=m.tfinal,
-                               deltaT=m.delta_t, beta1=m.beta1, beta2=m.beta2, orth_reg_weight=m.orth_reg_weight,
-                               rank_pattern=None)
+    if family in BY_METHOD:
+        row = BY_METHOD[family]
+        config = export_config(row.keys, row.peft_type, **common, **row.config(lora[0][1].method))
     else:
-        config = export_config(r=rank, lora_alpha=alpha, use_rslora=rslora, use_dora=family is DoRA,
-                               lora_dropout=float(lora[0][1].method.dropout), rank_pattern=rank_pattern,
-                               alpha_pattern=alpha_pattern, **common)
+        if len({v[2] for v in scales.values()}) != 1:
+            raise SpecError("HF PEFT has one use_rslora per adapter; the exported modules mix rsLoRA and plain "
+                            "scales (a base-rewriting init exports with its scale folded into alpha)")
+        rank, rank_pattern = _pattern({k: v[0] for k, v in scales.items()})
+        alpha, alpha_pattern = _pattern({k: v[1] for k, v in scales.items()})
+        config = export_config(LORA_KEYS, "LORA", r=rank, lora_alpha=alpha, use_rslora=next(iter(scales.values()))[2],
+                               use_dora=family is DoRA, lora_dropout=float(lora[0][1].method.dropout),
+                               rank_pattern=rank_pattern, alpha_pattern=alpha_pattern, **common)
 
     def write(tmp):
         os.makedirs(tmp)
@@ -303,7 +302,7 @@ def read_folder(directory: str) -> tuple[dict, dict[str, np.ndarray]]:
             config = json.load(f)
     except json.JSONDecodeError as e:
         raise SpecError(f"{directory}/{CONFIG}: not valid JSON ({e})") from None
-    config = check_config(config, directory)
+    config = check_config(config, directory, TABLES, CHECKS)
     try:
         tensors = load_file(os.path.join(directory, WEIGHTS))
     except (SafetensorError, OSError, ValueError) as e:
@@ -368,33 +367,18 @@ def _adapted_leaf(directory, module, parts, names, leaf, modules, flat) -> str:
     return path
 
 
-def _adalora_module(directory, config, module, parts, modules, flat) -> _Placed:
-    """AdaLoRA: `lora_A` (r, in) = aᵀ, `lora_E` (r, 1) = e, `lora_B` (out, r) = bᵀ; after PEFT's
-    final allocation the file holds the kept triplets and `rank_pattern` their positions among
-    `init_r` (the others become zero triplets, masked: the same outputs)."""
-    for key, bad in (("lora_dropout", 0.0), ("use_rslora", False), ("lora_bias", False)):
-        if config[key] != bad:
-            raise SpecError(f"{directory}: AdaLoRA with {key}={config[key]!r}: jpeft.AdaLoRA has no such option")
-    if config["init_lora_weights"] not in (True, False):
-        raise SpecError(f"{directory}: AdaLoRA with init_lora_weights={config['init_lora_weights']!r}")
-    path = _adapted_leaf(directory, module, parts, ("lora_A", "lora_E", "lora_B"), "kernel", modules, flat)
-    n, m = flat[path].shape
-    r0 = config["init_r"]
-    pattern = {re.sub(r"\.lora_E(\.default)?$", "", k): v for k, v in (config["rank_pattern"] or {}).items()}
-    keep = np.asarray(pattern.get(module, [True] * r0), bool)
-    k = int(keep.sum())
-    if len(keep) != r0:
-        raise SpecError(f"{directory}: rank_pattern of {module} has {len(keep)} entries; init_r={r0}")
-    _check_shape(directory, module, "lora_A", parts["lora_A"].shape, (k, n))
-    _check_shape(directory, module, "lora_E", parts["lora_E"].shape, (k, 1))
-    _check_shape(directory, module, "lora_B", parts["lora_B"].shape, (m, k))
-    a, e, b = np.zeros((n, r0), np.float32), np.zeros((r0,), np.float32), np.zeros((r0, m), np.float32)
-    a[:, keep], e[keep], b[keep] = parts["lora_A"].T, parts["lora_E"][:, 0], parts["lora_B"].T
-    method = AdaLoRA(init_r=r0, target_r=config["target_r"], alpha=float(config["lora_alpha"]),
-                     total_step=config["total_step"], tinit=config["tinit"], tfinal=config["tfinal"],
-                     delta_t=config["deltaT"], beta1=float(config["beta1"]), beta2=float(config["beta2"]),
-                     orth_reg_weight=float(config["orth_reg_weight"]))
-    return _Placed(path, method, {"a": a, "e": e, "b": b}, state={"keep": keep})
+def _row_module(directory, row: MethodRow, config, module, parts, modules, flat) -> _Placed:
+    """A `MethodRow` type's module: its tensors read by the row."""
+    path = _adapted_leaf(directory, module, parts, row.required, "kernel", modules, flat)
+    stray = sorted(k for k in parts if k in ADAPTER_KINDS and k not in row.kinds)
+    if stray:
+        raise SpecError(f"{directory}: {PREFIX}{module}.{stray[0]} is not a {row.peft_type} tensor")
+    try:
+        method, train, state = row.read({k: parts[k] for k in row.kinds if k in parts}, config, flat[path].shape,
+                                         module)
+    except ValueError as e:
+        raise SpecError(f"{directory}: {row.peft_type} module {module!r}: {e}") from None
+    return _Placed(path, method, train, state=state)
 
 
 def _lora_module(directory, config, module, parts, modules, flat, cls, init_name) -> _Placed:
@@ -438,14 +422,16 @@ def _lora_module(directory, config, module, parts, modules, flat, cls, init_name
 
 
 def import_peft(directory: str, base_params: Any, *, modules: ModuleMap = DEFAULT_MAP) -> tuple[Any, Spec]:
-    """`(adapted params, spec)` from a HuggingFace PEFT LoRA/DoRA/AdaLoRA adapter folder. Every tensor is
+    """`(adapted params, spec)` from a HuggingFace PEFT adapter folder (LoRA / DoRA and the
+    `jpeft.interop.peft_rows` types). Every tensor is
     placed (LoRA/DoRA factors, trained biases and modules as `jpeft.Full` leaves) or the import
     fails naming it; every config key is honoured or refused (`LORA_KEYS`)."""
     config, tensors = read_folder(directory)
     parsed = _parse(directory, tensors)
     flat = dict(leaves_with_paths(base_params, is_leaf=is_leaf_node))
-    cls = DoRA if config["use_dora"] else LoRA
-    init_name = config["init_lora_weights"]
+    row = ROWS.get(config["peft_type"])
+    cls = DoRA if config.get("use_dora") else LoRA
+    init_name = config.get("init_lora_weights")
     save_names = config["modules_to_save"] or []
     if config["task_type"] == "SEQ_CLS":
         save_names = [*save_names, *HEADS]
@@ -457,10 +443,9 @@ def import_peft(directory: str, base_params: Any, *, modules: ModuleMap = DEFAUL
     folded: dict[str, np.ndarray] = {}
     states: dict[str, dict] = {}
     lora_modules = set()
-    adalora = config["peft_type"] == "ADALORA"
     for module, parts in parsed.items():
-        if any(k.startswith("lora_") for k in parts):
-            placed = (_adalora_module(directory, config, module, parts, modules, flat) if adalora else
+        if any(k in ADAPTER_KINDS for k in parts):
+            placed = (_row_module(directory, row, config, module, parts, modules, flat) if row else
                       _lora_module(directory, config, module, parts, modules, flat, cls, init_name))
             if not targets_module(config, module):
                 raise SpecError(f"{directory}: module {module!r} has adapter factors but target_modules / "

@@ -6,9 +6,9 @@
 - `refused`: a feature jpeft does not reproduce. Its inert value (PEFT's default) is accepted; any
   other value is an error naming the key.
 
-`ADALORA_KEYS` does the same for `AdaLoraConfig`. `tests/interop/test_peft_interop.py` fails
-when the installed PEFT's config classes have a key these tables lack (or a table a key PEFT
-dropped), so a PEFT upgrade cannot add a silently ignored option.
+The other tuner types' tables are in `jpeft.interop.peft_rows`. `tests/interop/test_peft_interop.py`
+fails when the installed PEFT's config classes have a key these tables lack (or a table a key
+PEFT dropped), so a PEFT upgrade cannot add a silently ignored option.
 """
 
 from __future__ import annotations
@@ -98,36 +98,15 @@ LORA_KEYS: dict[str, Key] = {
 }
 
 
-# AdaLoRA (`AdaLoraConfig` extends `LoraConfig`): jpeft.AdaLoRA's options by PEFT's names.
-ADALORA_KEYS: dict[str, Key] = {
-    **LORA_KEYS,
-    "r": _i("AdaLoRA's rank is init_r", 8),
-    "rank_pattern": _h("the final allocation {module: [kept?] * init_r}; the saved tensors hold the kept triplets "
-                       "(the others import as zero triplets, masked)"),
-    "alpha_pattern": _r("per-module alphas (PEFT's AdaLoRA ignores them)", {}),
-    "use_dora": _r("DoRA (PEFT refuses it with AdaLoRA)", False),
-    "target_r": _h("AdaLoRA target_r", 8),
-    "init_r": _h("AdaLoRA init_r", 12),
-    "tinit": _h("AdaLoRA tinit", 0),
-    "tfinal": _h("AdaLoRA tfinal", 0),
-    "deltaT": _h("AdaLoRA delta_t", 1),
-    "beta1": _h("AdaLoRA beta1", 0.85),
-    "beta2": _h("AdaLoRA beta2", 0.85),
-    "orth_reg_weight": _h("AdaLoRA orth_reg_weight", 0.5),
-    "total_step": _h("AdaLoRA total_step"),
-}
-TABLES = {"LORA": LORA_KEYS, "ADALORA": ADALORA_KEYS}
-
-
 def _fail(directory: str, key: str, value: Any, expected: str) -> SpecError:
     return SpecError(f"{directory}/adapter_config.json: {key}={value!r}: expected {expected}")
 
 
-def _is_int(v) -> bool:
+def is_int(v) -> bool:
     return isinstance(v, int) and not isinstance(v, bool)
 
 
-def _is_number(v) -> bool:
+def is_number(v) -> bool:
     return isinstance(v, (int, float)) and not isinstance(v, bool)
 
 
@@ -135,10 +114,10 @@ def _str_list(v) -> bool:
     return isinstance(v, list) and all(isinstance(x, str) for x in v)
 
 
-_CHECKS = {
-    "r": (lambda v: _is_int(v) and v > 0, "a positive integer"),
-    "lora_alpha": (_is_number, "a number"),
-    "lora_dropout": (lambda v: _is_number(v) and 0 <= v < 1, "a number in [0, 1)"),
+LORA_CHECKS = {
+    "r": (lambda v: is_int(v) and v > 0, "a positive integer"),
+    "lora_alpha": (is_number, "a number"),
+    "lora_dropout": (lambda v: is_number(v) and 0 <= v < 1, "a number in [0, 1)"),
     "bias": (lambda v: v in BIAS, f"one of {BIAS}"),
     "use_rslora": (lambda v: isinstance(v, bool), "true or false"),
     "use_dora": (lambda v: isinstance(v, bool), "true or false"),
@@ -147,46 +126,33 @@ _CHECKS = {
     "target_modules": (lambda v: v is None or isinstance(v, str) or _str_list(v), "a list of names or a regex"),
     "exclude_modules": (lambda v: v is None or isinstance(v, str) or _str_list(v), "a list of names or a regex"),
     "modules_to_save": (lambda v: v is None or _str_list(v), "null or a list of module names"),
-    "layers_to_transform": (lambda v: v is None or _is_int(v) or (isinstance(v, list) and all(map(_is_int, v))),
+    "layers_to_transform": (lambda v: v is None or is_int(v) or (isinstance(v, list) and all(map(is_int, v))),
                             "null, a layer index or a list of them"),
     "layers_pattern": (lambda v: v is None or isinstance(v, str) or _str_list(v), "null, a name or a list of names"),
-    "rank_pattern": (lambda v: isinstance(v, dict) and all(_is_int(x) and x > 0 for x in v.values()),
+    "rank_pattern": (lambda v: isinstance(v, dict) and all(is_int(x) and x > 0 for x in v.values()),
                      "a {pattern: positive integer} object"),
-    "alpha_pattern": (lambda v: isinstance(v, dict) and all(map(_is_number, v.values())),
+    "alpha_pattern": (lambda v: isinstance(v, dict) and all(map(is_number, v.values())),
                       "a {pattern: number} object"),
 }
 
 
-_ADALORA_CHECKS = {
-    **{k: (lambda v: _is_int(v) and v >= 0, "an integer >= 0") for k in ("target_r", "tinit", "tfinal")},
-    "init_r": (lambda v: _is_int(v) and v > 0, "a positive integer"),
-    "deltaT": (lambda v: _is_int(v) and v > 0, "a positive integer"),
-    "total_step": (lambda v: _is_int(v) and v > 0, "a positive integer (the number of training steps)"),
-    **{k: (lambda v: _is_number(v) and 0 < v < 1, "a number in (0, 1)") for k in ("beta1", "beta2")},
-    "orth_reg_weight": (lambda v: _is_number(v) and v >= 0, "a number >= 0"),
-    "r": (lambda v: True, ""),
-    "rank_pattern": (lambda v: v is None or (isinstance(v, dict) and all(
-        isinstance(m, list) and all(isinstance(b, bool) for b in m) for m in v.values())),
-        "null or a {module: [true/false per triplet]} object"),
-}
-
-
-def check_config(config: Any, directory: str) -> dict:
-    """`config` (a parsed `adapter_config.json`) checked key by key against its type's table
-    (`TABLES`: LORA, ADALORA); returns it with PEFT's defaults filled in for absent keys. Raises
-    `SpecError` naming the first key that is unknown, malformed or set to a refused feature."""
+def check_config(config: Any, directory: str, tables: dict[str, dict[str, Key]], checks: dict[str, dict]) -> dict:
+    """`config` (a parsed `adapter_config.json`) checked key by key against its `peft_type`'s
+    table (`tables`, with value checks `checks`); returns it with PEFT's defaults filled in for
+    absent keys. Raises `SpecError` naming the first key that is unknown, malformed or set to a
+    refused feature."""
     if not isinstance(config, dict):
         raise SpecError(f"{directory}/adapter_config.json: expected a JSON object, got {type(config).__name__}")
-    table = TABLES.get(config.get("peft_type"))
+    table = tables.get(config.get("peft_type"))
     if table is None:
-        raise SpecError(f"{directory}: peft_type={config.get('peft_type')!r}; jpeft imports {sorted(TABLES)} "
+        raise SpecError(f"{directory}: peft_type={config.get('peft_type')!r}; jpeft imports {sorted(tables)} "
                         "adapter folders")
-    checks = {**_CHECKS, **(_ADALORA_CHECKS if table is ADALORA_KEYS else {})}
+    checks = checks[config["peft_type"]]
     for key, value in config.items():
         entry = table.get(key)
         if entry is None:
             raise SpecError(f"{directory}/adapter_config.json: key {key!r} is not in jpeft's {config['peft_type']} "
-                            f"config table (jpeft.interop.peft_config.TABLES); refusing to ignore it")
+                            f"config table (jpeft.interop.peft_rows.TABLES); refusing to ignore it")
         if entry.handling == "refused" and value not in (entry.default, None, {}, []):
             raise SpecError(f"{directory}/adapter_config.json: {key}={value!r} is not supported: {entry.why}")
         check = checks.get(key)
@@ -202,10 +168,9 @@ def check_config(config: Any, directory: str) -> dict:
     return {**{k: e.default for k, e in table.items() if k != "runtime_config"}, **config}
 
 
-def export_config(peft_type: str = "LORA", **values) -> dict:
-    """A complete `adapter_config.json` object of `peft_type`: PEFT's defaults for every table
-    key, overridden by `values` (which must be table keys)."""
-    table = TABLES[peft_type]
+def export_config(table: dict[str, Key], peft_type: str, **values) -> dict:
+    """A complete `adapter_config.json` object of `peft_type`: PEFT's defaults for every key of its
+    `table`, overridden by `values` (which must be table keys)."""
     unknown = set(values) - set(table)
     if unknown:
         raise KeyError(f"not {peft_type} config keys: {sorted(unknown)}")
