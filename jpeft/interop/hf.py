@@ -6,7 +6,7 @@ What maps to what (the config keys: `jpeft.interop.peft_config.LORA_KEYS`):
 - `lora_A.weight` / `lora_B.weight` (+ `lora_magnitude_vector`): `jpeft.LoRA` / `jpeft.DoRA` on a
   `kernel`; `lora_embedding_A` / `lora_embedding_B`: `jpeft.LoRA` on an `embedding`. Per-module
   ranks and alphas are `rank_pattern` / `alpha_pattern` (one Spec rule per rank and alpha).
-- AdaLoRA and GraLoRA folders: their rows in `jpeft.interop.peft_rows` (one jpeft method each).
+- AdaLoRA, GraLoRA and VB-LoRA folders: their rows in `jpeft.interop.peft_rows` (one jpeft method each).
 - `modules_to_save` (whole modules) and `bias="all"|"lora_only"` (biases): `jpeft.Full` leaves.
   `lora_bias` (a bias on `lora_B`) imports folded into the module's bias, a `jpeft.Full` leaf (the
   same outputs; it exports as that trained bias).
@@ -49,6 +49,7 @@ from jpeft.methods.full import Full
 from jpeft.methods.lowrank import LoRA, lora_scale
 from jpeft.paths import closest_paths, leaves_with_paths
 from jpeft.quant import dequantize_array, is_leaf_node, is_quantized
+from jpeft.shared import SHARED
 from jpeft.spec import Spec
 
 PREFIX = "base_model.model."
@@ -167,6 +168,9 @@ def _row_tensors(row: MethodRow, path, node, modules: ModuleMap, tensors, scales
     key = PREFIX + module
     for kind, value in row.write(node).items():
         tensors[f"{key}.{kind}"] = np.ascontiguousarray(value)
+    if SHARED in node.train:   # the owner node: the model-wide tensors
+        for file_key, field in row.shared.items():
+            tensors[file_key] = np.ascontiguousarray(np.asarray(node.train[SHARED][field], np.float32))
     scales[key] = None
 
 
@@ -310,10 +314,15 @@ def read_folder(directory: str) -> tuple[dict, dict[str, np.ndarray]]:
     return config, tensors
 
 
-def _parse(directory: str, tensors: dict) -> dict[str, dict[str, np.ndarray]]:
-    """`{torch module: {tensor kind: array}}`; a key of another form is an error naming it."""
+def _parse(directory: str, tensors: dict, row: MethodRow | None) -> tuple[dict[str, dict[str, np.ndarray]], dict]:
+    """`({torch module: {tensor kind: array}}, {shared-state field: array})`; a key of another form
+    (or the shared tensor of another type) is an error naming it."""
     out: dict[str, dict] = collections.defaultdict(dict)
+    shared = {}
     for key, value in tensors.items():
+        if row is not None and key in row.shared:
+            shared[row.shared[key]] = value
+            continue
         match = _KEY.fullmatch(key[len(PREFIX):]) if key.startswith(PREFIX) else None
         if match is None:
             raise SpecError(f"{directory}: tensor {key!r} is not a PEFT LoRA tensor name "
@@ -321,7 +330,10 @@ def _parse(directory: str, tensors: dict) -> dict[str, dict[str, np.ndarray]]:
         if not np.issubdtype(value.dtype, np.floating):
             raise SpecError(f"{directory}: tensor {key!r} has dtype {value.dtype}; expected a floating-point dtype")
         out[match["module"]][match["kind"]] = value
-    return out
+    missing = sorted(k for k, field in (row.shared if row else {}).items() if field not in shared)
+    if missing:
+        raise SpecError(f"{directory}: tensor {missing[0]!r} is missing (the {row.peft_type} adapters share it)")
+    return out, shared
 
 
 def _param(directory, module, leaf_names, modules: ModuleMap, flat: dict, what: str) -> str:
@@ -427,9 +439,9 @@ def import_peft(directory: str, base_params: Any, *, modules: ModuleMap = DEFAUL
     placed (LoRA/DoRA factors, trained biases and modules as `jpeft.Full` leaves) or the import
     fails naming it; every config key is honoured or refused (`LORA_KEYS`)."""
     config, tensors = read_folder(directory)
-    parsed = _parse(directory, tensors)
-    flat = dict(leaves_with_paths(base_params, is_leaf=is_leaf_node))
     row = ROWS.get(config["peft_type"])
+    parsed, shared = _parse(directory, tensors, row)
+    flat = dict(leaves_with_paths(base_params, is_leaf=is_leaf_node))
     cls = DoRA if config.get("use_dora") else LoRA
     init_name = config.get("init_lora_weights")
     save_names = config["modules_to_save"] or []
@@ -506,11 +518,18 @@ def import_peft(directory: str, base_params: Any, *, modules: ModuleMap = DEFAUL
         if not isinstance(node, Adapter):
             return node
         train = {k: jnp.asarray(v).astype(node.train[k].dtype) for k, v in values[path].items()}
+        if SHARED in node.train:   # the config's owner node holds the model-wide tensors
+            owned = node.train[SHARED]
+            for field, value in shared.items():
+                if value.shape != owned[field].shape:
+                    raise SpecError(f"{directory}: the shared {field} has shape {value.shape}, the model's "
+                                    f"adapters need {owned[field].shape}")
+            train[SHARED] = {**owned, **{f: jnp.asarray(v).astype(owned[f].dtype) for f, v in shared.items()}}
         for k, v in train.items():
-            if v.shape != node.train[k].shape:
+            if k != SHARED and v.shape != node.train[k].shape:
                 raise SpecError(f"{directory}: {path}: PEFT tensor {k} has shape {v.shape}, the model expects "
                                 f"{node.train[k].shape}")
-        node = node.replace(train=train)
+        node = node.replace(train={**node.train, **train})
         if path in bases:
             node = node.replace(base=jnp.asarray(bases[path]).astype(node.base.dtype))
         if path in states:

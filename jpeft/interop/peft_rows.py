@@ -19,6 +19,7 @@ import numpy as np
 from jpeft.adapter import Adapter
 from jpeft.interop.peft_config import LORA_CHECKS, LORA_KEYS, Key, is_int, is_number
 from jpeft.methods.adaptive import AdaLoRA
+from jpeft.methods.bank import VBLoRA
 from jpeft.methods.block import GraLoRA
 
 
@@ -29,7 +30,9 @@ class MethodRow:
     `read(parts, config, (in, out), module)` → `(method, train, state or None)` from one module's
     tensors (`parts`: kind → array, torch layout), the checked config and the torch module name;
     raises `ValueError` with the reason. `write(node)` → `{kind: array}` for one 2-D node. `config(method)` → the type's config
-    values. `checks`: `{key: (predicate, expected)}` on top of the LoRA ones."""
+    values. `checks`: `{key: (predicate, expected)}` on top of the LoRA ones. `shared`: tensors
+    of the whole model (`{file key: field of the config's shared state}`, e.g. VB-LoRA's vector
+    bank), held by the config's owner node (`jpeft.shared`)."""
 
     peft_type: str
     method: type
@@ -40,6 +43,7 @@ class MethodRow:
     write: Callable[[Adapter], dict]
     config: Callable[[Any], dict]
     checks: dict = dataclasses.field(default_factory=dict)
+    shared: dict = dataclasses.field(default_factory=dict)
 
     @property
     def kinds(self) -> tuple[str, ...]:
@@ -204,12 +208,57 @@ _GRALORA_CHECKS = {
     "alpha": (is_number, "a number"),
 }
 
+# ------------------------------------------------------------------------------------------ VB-LoRA
+
+
+def _vblora_read(parts, config, shape, module):
+    """`vblora_logits_A` (r, in/b, h) and `vblora_logits_B` (out/b, r, h): jpeft keeps PEFT's
+    layout; the bank `base_model.vblora_vector_bank` (h, b) is the shared state."""
+    if config["vblora_dropout"]:
+        raise ValueError(f"vblora_dropout={config['vblora_dropout']!r}: jpeft.VBLoRA has no dropout")
+    (n, m), r, h, b = shape, config["r"], config["num_vectors"], config["vector_length"]
+    if n % b or m % b:
+        raise ValueError(f"vector_length={b} must divide in={n} and out={m}")
+    _shape(parts, "vblora_logits_A", (r, n // b, h))
+    _shape(parts, "vblora_logits_B", (m // b, r, h))
+    method = VBLoRA(rank=r, num_vectors=h, vector_length=b, topk=config["topk"],
+                    init_bank_bound=float(config["init_vector_bank_bound"]),
+                    init_logits_std=float(config["init_logits_std"]))
+    return method, {"logits_a": parts["vblora_logits_A"], "logits_b": parts["vblora_logits_B"]}, None
+
+
+def _vblora_write(node):
+    return {"vblora_logits_A": _f32(node.train["logits_a"]), "vblora_logits_B": _f32(node.train["logits_b"])}
+
+
+def _vblora_config(m: VBLoRA) -> dict:
+    return dict(r=m.rank, num_vectors=m.num_vectors, vector_length=m.vector_length, topk=m.topk,
+                init_vector_bank_bound=m.init_bank_bound, init_logits_std=m.init_logits_std)
+
+
+VBLORA_KEYS: dict[str, Key] = {
+    **{k: LORA_KEYS[k] for k in _COMMON + ("exclude_modules",)},
+    "r": _h("VB-LoRA rank", 4),
+    "num_vectors": _h("VB-LoRA num_vectors (the bank's rows)", 256),
+    "vector_length": _h("VB-LoRA vector_length", 256),
+    "topk": _h("VB-LoRA topk", 2),
+    "save_only_topk_weights": _r("the top-k-only save (inference only; jpeft.methods.bank.vblora_topk_export)", False),
+    "vblora_dropout": _r("adapter dropout (jpeft.VBLoRA has none)", 0.0),
+    "init_vector_bank_bound": _h("VB-LoRA init_bank_bound", 0.02),
+    "init_logits_std": _h("VB-LoRA init_logits_std", 0.1),
+}
+_VBLORA_CHECKS = {k: (lambda v: is_int(v) and v > 0, "a positive integer")
+                  for k in ("num_vectors", "vector_length", "topk")}
+
 ROWS: dict[str, MethodRow] = {
     "ADALORA": MethodRow("ADALORA", AdaLoRA, ADALORA_KEYS, ("lora_A", "lora_E", "lora_B"), (), _adalora_read,
                          _adalora_write, _adalora_config, _ADALORA_CHECKS),
     "GRALORA": MethodRow("GRALORA", GraLoRA, GRALORA_KEYS, ("gralora_A", "gralora_B"),
                          ("gralora_A_general.weight", "gralora_B_general.weight"), _gralora_read, _gralora_write,
                          _gralora_config, _GRALORA_CHECKS),
+    "VBLORA": MethodRow("VBLORA", VBLoRA, VBLORA_KEYS, ("vblora_logits_A", "vblora_logits_B"), (), _vblora_read,
+                        _vblora_write, _vblora_config, _VBLORA_CHECKS,
+                        shared={"base_model.vblora_vector_bank": "bank"}),
 }
 BY_METHOD: dict[type, MethodRow] = {row.method: row for row in ROWS.values()}
 TABLES: dict[str, dict[str, Key]] = {"LORA": LORA_KEYS, **{t: row.keys for t, row in ROWS.items()}}

@@ -19,6 +19,7 @@ from jpeft.interop import peft_config, peft_rows
 from jpeft.interop.hf import export_peft, export_peft_adapters, import_peft, import_peft_adapters
 from jpeft.interop.modules import ModuleMap
 from jpeft.methods.adaptive import AdaLoRA
+from jpeft.methods.bank import VBLoRA
 from jpeft.methods.block import GraLoRA
 from jpeft.models import bert as jbert
 from jpeft.models.llama import Llama, LlamaConfig, from_hf_state_dict, hf_module_map, to_hf_state_dict
@@ -295,7 +296,7 @@ def test_exports_peft_would_load_without_effect_are_refused(tmp_path):
 
 
 @pytest.mark.parametrize("peft_type, config_class", [("LORA", "LoraConfig"), ("ADALORA", "AdaLoraConfig"),
-                                                     ("GRALORA", "GraloraConfig")])
+                                                     ("GRALORA", "GraloraConfig"), ("VBLORA", "VBLoRAConfig")])
 def test_the_config_tables_cover_the_installed_peft(peft_type, config_class):
     fields = {f.name for f in dataclasses.fields(getattr(peft, config_class))}
     table = peft_rows.TABLES[peft_type]
@@ -385,26 +386,30 @@ def test_adalora_exports_load_in_peft_with_the_same_outputs(tmp_path):
     np.testing.assert_allclose(jax_out("llama", jpeft.apply(back, back_spec)), want, atol=1e-5, rtol=1e-5)
 
 
-GRALORA_ROWS = {
-    "gralora": (dict(r=4, alpha=8, gralora_k=2), GraLoRA(rank=4, alpha=8.0, k=2)),
-    "gralora_hybrid": (dict(r=4, alpha=8, gralora_k=2, hybrid_r=2), GraLoRA(rank=4, alpha=8.0, k=2, hybrid_rank=2)),
+METHOD_ROWS = {   # PEFT tuner types with a `jpeft.interop.peft_rows` row: (config class, options, jpeft method)
+    "gralora": ("GraloraConfig", dict(r=4, alpha=8, gralora_k=2), GraLoRA(rank=4, alpha=8.0, k=2)),
+    "gralora_hybrid": ("GraloraConfig", dict(r=4, alpha=8, gralora_k=2, hybrid_r=2),
+                       GraLoRA(rank=4, alpha=8.0, k=2, hybrid_rank=2)),
+    "vblora": ("VBLoRAConfig", dict(r=4, num_vectors=16, vector_length=8, topk=2),
+               VBLoRA(rank=4, num_vectors=16, vector_length=8, topk=2)),
 }
 
 
-@pytest.mark.parametrize("row", list(GRALORA_ROWS))
-def test_gralora_folders_both_ways(row, tmp_path):
+@pytest.mark.parametrize("row", list(METHOD_ROWS))
+def test_method_row_folders_both_ways(row, tmp_path):
     params, modules = KINDS["llama"][:2]
-    options, method = GRALORA_ROWS[row]
-    model = peft.get_peft_model(fresh("llama"), peft.GraloraConfig(target_modules=["q_proj", "up_proj"], **options))
+    config_class, options, method = METHOD_ROWS[row]
+    model = peft.get_peft_model(fresh("llama"), getattr(peft, config_class)(target_modules=["q_proj", "up_proj"],
+                                                                             **options))
     gen = torch.Generator().manual_seed(1)
     with torch.no_grad():
-        for name, p in model.named_parameters():
-            if "gralora_" in name:
+        for _, p in model.named_parameters():
+            if p.requires_grad:
                 p.add_(0.3 * torch.randn(p.shape, generator=gen))
     want = torch_out("llama", model)
     model.save_pretrained(str(tmp_path / "a"))
     tree, spec = import_peft(str(tmp_path / "a"), params, modules=modules)
-    assert spec.rules[0][1] == method
+    assert [m for _, m in spec.rules] == [method]
     np.testing.assert_allclose(jax_out("llama", jpeft.apply(tree, spec)), want, atol=1e-4, rtol=1e-4)
     assert visible(want, jax_out("llama", params))
     export_peft(str(tmp_path / "b"), tree, spec, modules=modules, task_type="CAUSAL_LM")
