@@ -6,7 +6,7 @@ What maps to what (the config keys: `jpeft.interop.peft_config.LORA_KEYS`):
 - `lora_A.weight` / `lora_B.weight` (+ `lora_magnitude_vector`): `jpeft.LoRA` / `jpeft.DoRA` on a
   `kernel`; `lora_embedding_A` / `lora_embedding_B`: `jpeft.LoRA` on an `embedding`. Per-module
   ranks and alphas are `rank_pattern` / `alpha_pattern` (one Spec rule per rank and alpha).
-- AdaLoRA, GraLoRA and VB-LoRA folders: their rows in `jpeft.interop.peft_rows` (one jpeft method each).
+- AdaLoRA, GraLoRA, VB-LoRA and RandLoRA folders: their rows in `jpeft.interop.peft_rows` (one jpeft method each).
 - `modules_to_save` (whole modules) and `bias="all"|"lora_only"` (biases): `jpeft.Full` leaves.
   `lora_bias` (a bias on `lora_B`) imports folded into the module's bias, a `jpeft.Full` leaf (the
   same outputs; it exports as that trained bias).
@@ -128,7 +128,7 @@ def check_exportable(spec: Spec) -> None:
     _exported_family({m for _, m in spec.rules if not isinstance(m, Full)})
 
 
-def _lora_tensors(path, node, modules: ModuleMap, slice_path, tensors, scales):
+def _lora_tensors(path, node, modules: ModuleMap, slice_path, tensors, scales, copies):
     """Writes one LoRA/DoRA node's tensors (one module per slice of a stacked node)."""
     mpath, leaf = split_leaf(path)
     if leaf not in ("kernel", "embedding"):
@@ -137,7 +137,7 @@ def _lora_tensors(path, node, modules: ModuleMap, slice_path, tensors, scales):
         raise SpecError(f"{path}: the model ties this weight to its output head; PEFT's adapter changes only the "
                         "input lookup, jpeft's changes both, so the export would not reproduce it")
     if type(node.method) in BY_METHOD:
-        return _row_tensors(BY_METHOD[type(node.method)], path, node, modules, tensors, scales)
+        return _row_tensors(BY_METHOD[type(node.method)], path, node, modules, tensors, scales, copies)
     if leaf == "embedding" and ("m" in node.train or "a0" in node.frozen):
         raise SpecError(f"{path}: only plain LoRA (not DoRA, not a base-rewriting init) exports onto an embedding")
     a, b = _factors(node)
@@ -159,7 +159,7 @@ def _lora_tensors(path, node, modules: ModuleMap, slice_path, tensors, scales):
         scales[key] = _exported_scale(node.method, "a0" in node.frozen, a.shape[-1])
 
 
-def _row_tensors(row: MethodRow, path, node, modules: ModuleMap, tensors, scales):
+def _row_tensors(row: MethodRow, path, node, modules: ModuleMap, tensors, scales, copies):
     """A `MethodRow` method's tensors (plain 2-D kernels)."""
     if node.view is not None or split_leaf(path)[1] != "kernel":
         raise SpecError(f"{path}: {row.peft_type} exports from plain 2-D kernels")
@@ -168,9 +168,12 @@ def _row_tensors(row: MethodRow, path, node, modules: ModuleMap, tensors, scales
     key = PREFIX + module
     for kind, value in row.write(node).items():
         tensors[f"{key}.{kind}"] = np.ascontiguousarray(value)
-    if SHARED in node.train:   # the owner node: the model-wide tensors
-        for file_key, field in row.shared.items():
-            tensors[file_key] = np.ascontiguousarray(np.asarray(node.train[SHARED][field], np.float32))
+    owned = {**node.frozen.get(SHARED, {}), **node.train.get(SHARED, {})}
+    if owned:   # the config's owner node: the model-wide tensors (and their per-module copies)
+        for file_key, (field, _, to_file) in row.shared.items():
+            tensors[file_key] = np.ascontiguousarray(to_file(np.asarray(owned[field], np.float32)))
+    for kind, file_key in row.copies.items():
+        copies.append((f"{key}.{kind}", file_key))
     scales[key] = None
 
 
@@ -209,8 +212,11 @@ def export_peft(directory: str, params: Any, spec: Spec, *, modules: ModuleMap =
 
     tensors: dict[str, np.ndarray] = {}
     scales: dict[str, tuple] = {}
+    copies: list[tuple[str, str]] = []   # (per-module key, model-wide key it repeats)
     for path, node in lora:
-        _lora_tensors(path, node, modules, slice_path, tensors, scales)
+        _lora_tensors(path, node, modules, slice_path, tensors, scales, copies)
+    for key, file_key in copies:
+        tensors[key] = tensors[file_key]
     targets = {split_leaf(p)[0] for p, _ in lora}
 
     # jpeft.Full leaves: trained biases, or whole modules (modules_to_save)
@@ -321,7 +327,8 @@ def _parse(directory: str, tensors: dict, row: MethodRow | None) -> tuple[dict[s
     shared = {}
     for key, value in tensors.items():
         if row is not None and key in row.shared:
-            shared[row.shared[key]] = value
+            field, to_jpeft, _ = row.shared[key]
+            shared[field] = to_jpeft(value)
             continue
         match = _KEY.fullmatch(key[len(PREFIX):]) if key.startswith(PREFIX) else None
         if match is None:
@@ -330,7 +337,7 @@ def _parse(directory: str, tensors: dict, row: MethodRow | None) -> tuple[dict[s
         if not np.issubdtype(value.dtype, np.floating):
             raise SpecError(f"{directory}: tensor {key!r} has dtype {value.dtype}; expected a floating-point dtype")
         out[match["module"]][match["kind"]] = value
-    missing = sorted(k for k, field in (row.shared if row else {}).items() if field not in shared)
+    missing = sorted(k for k, (field, _, _) in (row.shared if row else {}).items() if field not in shared)
     if missing:
         raise SpecError(f"{directory}: tensor {missing[0]!r} is missing (the {row.peft_type} adapters share it)")
     return out, shared
@@ -379,12 +386,16 @@ def _adapted_leaf(directory, module, parts, names, leaf, modules, flat) -> str:
     return path
 
 
-def _row_module(directory, row: MethodRow, config, module, parts, modules, flat) -> _Placed:
+def _row_module(directory, row: MethodRow, config, module, parts, tensors, modules, flat) -> _Placed:
     """A `MethodRow` type's module: its tensors read by the row."""
     path = _adapted_leaf(directory, module, parts, row.required, "kernel", modules, flat)
     stray = sorted(k for k in parts if k in ADAPTER_KINDS and k not in row.kinds)
     if stray:
         raise SpecError(f"{directory}: {PREFIX}{module}.{stray[0]} is not a {row.peft_type} tensor")
+    for kind, file_key in row.copies.items():
+        if kind in parts and not np.array_equal(parts[kind], tensors[file_key]):
+            raise SpecError(f"{directory}: {PREFIX}{module}.{kind} differs from {file_key}; PEFT keeps one copy "
+                            "(the model-wide one is used)")
     try:
         method, train, state = row.read({k: parts[k] for k in row.kinds if k in parts}, config, flat[path].shape,
                                          module)
@@ -457,7 +468,7 @@ def import_peft(directory: str, base_params: Any, *, modules: ModuleMap = DEFAUL
     lora_modules = set()
     for module, parts in parsed.items():
         if any(k in ADAPTER_KINDS for k in parts):
-            placed = (_row_module(directory, row, config, module, parts, modules, flat) if row else
+            placed = (_row_module(directory, row, config, module, parts, tensors, modules, flat) if row else
                       _lora_module(directory, config, module, parts, modules, flat, cls, init_name))
             if not targets_module(config, module):
                 raise SpecError(f"{directory}: module {module!r} has adapter factors but target_modules / "
@@ -518,18 +529,21 @@ def import_peft(directory: str, base_params: Any, *, modules: ModuleMap = DEFAUL
         if not isinstance(node, Adapter):
             return node
         train = {k: jnp.asarray(v).astype(node.train[k].dtype) for k, v in values[path].items()}
-        if SHARED in node.train:   # the config's owner node holds the model-wide tensors
-            owned = node.train[SHARED]
-            for field, value in shared.items():
-                if value.shape != owned[field].shape:
-                    raise SpecError(f"{directory}: the shared {field} has shape {value.shape}, the model's "
-                                    f"adapters need {owned[field].shape}")
-            train[SHARED] = {**owned, **{f: jnp.asarray(v).astype(owned[f].dtype) for f, v in shared.items()}}
         for k, v in train.items():
-            if k != SHARED and v.shape != node.train[k].shape:
+            if v.shape != node.train[k].shape:
                 raise SpecError(f"{directory}: {path}: PEFT tensor {k} has shape {v.shape}, the model expects "
                                 f"{node.train[k].shape}")
         node = node.replace(train={**node.train, **train})
+        for side in ("train", "frozen"):   # the config's owner node holds the model-wide tensors
+            owned = getattr(node, side).get(SHARED)
+            if owned is None:
+                continue
+            for field, value in shared.items():
+                if field in owned and value.shape != owned[field].shape:
+                    raise SpecError(f"{directory}: the shared {field} has shape {value.shape}, the model's "
+                                    f"adapters need {owned[field].shape}")
+            placed = {f: jnp.asarray(v).astype(owned[f].dtype) for f, v in shared.items() if f in owned}
+            node = node.replace(**{side: {**getattr(node, side), SHARED: {**owned, **placed}}})
         if path in bases:
             node = node.replace(base=jnp.asarray(bases[path]).astype(node.base.dtype))
         if path in states:

@@ -19,7 +19,7 @@ import numpy as np
 from jpeft.adapter import Adapter
 from jpeft.interop.peft_config import LORA_CHECKS, LORA_KEYS, Key, is_int, is_number
 from jpeft.methods.adaptive import AdaLoRA
-from jpeft.methods.bank import VBLoRA
+from jpeft.methods.bank import RandLoRA, VBLoRA
 from jpeft.methods.block import GraLoRA
 
 
@@ -31,8 +31,10 @@ class MethodRow:
     tensors (`parts`: kind → array, torch layout), the checked config and the torch module name;
     raises `ValueError` with the reason. `write(node)` → `{kind: array}` for one 2-D node. `config(method)` → the type's config
     values. `checks`: `{key: (predicate, expected)}` on top of the LoRA ones. `shared`: tensors
-    of the whole model (`{file key: field of the config's shared state}`, e.g. VB-LoRA's vector
-    bank), held by the config's owner node (`jpeft.shared`)."""
+    of the whole model (`{file key: (field of the config's shared state, file → jpeft layout,
+    jpeft → file layout)}`, e.g. VB-LoRA's vector bank), held by the config's owner node
+    (`jpeft.shared`). `copies`: per-module tensors that
+    repeat a model-wide one (`{kind: file key}`): checked equal on import, written on export."""
 
     peft_type: str
     method: type
@@ -44,10 +46,11 @@ class MethodRow:
     config: Callable[[Any], dict]
     checks: dict = dataclasses.field(default_factory=dict)
     shared: dict = dataclasses.field(default_factory=dict)
+    copies: dict = dataclasses.field(default_factory=dict)
 
     @property
     def kinds(self) -> tuple[str, ...]:
-        return self.required + self.optional
+        return self.required + self.optional + tuple(self.copies)
 
 
 def _h(why, default=None):
@@ -69,6 +72,10 @@ def _shape(parts, kind, want):
 
 def _f32(x) -> np.ndarray:
     return np.asarray(x, np.float32)
+
+
+def _same(x):
+    return x
 
 
 # ------------------------------------------------------------------------------------------ AdaLoRA
@@ -250,6 +257,50 @@ VBLORA_KEYS: dict[str, Key] = {
 _VBLORA_CHECKS = {k: (lambda v: is_int(v) and v > 0, "a positive integer")
                   for k in ("num_vectors", "vector_length", "topk")}
 
+# ----------------------------------------------------------------------------------------- RandLoRA
+
+
+def _randlora_read(parts, config, shape, module):
+    """`randlora_lambda` (r, N) = λ and `randlora_gamma` (N, d) = γ; the frozen bases are
+    model-wide (`base_model.randlora_A` (r, 1, d_max): A, `base_model.randlora_B`
+    (D_max, N_max, r): B)."""
+    if config["randlora_dropout"]:
+        raise ValueError(f"randlora_dropout={config['randlora_dropout']!r}: jpeft.RandLoRA has no dropout")
+    r, d = config["r"], min(shape)
+    nb = -(-d // r)
+    _shape(parts, "randlora_lambda", (r, nb))
+    _shape(parts, "randlora_gamma", (nb, d))
+    basis = "very_sparse" if config["very_sparse"] else "sparse" if config["sparse"] else "dense"
+    method = RandLoRA(rank=r, alpha=float(config["randlora_alpha"]), basis=basis)
+    return method, {"lam": parts["randlora_lambda"], "gamma": parts["randlora_gamma"]}, None
+
+
+def _randlora_write(node):
+    return {"randlora_lambda": _f32(node.train["lam"]), "randlora_gamma": _f32(node.train["gamma"])}
+
+
+def _randlora_config(m: RandLoRA) -> dict:
+    return dict(r=m.rank, randlora_alpha=m.alpha, sparse=m.basis == "sparse", very_sparse=m.basis == "very_sparse",
+                save_projection=True)
+
+
+RANDLORA_KEYS: dict[str, Key] = {
+    **{k: LORA_KEYS[k] for k in _COMMON},
+    "r": _h("RandLoRA rank", 32),
+    "projection_prng_key": _i("the seed of PEFT's torch-generated bases; the file carries the bases "
+                              "(save_projection)", 0),
+    "save_projection": _r("a file without the random bases (PEFT regenerates them with torch's generator, which "
+                          "jpeft does not reproduce); save with save_projection=True", True),
+    "sparse": _h("RandLoRA basis='sparse'", False),
+    "very_sparse": _h("RandLoRA basis='very_sparse'", False),
+    "randlora_dropout": _r("adapter dropout (jpeft.RandLoRA has none)", 0.0),
+    "randlora_alpha": _h("RandLoRA alpha", 640),
+    "init_weights": _i("the saved λ, γ carry the values; the init does not touch the base", True),
+}
+_RANDLORA_CHECKS = {"randlora_alpha": (is_number, "a number"),
+                    "sparse": (lambda v: isinstance(v, bool), "true or false"),
+                    "very_sparse": (lambda v: isinstance(v, bool), "true or false")}
+
 ROWS: dict[str, MethodRow] = {
     "ADALORA": MethodRow("ADALORA", AdaLoRA, ADALORA_KEYS, ("lora_A", "lora_E", "lora_B"), (), _adalora_read,
                          _adalora_write, _adalora_config, _ADALORA_CHECKS),
@@ -258,7 +309,12 @@ ROWS: dict[str, MethodRow] = {
                          _gralora_config, _GRALORA_CHECKS),
     "VBLORA": MethodRow("VBLORA", VBLoRA, VBLORA_KEYS, ("vblora_logits_A", "vblora_logits_B"), (), _vblora_read,
                         _vblora_write, _vblora_config, _VBLORA_CHECKS,
-                        shared={"base_model.vblora_vector_bank": "bank"}),
+                        shared={"base_model.vblora_vector_bank": ("bank", _same, _same)}),
+    "RANDLORA": MethodRow("RANDLORA", RandLoRA, RANDLORA_KEYS, ("randlora_lambda", "randlora_gamma"), (),
+                          _randlora_read, _randlora_write, _randlora_config, _RANDLORA_CHECKS,
+                          shared={"base_model.randlora_A": ("a", lambda x: x[:, 0, :], lambda x: x[:, None, :]),
+                                  "base_model.randlora_B": ("b", _same, _same)},
+                          copies={"randlora_A": "base_model.randlora_A", "randlora_B": "base_model.randlora_B"}),
 }
 BY_METHOD: dict[type, MethodRow] = {row.method: row for row in ROWS.values()}
 TABLES: dict[str, dict[str, Key]] = {"LORA": LORA_KEYS, **{t: row.keys for t, row in ROWS.items()}}

@@ -19,7 +19,7 @@ from jpeft.interop import peft_config, peft_rows
 from jpeft.interop.hf import export_peft, export_peft_adapters, import_peft, import_peft_adapters
 from jpeft.interop.modules import ModuleMap
 from jpeft.methods.adaptive import AdaLoRA
-from jpeft.methods.bank import VBLoRA
+from jpeft.methods.bank import RandLoRA, VBLoRA
 from jpeft.methods.block import GraLoRA
 from jpeft.models import bert as jbert
 from jpeft.models.llama import Llama, LlamaConfig, from_hf_state_dict, hf_module_map, to_hf_state_dict
@@ -296,7 +296,8 @@ def test_exports_peft_would_load_without_effect_are_refused(tmp_path):
 
 
 @pytest.mark.parametrize("peft_type, config_class", [("LORA", "LoraConfig"), ("ADALORA", "AdaLoraConfig"),
-                                                     ("GRALORA", "GraloraConfig"), ("VBLORA", "VBLoRAConfig")])
+                                                     ("GRALORA", "GraloraConfig"), ("VBLORA", "VBLoRAConfig"),
+                                                     ("RANDLORA", "RandLoraConfig")])
 def test_the_config_tables_cover_the_installed_peft(peft_type, config_class):
     fields = {f.name for f in dataclasses.fields(getattr(peft, config_class))}
     table = peft_rows.TABLES[peft_type]
@@ -392,6 +393,9 @@ METHOD_ROWS = {   # PEFT tuner types with a `jpeft.interop.peft_rows` row: (conf
                        GraLoRA(rank=4, alpha=8.0, k=2, hybrid_rank=2)),
     "vblora": ("VBLoRAConfig", dict(r=4, num_vectors=16, vector_length=8, topk=2),
                VBLoRA(rank=4, num_vectors=16, vector_length=8, topk=2)),
+    "randlora": ("RandLoraConfig", dict(r=4, randlora_alpha=8), RandLoRA(rank=4, alpha=8.0)),
+    "randlora_sparse": ("RandLoraConfig", dict(r=4, randlora_alpha=8, sparse=True),
+                        RandLoRA(rank=4, alpha=8.0, basis="sparse")),
 }
 
 
