@@ -13,6 +13,9 @@ What maps to what (the config keys: `jpeft.interop.peft_config.LORA_KEYS`):
 - `init_lora_weights="pissa"|"olora"`: PEFT reloads such a save by re-running the init on the
   original base; so does the import. Adapters whose init rewrote the base export as a plain LoRA of
   rank 2r on the *unmodified* base, `s·(a@b − a₀@b₀) = s·[a | a₀] @ [b ; −b₀]` (METHODS.md §2.4).
+- GPT-2-style `Conv1D` modules (`fan_in_fan_out`): the LoRA factors are the same as for a
+  `Linear`; only whole weights (`modules_to_save`) keep their `(in, out)` layout. Which modules
+  are `Conv1D` is the ModuleMap's `conv1d` (PEFT itself corrects the flag per module type).
 - `task_type` CAUSAL_LM, SEQ_CLS (the `classifier` / `score` head is written as a module to
   save, as PEFT expects), FEATURE_EXTRACTION.
 
@@ -75,11 +78,11 @@ def _np(x) -> np.ndarray:
     return np.asarray(dequantize_array(x) if is_quantized(x) else x, np.float32)
 
 
-def _torch_layout(leaf: str, x) -> np.ndarray:
+def _torch_layout(x, transposed: bool) -> np.ndarray:
     x = _np(x)
-    if leaf == "kernel" and x.ndim != 2:
+    if transposed and x.ndim != 2:
         raise SpecError(f"a {x.ndim}-D kernel {x.shape} has no torch Linear weight; only 2-D kernels are saved whole")
-    return np.ascontiguousarray(x.T if leaf == "kernel" else x)
+    return np.ascontiguousarray(x.T if transposed else x)
 
 
 # ---------------------------------------------------------------------------------------------- export
@@ -161,8 +164,8 @@ def _lora_tensors(path, node, modules: ModuleMap, slice_path, tensors, scales, c
 
 def _row_tensors(row: MethodRow, path, node, modules: ModuleMap, tensors, scales, copies):
     """A `MethodRow` method's tensors (plain 2-D kernels)."""
-    if node.view is not None or split_leaf(path)[1] != "kernel":
-        raise SpecError(f"{path}: {row.peft_type} exports from plain 2-D kernels")
+    if node.view is not None or split_leaf(path)[1] != "kernel" or split_leaf(path)[0] in modules.conv1d:
+        raise SpecError(f"{path}: {row.peft_type} exports from plain 2-D kernels of Linear modules")
     module = modules.to_torch(split_leaf(path)[0])
     modules.check(module, "weight", path)
     key = PREFIX + module
@@ -252,11 +255,12 @@ def export_peft(directory: str, params: Any, spec: Spec, *, modules: ModuleMap =
         modules.check(module, torch_leaf, path)
         inner = ".base_layer" if mpath in targets else ""
         try:
-            tensors[f"{PREFIX}{module}{inner}.{torch_leaf}"] = _torch_layout(leaf, x)
+            tensors[f"{PREFIX}{module}{inner}.{torch_leaf}"] = _torch_layout(x, modules.transposed(mpath, leaf))
         except SpecError as e:
             raise SpecError(f"{path}: {e}") from None
 
-    common = dict(task_type=task_type, base_model_name_or_path=base_model_name_or_path,
+    conv1d = any(split_leaf(p)[0] in modules.conv1d for p, _ in lora)
+    common = dict(task_type=task_type, base_model_name_or_path=base_model_name_or_path, fan_in_fan_out=conv1d,
                   target_modules=sorted(k[len(PREFIX):] for k in scales), bias=mode,
                   modules_to_save=sorted(modules.to_torch(m) for m in to_save) or None, inference_mode=True)
     if family in BY_METHOD:
@@ -389,6 +393,8 @@ def _adapted_leaf(directory, module, parts, names, leaf, modules, flat) -> str:
 def _row_module(directory, row: MethodRow, config, module, parts, tensors, modules, flat) -> _Placed:
     """A `MethodRow` type's module: its tensors read by the row."""
     path = _adapted_leaf(directory, module, parts, row.required, "kernel", modules, flat)
+    if split_leaf(path)[0] in modules.conv1d:
+        raise SpecError(f"{directory}: {row.peft_type} on the Conv1D module {module!r} is not supported")
     stray = sorted(k for k in parts if k in ADAPTER_KINDS and k not in row.kinds)
     if stray:
         raise SpecError(f"{directory}: {PREFIX}{module}.{stray[0]} is not a {row.peft_type} tensor")
@@ -434,7 +440,7 @@ def _lora_module(directory, config, module, parts, modules, flat, cls, init_name
         raise SpecError(f"{directory}: {PREFIX}{module}.lora_magnitude_vector with use_dora=false")
     new_base = None
     if "base_layer.weight" in parts:   # PEFT saves an adapted embedding's table; it loads it into the model
-        new_base = parts["base_layer.weight"].T if not emb else parts["base_layer.weight"]
+        new_base = parts["base_layer.weight"].T if modules.transposed(*path.rsplit("/", 1)) else parts["base_layer.weight"]
         _check_shape(directory, module, "base_layer.weight", new_base.shape, base.shape)
     folded = None
     if "lora_B.bias" in parts:
@@ -493,7 +499,7 @@ def import_peft(directory: str, base_params: Any, *, modules: ModuleMap = DEFAUL
                                 f"that bias={config['bias']!r} saves; refusing to drop it")
             leaf_names = ("bias",) if kind != "weight" else ("kernel", "embedding", "scale")
             path = _param(directory, module, leaf_names, modules, flat, f"tensor {kind}")
-            x = parts[kind].T if path.endswith("/kernel") else parts[kind]
+            x = parts[kind].T if modules.transposed(*path.rsplit("/", 1)) else parts[kind]
             _check_shape(directory, module, kind, x.shape, flat[path].shape)
             rules[Full()].append(path)
             values[path] = {"w": x}

@@ -3,7 +3,8 @@
 A parameter path is a module path plus a leaf name: `layers_0/self_attn/q_proj/kernel` is module
 `layers_0/self_attn/q_proj`, leaf `kernel`. A `ModuleMap` maps module paths both ways
 (`layers_0/self_attn/q_proj` ↔ `model.layers.0.self_attn.q_proj`); leaf names map by `LEAVES`
-(`kernel` ↔ `weight`, transposed; `embedding`/`scale` ↔ `weight`; `bias` ↔ `bias`).
+(`kernel` ↔ `weight`, transposed unless the module is a GPT-2-style `Conv1D` (`conv1d`), whose
+weight is `(in, out)` already; `embedding`/`scale` ↔ `weight`; `bias` ↔ `bias`).
 
 The shipped models carry their maps (`jpeft.models.llama.hf_module_map`,
 `jpeft.models.bert.hf_module_map`), with the model's HF state-dict keys so that an export naming a
@@ -50,9 +51,10 @@ class ModuleMap:
     state_keys: frozenset | None = None
 
     tied: frozenset = frozenset()   # Flax module paths whose weight the model shares (tied embeddings)
+    conv1d: frozenset = frozenset()  # Flax module paths whose torch weight is a Conv1D's (in, out) (GPT-2)
 
     @classmethod
-    def from_table(cls, table: dict[str, str], state_keys, tied=frozenset()) -> ModuleMap:
+    def from_table(cls, table: dict[str, str], state_keys, tied=frozenset(), conv1d=frozenset()) -> ModuleMap:
         """A map over a fixed set of modules, `{flax module path: torch module name}`; a name
         outside it is an error naming it."""
         inverse = {v: k for k, v in table.items()}
@@ -64,7 +66,12 @@ class ModuleMap:
             return d[name]
 
         return cls(lambda m: lookup(table, m, "Flax"), lambda m: lookup(inverse, m, "torch"),
-                   frozenset(state_keys), frozenset(tied))
+                   frozenset(state_keys), frozenset(tied), frozenset(conv1d))
+
+    def transposed(self, module_path: str, leaf: str) -> bool:
+        """Whether a Flax leaf is the transpose of its torch parameter: a `kernel`, unless its
+        module is a `Conv1D`."""
+        return leaf == "kernel" and module_path not in self.conv1d
 
     def check(self, module: str, leaf: str, path: str) -> None:
         if self.state_keys is not None and f"{module}.{leaf}" not in self.state_keys:

@@ -63,8 +63,9 @@ LORA_KEYS: dict[str, Key] = {
     "exclude_modules": _h("part of the target check"),
     "lora_alpha": _h("the scale's alpha", 8),
     "lora_dropout": _h("the adapter-branch dropout (jpeft.LoRA(dropout=...))", 0.0),
-    "fan_in_fan_out": _r("Conv1D-layout (GPT-2) weights stored (in, out); jpeft's kernels map to torch Linear "
-                         "(out, in) weights", False),
+    "fan_in_fan_out": _h("GPT-2-style Conv1D weights stored (in, out): the ModuleMap's `conv1d` says which modules "
+                         "they are (PEFT corrects the flag per module type likewise); written true when a target is one",
+                         False),
     "bias": _h(f"one of {BIAS}: the saved biases become jpeft.Full leaves", "none"),
     "use_rslora": _h("the α/√r scale", False),
     "modules_to_save": _h("whole modules trained and saved: jpeft.Full leaves"),
@@ -120,6 +121,7 @@ LORA_CHECKS = {
     "lora_dropout": (lambda v: is_number(v) and 0 <= v < 1, "a number in [0, 1)"),
     "bias": (lambda v: v in BIAS, f"one of {BIAS}"),
     "use_rslora": (lambda v: isinstance(v, bool), "true or false"),
+    "fan_in_fan_out": (lambda v: isinstance(v, bool), "true or false"),
     "use_dora": (lambda v: isinstance(v, bool), "true or false"),
     "lora_bias": (lambda v: isinstance(v, bool), "true or false"),
     "task_type": (lambda v: v in TASK_TYPES, f"one of {TASK_TYPES}"),

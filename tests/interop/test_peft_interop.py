@@ -252,8 +252,7 @@ ERROR_ROWS = {
                      "'base_model.model.model.norm.extra' is not a PEFT LoRA tensor name"),
     "unknown_key": (lambda d: _edit_config(d, lambda c: {**c, "lora_frobnicate": 1}),
                     "key 'lora_frobnicate' is not in jpeft's LoraConfig table"),
-    "fan_in_fan_out": (lambda d: _edit_config(d, lambda c: {**c, "fan_in_fan_out": True}),
-                       "fan_in_fan_out=True is not supported: Conv1D-layout"),
+    "use_qalora": (lambda d: _edit_config(d, lambda c: {**c, "use_qalora": True}), "use_qalora=True is not supported"),
     "loftq": (lambda d: _edit_config(d, lambda c: {**c, "init_lora_weights": "loftq"}),
               "path_initial_model_for_weight_conversion"),
     "pissa_niter": (lambda d: _edit_config(d, lambda c: {**c, "init_lora_weights": "pissa_niter_4"}),
@@ -419,3 +418,48 @@ def test_method_row_folders_both_ways(row, tmp_path):
     export_peft(str(tmp_path / "b"), tree, spec, modules=modules, task_type="CAUSAL_LM")
     loaded = peft.PeftModel.from_pretrained(fresh("llama"), str(tmp_path / "b"))
     np.testing.assert_allclose(torch_out("llama", loaded), want, atol=1e-4, rtol=1e-4)
+
+
+def test_gpt2_conv1d_layout_both_ways(tmp_path):
+    """GPT-2's `Conv1D` projections (PEFT `fan_in_fan_out`): factors as for a Linear, whole weights
+    (`modules_to_save`) in their `(in, out)` layout."""
+    from tests.models import gpt2
+
+    gc = gpt2.GPT2Config()
+    hf_cfg = transformers.GPT2Config(vocab_size=gc.vocab_size, n_positions=gc.positions, n_embd=gc.width,
+                                     n_layer=gc.layers, n_head=gc.heads, attn_implementation="eager")
+    torch.manual_seed(0)
+    hf = transformers.GPT2LMHeadModel(hf_cfg).eval()
+    state = {k: v.clone() for k, v in hf.state_dict().items()}
+    params, modules, forward = gpt2.params_from_hf(numpy_state(hf), gc), gpt2.hf_module_map(gc), jax.jit(gpt2.GPT2(gc).apply)
+
+    def torch_logits(model):
+        with torch.no_grad():
+            return model(torch.from_numpy(IDS[:, :gc.positions])).logits.numpy()
+
+    def jax_logits(p):
+        return np.asarray(forward({"params": p}, IDS[:, :gc.positions]))
+
+    def fresh_gpt2():
+        with no_init_weights():
+            model = transformers.GPT2LMHeadModel(hf_cfg)
+        model.load_state_dict(state)
+        return model.eval()
+
+    np.testing.assert_allclose(jax_logits(params), torch_logits(hf), atol=1e-5, rtol=1e-5)
+    model = peft.get_peft_model(fresh_gpt2(), peft.LoraConfig(r=4, lora_alpha=8, target_modules=["c_attn", "c_fc"],
+                                                               fan_in_fan_out=True, modules_to_save=["h.1.mlp.c_proj"]))
+    gen = torch.Generator().manual_seed(1)
+    with torch.no_grad():
+        for _, p in model.named_parameters():
+            if p.requires_grad:
+                p.add_(0.3 * torch.randn(p.shape, generator=gen))
+    want = torch_logits(model)
+    model.save_pretrained(str(tmp_path / "a"))
+    tree, spec = import_peft(str(tmp_path / "a"), params, modules=modules)
+    np.testing.assert_allclose(jax_logits(jpeft.apply(tree, spec)), want, atol=1e-4, rtol=1e-4)
+    assert visible(want, jax_logits(params))
+    export_peft(str(tmp_path / "b"), tree, spec, modules=modules, task_type="CAUSAL_LM")
+    assert json.load(open(tmp_path / "b" / "adapter_config.json"))["fan_in_fan_out"] is True
+    loaded = peft.PeftModel.from_pretrained(fresh_gpt2(), str(tmp_path / "b"))
+    np.testing.assert_allclose(torch_logits(loaded), want, atol=1e-4, rtol=1e-4)
