@@ -357,8 +357,8 @@ def _param(directory, module, leaf_names, modules: ModuleMap, flat: dict, what: 
         if f"{mpath}/{leaf}" in flat:
             return f"{mpath}/{leaf}"
     raise SpecError(f"{directory}: {what} of torch module {module!r} has no parameter {mpath}/{leaf_names[0]} in "
-                    f"the model (a renamed module, or the wrong ModuleMap); closest: "
-                    f"{closest_paths(mpath, list(flat), 3)}")
+                    f"the model (a renamed module, the wrong ModuleMap, or a stacked kernel: pass views=); "
+                    f"closest: {closest_paths(mpath, list(flat), 3)}")
 
 
 def _check_shape(directory, module, name, got, want):
@@ -377,23 +377,60 @@ class _Placed:
     base: np.ndarray | None = None
     bias: np.ndarray | None = None
     state: dict | None = None
+    index: tuple | None = None   # the slice of a stacked kernel these tensors fill
 
 
-def _adapted_leaf(directory, module, parts, names, leaf, modules, flat) -> str:
-    for n in names:
-        if n not in parts:
-            raise SpecError(f"{directory}: {PREFIX}{module}.{n} is missing (its module has the other factors)")
-    path = _param(directory, module, (leaf,), modules, flat, "the adapter factors")
-    if len(flat[path].shape) != 2:
-        raise SpecError(f"{directory}: {path} is {len(flat[path].shape)}-D {tuple(flat[path].shape)}; PEFT files "
-                        "import onto 2-D kernels and embeddings")
-    return path
+@dataclasses.dataclass(frozen=True)
+class _Model:
+    """The model an import places tensors into: its leaves, module names, views, and the slices
+    of its stacked kernels (`{sliced path: (stacked path, index)}`, named by `slice_path` as
+    `export_peft` names them)."""
+
+    flat: dict
+    modules: ModuleMap
+    views: dict          # {path: View} of the leaves a view rule matches (first rule wins, as in a Spec)
+    slices: dict
+
+    @classmethod
+    def of(cls, base_params, modules, views, slice_path) -> _Model:
+        flat = dict(leaves_with_paths(base_params, is_leaf=is_leaf_node))
+        rules = [(re.compile(rx), v) for rx, v in (views or {}).items()]
+        viewed = {p: next(v for rx, v in rules if rx.fullmatch(p)) for p in flat if any(rx.fullmatch(p) for rx, _ in rules)}
+        slices = {}
+        for path, view in viewed.items():
+            if view.batch:
+                for index in np.ndindex(*view.batch_shape(flat[path].shape)):
+                    slices[slice_path(path, index)] = (path, index)
+        return cls(flat, modules, viewed, slices)
+
+    def locate(self, directory, module, parts, names, leaf) -> tuple[str, tuple | None, tuple[int, int]]:
+        """`(path, slice index or None, (in, out) of the matrix)` of `module`'s adapted `leaf`."""
+        for n in names:
+            if n not in parts:
+                raise SpecError(f"{directory}: {PREFIX}{module}.{n} is missing (its module has the other factors)")
+        try:
+            sliced = f"{self.modules.to_flax(module)}/{leaf}"
+        except SpecError as e:
+            raise SpecError(f"{directory}: the adapter factors of torch module {module!r}: {e}") from None
+        path, index = (sliced, None) if sliced in self.flat else self.slices.get(sliced, (None, None))
+        if path is None:
+            path = _param(directory, module, (leaf,), self.modules, self.flat, "the adapter factors")  # raises
+        shape, view = tuple(self.flat[path].shape), self.views.get(path)
+        if view is None and len(shape) != 2:
+            raise SpecError(f"{directory}: {path} is {len(shape)}-D {shape}; pass views= (jpeft.View per kernel, as "
+                            "for jpeft.Spec) to import onto it")
+        if view is not None and view.batch and index is None:
+            raise SpecError(f"{directory}: {path} is stacked ({view}); its torch modules are its slices "
+                            f"({next(iter(self.slices), '?')}, ...)")
+        return path, index, (view.matrix_shape(shape) if view is not None else shape)
 
 
-def _row_module(directory, row: MethodRow, config, module, parts, tensors, modules, flat) -> _Placed:
+def _row_module(directory, row: MethodRow, config, module, parts, tensors, model: _Model) -> _Placed:
     """A `MethodRow` type's module: its tensors read by the row."""
-    path = _adapted_leaf(directory, module, parts, row.required, "kernel", modules, flat)
-    if split_leaf(path)[0] in modules.conv1d:
+    path, index, shape = model.locate(directory, module, parts, row.required, "kernel")
+    if index is not None or model.views.get(path) is not None:
+        raise SpecError(f"{directory}: {row.peft_type} imports onto plain 2-D kernels; {path} has a view")
+    if split_leaf(path)[0] in model.modules.conv1d:
         raise SpecError(f"{directory}: {row.peft_type} on the Conv1D module {module!r} is not supported")
     stray = sorted(k for k in parts if k in ADAPTER_KINDS and k not in row.kinds)
     if stray:
@@ -403,19 +440,19 @@ def _row_module(directory, row: MethodRow, config, module, parts, tensors, modul
             raise SpecError(f"{directory}: {PREFIX}{module}.{kind} differs from {file_key}; PEFT keeps one copy "
                             "(the model-wide one is used)")
     try:
-        method, train, state = row.read({k: parts[k] for k in row.kinds if k in parts}, config, flat[path].shape,
-                                         module)
+        method, train, state = row.read({k: parts[k] for k in row.kinds if k in parts}, config, shape, module)
     except ValueError as e:
         raise SpecError(f"{directory}: {row.peft_type} module {module!r}: {e}") from None
     return _Placed(path, method, train, state=state)
 
 
-def _lora_module(directory, config, module, parts, modules, flat, cls, init_name) -> _Placed:
-    """LoRA / DoRA on a kernel, or LoRA on an embedding."""
+def _lora_module(directory, config, module, parts, model: _Model, cls, init_name) -> _Placed:
+    """LoRA / DoRA on a kernel (plain, viewed or one slice of a stacked one), or LoRA on an
+    embedding."""
     emb = "lora_embedding_A" in parts or "lora_embedding_B" in parts
     names = ("lora_embedding_A", "lora_embedding_B") if emb else ("lora_A.weight", "lora_B.weight")
-    path = _adapted_leaf(directory, module, parts, names, "embedding" if emb else "kernel", modules, flat)
-    base = flat[path]
+    path, index, shape = model.locate(directory, module, parts, names, "embedding" if emb else "kernel")
+    modules = model.modules
     if split_leaf(path)[0] in modules.tied:
         raise SpecError(f"{directory}: {path} is tied to the output head; PEFT's embedding LoRA changes only the "
                         "input lookup, jpeft's would change both")
@@ -423,8 +460,8 @@ def _lora_module(directory, config, module, parts, modules, flat, cls, init_name
     rank = pattern_value(config["rank_pattern"], module, config["r"])
     if a.shape[1] != rank:
         raise SpecError(f"{directory}: {module}: the factors have rank {a.shape[1]}, the config says r={rank}")
-    _check_shape(directory, module, names[0], a.T.shape, (rank, base.shape[0]))
-    _check_shape(directory, module, names[1], b.T.shape, (base.shape[1], rank))
+    _check_shape(directory, module, names[0], a.T.shape, (rank, shape[0]))
+    _check_shape(directory, module, names[1], b.T.shape, (shape[1], rank))
     alpha = float(pattern_value(config["alpha_pattern"], module, config["lora_alpha"]))
     if emb and (cls is DoRA or init_name in RERUN_INITS):
         raise SpecError(f"{directory}: {module}: embedding LoRA with use_dora / init {init_name!r} is not supported")
@@ -440,25 +477,47 @@ def _lora_module(directory, config, module, parts, modules, flat, cls, init_name
         raise SpecError(f"{directory}: {PREFIX}{module}.lora_magnitude_vector with use_dora=false")
     new_base = None
     if "base_layer.weight" in parts:   # PEFT saves an adapted embedding's table; it loads it into the model
+        if index is not None or model.views.get(path) is not None:
+            raise SpecError(f"{directory}: {PREFIX}{module}.base_layer.weight onto the viewed kernel {path}")
         new_base = parts["base_layer.weight"].T if modules.transposed(*path.rsplit("/", 1)) else parts["base_layer.weight"]
-        _check_shape(directory, module, "base_layer.weight", new_base.shape, base.shape)
+        _check_shape(directory, module, "base_layer.weight", new_base.shape, shape)
     folded = None
     if "lora_B.bias" in parts:
         if not config["lora_bias"]:
             raise SpecError(f"{directory}: {PREFIX}{module}.lora_B.bias with lora_bias=false")
         folded = lora_scale(rank, alpha, options["rslora"]) * parts["lora_B.bias"]
-    return _Placed(path, cls(**options), train, new_base, folded)
+    if folded is not None and index is not None:
+        raise SpecError(f"{directory}: {PREFIX}{module}.lora_B.bias onto a slice of the stacked kernel {path}")
+    return _Placed(path, cls(**options), train, new_base, folded, index=index)
 
 
-def import_peft(directory: str, base_params: Any, *, modules: ModuleMap = DEFAULT_MAP) -> tuple[Any, Spec]:
+def _fill_slices(directory, path, node, slices: dict) -> Adapter:
+    """A stacked node with the file's factors in the slices it has (the others keep the init)."""
+    train = dict(node.train)
+    for index, fields in slices.items():
+        for k, v in fields.items():
+            want = train[k].shape[len(index):]
+            if tuple(v.shape) != tuple(want):
+                raise SpecError(f"{directory}: {path} slice {index}: PEFT tensor {k} has shape {tuple(v.shape)}, "
+                                f"the model expects {tuple(want)}")
+            train[k] = train[k].at[index].set(jnp.asarray(v).astype(train[k].dtype))
+    return node.replace(train=train)
+
+
+def import_peft(directory: str, base_params: Any, *, modules: ModuleMap = DEFAULT_MAP, views: dict | None = None,
+                slice_path: Callable[[str, tuple[int, ...]], str] = default_slice_path) -> tuple[Any, Spec]:
     """`(adapted params, spec)` from a HuggingFace PEFT adapter folder (LoRA / DoRA and the
-    `jpeft.interop.peft_rows` types). Every tensor is
-    placed (LoRA/DoRA factors, trained biases and modules as `jpeft.Full` leaves) or the import
-    fails naming it; every config key is honoured or refused (`LORA_KEYS`)."""
+    `jpeft.interop.peft_rows` types). Every tensor is placed (LoRA/DoRA factors, trained biases and
+    modules as `jpeft.Full` leaves) or the import fails naming it; every config key is honoured or
+    refused (`LORA_KEYS`). `views` (`{regex: jpeft.View}`, as for `jpeft.Spec`) lets LoRA/DoRA
+    factors land on N-D kernels (their matrix view) and on stacked kernels (`nn.scan`): the torch
+    module of slice `index` is named from `slice_path(path, index)`, as `export_peft` names it;
+    slices the file has no factors for keep jpeft's init (no effect: `b = 0`)."""
     config, tensors = read_folder(directory)
     row = ROWS.get(config["peft_type"])
     parsed, shared = _parse(directory, tensors, row)
-    flat = dict(leaves_with_paths(base_params, is_leaf=is_leaf_node))
+    model = _Model.of(base_params, modules, views, slice_path)
+    flat = model.flat
     cls = DoRA if config.get("use_dora") else LoRA
     init_name = config.get("init_lora_weights")
     save_names = config["modules_to_save"] or []
@@ -471,17 +530,28 @@ def import_peft(directory: str, base_params: Any, *, modules: ModuleMap = DEFAUL
     bases: dict[str, np.ndarray] = {}
     folded: dict[str, np.ndarray] = {}
     states: dict[str, dict] = {}
+    slice_values: dict[str, dict] = {}   # stacked path -> {index: train fields of that slice}
+    methods: dict[str, Any] = {}
     lora_modules = set()
     for module, parts in parsed.items():
         if any(k in ADAPTER_KINDS for k in parts):
-            placed = (_row_module(directory, row, config, module, parts, tensors, modules, flat) if row else
-                      _lora_module(directory, config, module, parts, modules, flat, cls, init_name))
+            placed = (_row_module(directory, row, config, module, parts, tensors, model) if row else
+                      _lora_module(directory, config, module, parts, model, cls, init_name))
             if not targets_module(config, module):
                 raise SpecError(f"{directory}: module {module!r} has adapter factors but target_modules / "
                                 "layers_to_transform / exclude_modules do not select it")
+            lora_modules.add(module)
+            if placed.index is not None:   # one slice of a stacked kernel: one config for all its slices
+                first = methods.setdefault(placed.path, placed.method)
+                if first != placed.method:
+                    raise SpecError(f"{directory}: module {module!r} needs {placed.method!r}, another slice of "
+                                    f"{placed.path} {first!r}; a stacked kernel has one config")
+                if placed.path not in slice_values:
+                    rules[placed.method].append(placed.path)
+                slice_values.setdefault(placed.path, {})[placed.index] = placed.train
+                continue
             rules[placed.method].append(placed.path)
             values[placed.path] = placed.train
-            lora_modules.add(module)
             if placed.base is not None:
                 bases[placed.path] = placed.base
             if placed.bias is not None:
@@ -511,10 +581,10 @@ def import_peft(directory: str, base_params: Any, *, modules: ModuleMap = DEFAUL
             rules[Full()].append(path)
             values[path] = {"w": _np(flat[path])}
         values[path] = {"w": values[path]["w"] + bias}
-    # every module target_modules selects in the model has its factors
+    # every module target_modules selects in the model has its factors (stacked kernels may skip slices)
     for path, leaf in flat.items():
         mpath, _, name = path.rpartition("/")
-        if name not in ("kernel", "embedding") or len(leaf.shape) != 2:
+        if name not in ("kernel", "embedding") or len(leaf.shape) != 2 or model.views.get(path) is not None:
             continue
         try:
             module = modules.to_torch(mpath)
@@ -528,12 +598,15 @@ def import_peft(directory: str, base_params: Any, *, modules: ModuleMap = DEFAUL
             raise SpecError(f"{directory}: modules_to_save names {name!r}, but the file has no tensors for it")
     if not rules:
         raise SpecError(f"{directory}: the file has no tensors")
-    spec = Spec({"|".join(re.escape(p) for p in paths): method for method, paths in rules.items()})
+    spec = Spec({"|".join(re.escape(p) for p in paths): method for method, paths in rules.items()},
+                views=views or {})
     tree = init(jax.random.PRNGKey(0), base_params, spec)
 
     def load(path, node):
         if not isinstance(node, Adapter):
             return node
+        if path in slice_values:
+            return _fill_slices(directory, path, node, slice_values[path])
         train = {k: jnp.asarray(v).astype(node.train[k].dtype) for k, v in values[path].items()}
         for k, v in train.items():
             if v.shape != node.train[k].shape:
@@ -588,17 +661,16 @@ def export_peft_adapters(directory: str, adapters: dict[str, tuple[Any, Spec]], 
     atomic_write(directory, write, overwrite)
 
 
-def import_peft_adapters(directory: str, base_params: Any, *, modules: ModuleMap = DEFAULT_MAP
-                         ) -> dict[str, tuple[Any, Spec]]:
+def import_peft_adapters(directory: str, base_params: Any, **options) -> dict[str, tuple[Any, Spec]]:
     """`{name: (params, spec)}` of a PEFT multi-adapter folder: the top-level adapter as
-    `"default"` and every sub-folder holding an adapter under its name (each via `import_peft`).
-    A sub-folder with only one of the two files is an error naming it."""
-    out = {DEFAULT_ADAPTER: import_peft(directory, base_params, modules=modules)}
+    `"default"` and every sub-folder holding an adapter under its name (each via `import_peft`,
+    with `options`). A sub-folder with only one of the two files is an error naming it."""
+    out = {DEFAULT_ADAPTER: import_peft(directory, base_params, **options)}
     for name in sorted(os.listdir(directory)):
         sub = os.path.join(directory, name)
         if not os.path.isdir(sub):
             continue
         present = [f for f in (CONFIG, WEIGHTS) if os.path.isfile(os.path.join(sub, f))]
         if present:
-            out[name] = import_peft(sub, base_params, modules=modules)   # a half folder fails there, named
+            out[name] = import_peft(sub, base_params, **options)   # a half folder fails there, named
     return out

@@ -124,6 +124,35 @@ def test_export_of_viewed_stacked_kernels_loads_in_peft_with_the_same_outputs(na
     assert float(np.max(np.abs(got - _stacked_forward(params, x)))) > 1e-3   # the adapters matter
 
 
+@pytest.mark.parametrize("extra", [{}, {"use_dora": True}, {"layers_to_transform": [0, 2], "layers_pattern": "layers"}],
+                         ids=["lora", "dora", "two_of_three_layers"])
+def test_peft_adapter_imports_onto_viewed_stacked_kernels(extra, tmp_path):
+    torch.manual_seed(0)
+    model = StackedTorch()
+    params = {"layers": {
+        "q": {"kernel": jnp.stack([jnp.asarray(l["q"].weight.detach().numpy().T).reshape(8, 2, 4) for l in model.layers])},
+        "o": {"kernel": jnp.stack([jnp.asarray(l["o"].weight.detach().numpy().T).reshape(2, 4, 8) for l in model.layers])}}}
+    views = {r"layers/q/kernel": jpeft.View(inputs=(1,), outputs=(2, 3), batch=(0,)),
+             r"layers/o/kernel": jpeft.View(inputs=(1, 2), outputs=(3,), batch=(0,))}
+    peft_model = peft.get_peft_model(model, peft.LoraConfig(r=2, lora_alpha=4, target_modules=["q", "o"], **extra))
+    gen = torch.Generator().manual_seed(1)
+    with torch.no_grad():
+        for name, p in peft_model.named_parameters():
+            if "lora_" in name:
+                p.add_(0.3 * torch.randn(p.shape, generator=gen))
+    x = X[:, :8]
+    with torch.no_grad():
+        want = peft_model(torch.from_numpy(x)).numpy()
+    peft_model.save_pretrained(str(tmp_path / "adapter"))
+    with pytest.raises(jpeft.SpecError, match="no parameter layers_0/(q|o)/kernel .* pass views="):
+        import_peft(str(tmp_path / "adapter"), params)
+    tree, spec = import_peft(str(tmp_path / "adapter"), params, views=views)
+    got = _stacked_forward(jpeft.apply(tree, spec), x)
+    np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
+    assert float(np.max(np.abs(got - _stacked_forward(params, x)))) > 1e-3
+    assert tree["layers"]["q"]["kernel"].train["a"].shape == (3, 8, 2)
+
+
 def test_export_with_colliding_slice_names_is_a_clear_error(tmp_path):
     params = {"layers": {"q": {"kernel": jnp.ones((3, 8, 8))}}}
     spec = jpeft.Spec({r"layers/q/kernel": jpeft.LoRA(rank=2)},
