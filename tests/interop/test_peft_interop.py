@@ -251,7 +251,7 @@ ERROR_ROWS = {
     "stray_tensor": (lambda d: _edit_tensors(d, lambda t: {**t, "base_model.model.model.norm.extra": np.ones(2, np.float32)}),
                      "'base_model.model.model.norm.extra' is not a PEFT LoRA tensor name"),
     "unknown_key": (lambda d: _edit_config(d, lambda c: {**c, "lora_frobnicate": 1}),
-                    "key 'lora_frobnicate' is not in jpeft's LoraConfig table"),
+                    "key 'lora_frobnicate' is not in jpeft's LORA config table"),
     "use_qalora": (lambda d: _edit_config(d, lambda c: {**c, "use_qalora": True}), "use_qalora=True is not supported"),
     "loftq": (lambda d: _edit_config(d, lambda c: {**c, "init_lora_weights": "loftq"}),
               "path_initial_model_for_weight_conversion"),
