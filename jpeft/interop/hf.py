@@ -54,6 +54,7 @@ from jpeft.paths import closest_paths, leaves_with_paths
 from jpeft.quant import dequantize_array, is_leaf_node, is_quantized
 from jpeft.shared import SHARED
 from jpeft.spec import Spec
+from jpeft.views import View
 
 PREFIX = "base_model.model."
 CONFIG, WEIGHTS = "adapter_config.json", "adapter_model.safetensors"
@@ -131,8 +132,52 @@ def check_exportable(spec: Spec) -> None:
     _exported_family({m for _, m in spec.rules if not isinstance(m, Full)})
 
 
-def _lora_tensors(path, node, modules: ModuleMap, slice_path, tensors, scales, copies):
+EXPERTS_VIEW = View(inputs=(1,), outputs=(2,), batch=(0,))
+
+
+def _expert_factors(module_path: str, modules: ModuleMap, e: int, r: int, d1: int, d2: int):
+    """PEFT's `target_parameters` layout of a `(E, d1, d2)` expert stack, as
+    `(lora_A shape, lora_B shape, (A, B) → (a, b), (a, b) → (A, B))` with jpeft's per-expert
+    `a (E, d1, r)`, `b (E, r, d2)`, `ΔK_e = s·a_e@b_e`. PEFT swaps in/out for a 3-D parameter unless
+    its module `is_transposed`: then `ΔK_e = s·B_eᵀ...` reads `A (E·r, d1)`, `B (d2, r·E)`; else
+    `A (E·r, d2)`, `B (d1, r·E)` with `ΔK_e = s·B_e@A_e`."""
+    if module_path in modules.transposed_experts:
+        return ((e * r, d1), (d2, r * e),
+                lambda A, B: (A.reshape(e, r, d1).transpose(0, 2, 1), B.reshape(d2, r, e).transpose(2, 1, 0)),
+                lambda a, b: (a.transpose(0, 2, 1).reshape(e * r, d1), b.transpose(2, 1, 0).reshape(d2, r * e)))
+    return ((e * r, d2), (d1, r * e),
+            lambda A, B: (B.reshape(d1, r, e).transpose(2, 0, 1), A.reshape(e, r, d2)),
+            lambda a, b: (b.reshape(e * r, d2), a.transpose(1, 2, 0).reshape(d1, r * e)))
+
+
+def _parameter_tensors(path, node, modules: ModuleMap, tensors, scales, parameters):
+    """LoRA on a raw `(E, d1, d2)` parameter (PEFT `target_parameters`: an MoE expert stack), one
+    adapter per expert (`jpeft.View(inputs=(1,), outputs=(2,), batch=(0,))`)."""
+    mpath, _, name = path.rpartition("/")
+    if type(node.method) is not LoRA or "a0" in node.frozen or node.method.dropout:
+        raise SpecError(f"{path}: PEFT's target_parameters take plain LoRA (no DoRA, rewriting init or dropout); "
+                        f"got {node.method!r}")
+    if node.view != EXPERTS_VIEW or len(node.base.shape) != 3:
+        raise SpecError(f"{path}: a parameter {tuple(node.base.shape)} exports as PEFT target_parameters only as "
+                        f"a 3-D expert stack with view {EXPERTS_VIEW}; got {node.view}")
+    a, b = _factors(node)
+    (e, d1, r), d2 = a.shape, b.shape[-1]
+    module = modules.to_torch(mpath)
+    modules.check(module, name, path)
+    key = PREFIX + module
+    if key in scales:
+        raise SpecError(f"{path}: module {module!r} already has an adapter; PEFT files hold one per module")
+    big_a, big_b = _expert_factors(mpath, modules, e, r, d1, d2)[3](a, b)
+    tensors[f"{key}.lora_A.weight"] = np.ascontiguousarray(big_a)
+    tensors[f"{key}.lora_B.weight"] = np.ascontiguousarray(big_b)
+    scales[key] = _exported_scale(node.method, False, r)
+    parameters.append(f"{module}.{name}")
+
+
+def _lora_tensors(path, node, modules: ModuleMap, slice_path, tensors, scales, copies, parameters):
     """Writes one LoRA/DoRA node's tensors (one module per slice of a stacked node)."""
+    if path.rpartition("/")[2] not in LEAVES:   # a raw parameter: PEFT target_parameters
+        return _parameter_tensors(path, node, modules, tensors, scales, parameters)
     mpath, leaf = split_leaf(path)
     if leaf not in ("kernel", "embedding"):
         raise SpecError(f"{path}: HF PEFT puts LoRA on Linear weights (kernel) and embeddings; not on {leaf!r}")
@@ -216,11 +261,12 @@ def export_peft(directory: str, params: Any, spec: Spec, *, modules: ModuleMap =
     tensors: dict[str, np.ndarray] = {}
     scales: dict[str, tuple] = {}
     copies: list[tuple[str, str]] = []   # (per-module key, model-wide key it repeats)
+    parameters: list[str] = []           # PEFT target_parameters ("<module>.<parameter>")
     for path, node in lora:
-        _lora_tensors(path, node, modules, slice_path, tensors, scales, copies)
+        _lora_tensors(path, node, modules, slice_path, tensors, scales, copies, parameters)
     for key, file_key in copies:
         tensors[key] = tensors[file_key]
-    targets = {split_leaf(p)[0] for p, _ in lora}
+    targets = {p.rpartition("/")[0] for p, _ in lora}
 
     # jpeft.Full leaves: trained biases, or whole modules (modules_to_save)
     by_module: dict[str, set] = collections.defaultdict(set)
@@ -259,9 +305,11 @@ def export_peft(directory: str, params: Any, spec: Spec, *, modules: ModuleMap =
         except SpecError as e:
             raise SpecError(f"{path}: {e}") from None
 
-    conv1d = any(split_leaf(p)[0] in modules.conv1d for p, _ in lora)
+    conv1d = any(p.rpartition("/")[0] in modules.conv1d for p, _ in lora)
     common = dict(task_type=task_type, base_model_name_or_path=base_model_name_or_path, fan_in_fan_out=conv1d,
-                  target_modules=sorted(k[len(PREFIX):] for k in scales), bias=mode,
+                  target_modules=sorted(k[len(PREFIX):] for k in scales
+                                        if k[len(PREFIX):] not in {p.rpartition(".")[0] for p in parameters}),
+                  bias=mode,
                   modules_to_save=sorted(modules.to_torch(m) for m in to_save) or None, inference_mode=True)
     if family in BY_METHOD:
         row = BY_METHOD[family]
@@ -272,6 +320,8 @@ def export_peft(directory: str, params: Any, spec: Spec, *, modules: ModuleMap =
                             "scales (a base-rewriting init exports with its scale folded into alpha)")
         rank, rank_pattern = _pattern({k: v[0] for k, v in scales.items()})
         alpha, alpha_pattern = _pattern({k: v[1] for k, v in scales.items()})
+        if parameters:
+            common["target_parameters"] = sorted(parameters)
         config = export_config(LORA_KEYS, "LORA", r=rank, lora_alpha=alpha, use_rslora=next(iter(scales.values()))[2],
                                use_dora=family is DoRA, lora_dropout=float(lora[0][1].method.dropout),
                                rank_pattern=rank_pattern, alpha_pattern=alpha_pattern, **common)
@@ -378,6 +428,7 @@ class _Placed:
     bias: np.ndarray | None = None
     state: dict | None = None
     index: tuple | None = None   # the slice of a stacked kernel these tensors fill
+    view: View | None = None     # a view the leaf needs (PEFT target_parameters: per expert)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -444,6 +495,42 @@ def _row_module(directory, row: MethodRow, config, module, parts, tensors, model
     except ValueError as e:
         raise SpecError(f"{directory}: {row.peft_type} module {module!r}: {e}") from None
     return _Placed(path, method, train, state=state)
+
+
+def _parameter_module(directory, config, module, name, parts, model: _Model, cls) -> _Placed:
+    """LoRA factors on the raw parameter `name` of `module` (PEFT `target_parameters`): a 3-D
+    `(E, d1, d2)` expert stack, one adapter per expert."""
+    for n in ("lora_A.weight", "lora_B.weight"):
+        if n not in parts:
+            raise SpecError(f"{directory}: {PREFIX}{module}.{n} is missing (its module has the other factor)")
+    stray = sorted(set(parts) - {"lora_A.weight", "lora_B.weight"})
+    if stray or cls is not LoRA or config["lora_dropout"]:
+        raise SpecError(f"{directory}: target parameter {module}.{name}: plain LoRA factors only (PEFT's "
+                        f"ParamWrapper); got {stray or ('use_dora' if cls is not LoRA else 'lora_dropout')}")
+    try:
+        mpath = model.modules.to_flax(module)
+    except SpecError as e:
+        raise SpecError(f"{directory}: target parameter {module}.{name}: {e}") from None
+    path = f"{mpath}/{name}"
+    if path not in model.flat:
+        raise SpecError(f"{directory}: target parameter {module}.{name} has no leaf {path} in the model; closest: "
+                        f"{closest_paths(path, list(model.flat), 3)}")
+    shape = tuple(model.flat[path].shape)
+    if len(shape) != 3:
+        raise SpecError(f"{directory}: target parameter {module}.{name} is {len(shape)}-D {shape}; jpeft imports "
+                        "3-D expert stacks (E, d1, d2)")
+    view = model.views.get(path, EXPERTS_VIEW)
+    if view != EXPERTS_VIEW:
+        raise SpecError(f"{directory}: {path} has view {view}; PEFT's target_parameters adapt each expert "
+                        f"({EXPERTS_VIEW})")
+    rank = pattern_value(config["rank_pattern"], module, config["r"])
+    a_shape, b_shape, to_jpeft, _ = _expert_factors(mpath, model.modules, shape[0], rank, shape[1], shape[2])
+    _check_shape(directory, module, "lora_A.weight", parts["lora_A.weight"].shape, a_shape)
+    _check_shape(directory, module, "lora_B.weight", parts["lora_B.weight"].shape, b_shape)
+    a, b = to_jpeft(parts["lora_A.weight"], parts["lora_B.weight"])
+    alpha = float(pattern_value(config["alpha_pattern"], module, config["lora_alpha"]))
+    return _Placed(path, LoRA(rank=rank, alpha=alpha, rslora=bool(config["use_rslora"])), {"a": a, "b": b},
+                   view=EXPERTS_VIEW)
 
 
 def _lora_module(directory, config, module, parts, model: _Model, cls, init_name) -> _Placed:
@@ -531,13 +618,24 @@ def import_peft(directory: str, base_params: Any, *, modules: ModuleMap = DEFAUL
     folded: dict[str, np.ndarray] = {}
     states: dict[str, dict] = {}
     slice_values: dict[str, dict] = {}   # stacked path -> {index: train fields of that slice}
+    target_parameters = [tuple(t.rsplit(".", 1)) for t in config.get("target_parameters") or []]
+    if any(len(t) != 2 for t in target_parameters):
+        raise SpecError(f"{directory}: target_parameters {config['target_parameters']}: expected "
+                        "'<module>.<parameter>' names")
+    added_views: dict[str, View] = {}
     methods: dict[str, Any] = {}
     lora_modules = set()
     for module, parts in parsed.items():
         if any(k in ADAPTER_KINDS for k in parts):
-            placed = (_row_module(directory, row, config, module, parts, tensors, model) if row else
-                      _lora_module(directory, config, module, parts, model, cls, init_name))
-            if not targets_module(config, module):
+            parameter = next((n for m, n in target_parameters if module == m or module.endswith(f".{m}")), None)
+            if parameter is not None:
+                placed = _parameter_module(directory, config, module, parameter, parts, model, cls)
+                added_views[re.escape(placed.path)] = placed.view
+            elif row:
+                placed = _row_module(directory, row, config, module, parts, tensors, model)
+            else:
+                placed = _lora_module(directory, config, module, parts, model, cls, init_name)
+            if parameter is None and not targets_module(config, module):
                 raise SpecError(f"{directory}: module {module!r} has adapter factors but target_modules / "
                                 "layers_to_transform / exclude_modules do not select it")
             lora_modules.add(module)
@@ -593,13 +691,16 @@ def import_peft(directory: str, base_params: Any, *, modules: ModuleMap = DEFAUL
         if module not in lora_modules and targets_module(config, module):
             raise SpecError(f"{directory}: target_modules selects {module!r} ({path}), but the file has no LoRA "
                             "tensors for it")
+    for m, n in target_parameters:
+        if not any(module == m or module.endswith(f".{m}") for module in parsed):
+            raise SpecError(f"{directory}: target_parameters names {m}.{n}, but the file has no factors for it")
     for name in save_names:
         if name not in HEADS and not any(m == name or m.endswith(f".{name}") for m in parsed):
             raise SpecError(f"{directory}: modules_to_save names {name!r}, but the file has no tensors for it")
     if not rules:
         raise SpecError(f"{directory}: the file has no tensors")
     spec = Spec({"|".join(re.escape(p) for p in paths): method for method, paths in rules.items()},
-                views=views or {})
+                views={**(views or {}), **{rx: v for rx, v in added_views.items() if rx not in (views or {})}})
     tree = init(jax.random.PRNGKey(0), base_params, spec)
 
     def load(path, node):

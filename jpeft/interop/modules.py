@@ -52,6 +52,9 @@ class ModuleMap:
 
     tied: frozenset = frozenset()   # Flax module paths whose weight the model shares (tied embeddings)
     conv1d: frozenset = frozenset()  # Flax module paths whose torch weight is a Conv1D's (in, out) (GPT-2)
+    # Flax module paths whose torch module has `is_transposed` (PEFT target_parameters: it then keeps
+    # the expert stack's in/out order instead of swapping it)
+    transposed_experts: frozenset = frozenset()
 
     @classmethod
     def from_table(cls, table: dict[str, str], state_keys, tied=frozenset(), conv1d=frozenset()) -> ModuleMap:

@@ -91,7 +91,8 @@ LORA_KEYS: dict[str, Key] = {
     "layer_replication": _r("PEFT's layer replication (the model's depth changes)"),
     "runtime_config": _i("PEFT runtime options (GPU offload); PEFT does not save it"),
     "lora_bias": _h("the bias on lora_B: folded into the module's bias, a jpeft.Full leaf", False),
-    "target_parameters": _r("LoRA on nn.Parameter tensors (MoE expert stacks)"),
+    "target_parameters": _h("LoRA on raw 3-D parameters (MoE expert stacks `<module>.<parameter>`): one adapter "
+                            "per expert through jpeft.View(inputs=(1,), outputs=(2,), batch=(0,))"),
     "use_bdlora": _r("block-diagonal LoRA"),
     "arrow_config": _r("Arrow routing over several adapters"),
     "kasa_config": _r("PEFT's KaSA layer (jpeft's `kasa` method has its own files)"),
@@ -128,6 +129,7 @@ LORA_CHECKS = {
     "target_modules": (lambda v: v is None or isinstance(v, str) or _str_list(v), "a list of names or a regex"),
     "exclude_modules": (lambda v: v is None or isinstance(v, str) or _str_list(v), "a list of names or a regex"),
     "modules_to_save": (lambda v: v is None or _str_list(v), "null or a list of module names"),
+    "target_parameters": (lambda v: v is None or _str_list(v), "null or a list of '<module>.<parameter>' names"),
     "layers_to_transform": (lambda v: v is None or is_int(v) or (isinstance(v, list) and all(map(is_int, v))),
                             "null, a layer index or a list of them"),
     "layers_pattern": (lambda v: v is None or isinstance(v, str) or _str_list(v), "null, a name or a list of names"),

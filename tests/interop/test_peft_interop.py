@@ -258,7 +258,7 @@ ERROR_ROWS = {
     "pissa_niter": (lambda d: _edit_config(d, lambda c: {**c, "init_lora_weights": "pissa_niter_4"}),
                     "path_initial_model_for_weight_conversion"),
     "target_parameters": (lambda d: _edit_config(d, lambda c: {**c, "target_parameters": ["experts.w"]}),
-                          "target_parameters=.* is not supported"),
+                          "target_parameters names experts.w, but the file has no factors for it"),
     "bias_without_bias_mode": (lambda d: _edit_tensors(d, lambda t: {**t, "base_model.model.model.norm.bias":
                                                                      np.ones(16, np.float32)}),
                                "norm.bias is neither in modules_to_save nor a bias that bias='none' saves"),
@@ -463,3 +463,59 @@ def test_gpt2_conv1d_layout_both_ways(tmp_path):
     assert json.load(open(tmp_path / "b" / "adapter_config.json"))["fan_in_fan_out"] is True
     loaded = peft.PeftModel.from_pretrained(fresh_gpt2(), str(tmp_path / "b"))
     np.testing.assert_allclose(torch_logits(loaded), want, atol=1e-4, rtol=1e-4)
+
+
+class _Experts(torch.nn.Module):
+    """A raw `(E, in, out)` expert stack (the MoE layout PEFT's `target_parameters` adapts)."""
+
+    def __init__(self):
+        super().__init__()
+        self.w = torch.nn.Parameter(torch.randn(3, 8, 6))
+
+    def forward(self, x):
+        return torch.einsum("eti,eio->eto", x, self.w)
+
+
+class _TransposedExperts(_Experts):
+    is_transposed = True   # PEFT then keeps the stack's in/out order (ModuleMap.transposed_experts)
+
+
+class _MoE(torch.nn.Module):
+    def __init__(self, experts=_Experts):
+        super().__init__()
+        self.experts = experts()
+
+    def forward(self, x):
+        return self.experts(x)
+
+
+@pytest.mark.parametrize("transposed", [False, True], ids=["peft_swaps", "is_transposed"])
+def test_target_parameters_expert_stacks_both_ways(transposed, tmp_path):
+    """PEFT's LoRA on a raw 3-D parameter: one adapter per expert, jpeft's view
+    `batch=(0,), inputs=(1,), outputs=(2,)` (added to the returned Spec)."""
+    experts = _TransposedExperts if transposed else _Experts
+    modules = ModuleMap(transposed_experts=frozenset({"experts"} if transposed else ()))
+    torch.manual_seed(0)
+    model = _MoE(experts)
+    params = {"experts": {"w": jax.numpy.asarray(model.experts.w.detach().numpy())}}
+    x = np.random.default_rng(0).standard_normal((3, 5, 8)).astype(np.float32)
+    forward = lambda p: np.asarray(jax.numpy.einsum("eti,eio->eto", x, p["experts"]["w"]))  # noqa: E731
+    peft_model = peft.get_peft_model(model, peft.LoraConfig(r=2, lora_alpha=4, target_modules=[],
+                                                             target_parameters=["experts.w"]))
+    gen = torch.Generator().manual_seed(1)
+    with torch.no_grad():
+        for name, p in peft_model.named_parameters():
+            if "lora_" in name:
+                p.add_(torch.randn(p.shape, generator=gen))
+        want = peft_model(torch.from_numpy(x)).numpy()
+    peft_model.save_pretrained(str(tmp_path / "a"))
+    tree, spec = import_peft(str(tmp_path / "a"), params, modules=modules)
+    assert tree["experts"]["w"].train["a"].shape == (3, 8, 2) and spec.view_for("experts/w") is not None
+    np.testing.assert_allclose(forward(jpeft.apply(tree, spec)), want, atol=1e-4, rtol=1e-4)
+    assert visible(want, forward(params))
+    export_peft(str(tmp_path / "b"), tree, spec, modules=modules)
+    assert json.load(open(tmp_path / "b" / "adapter_config.json"))["target_parameters"] == ["experts.w"]
+    torch.manual_seed(0)
+    loaded = peft.PeftModel.from_pretrained(_MoE(experts), str(tmp_path / "b"))
+    with torch.no_grad():
+        np.testing.assert_allclose(loaded(torch.from_numpy(x)).numpy(), want, atol=1e-4, rtol=1e-4)
