@@ -647,9 +647,9 @@ def import_peft(directory: str, base_params: Any, *, modules: ModuleMap = DEFAUL
                 if placed.path not in slice_values:
                     rules[placed.method].append(placed.path)
                 slice_values.setdefault(placed.path, {})[placed.index] = placed.train
-                continue
-            rules[placed.method].append(placed.path)
-            values[placed.path] = placed.train
+            else:
+                rules[placed.method].append(placed.path)
+                values[placed.path] = placed.train
             if placed.base is not None:
                 bases[placed.path] = placed.base
             if placed.bias is not None:
