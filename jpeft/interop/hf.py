@@ -37,7 +37,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from safetensors import SafetensorError
-from safetensors.numpy import load_file, save_file
+from safetensors.flax import load_file as load_flax_file
+from safetensors.numpy import save_file
 
 from jpeft.adapter import Adapter, is_adapter
 from jpeft.checkpoint import atomic_write
@@ -367,10 +368,16 @@ def read_folder(directory: str) -> tuple[dict, dict[str, np.ndarray]]:
     except json.JSONDecodeError as e:
         raise SpecError(f"{directory}/{CONFIG}: not valid JSON ({e})") from None
     config = check_config(config, directory, TABLES, CHECKS)
-    try:
-        tensors = load_file(os.path.join(directory, WEIGHTS))
+    try:   # the flax loader reads bfloat16 (PEFT saves in the model's dtype); numpy's does not
+        loaded = load_flax_file(os.path.join(directory, WEIGHTS))
     except (SafetensorError, OSError, ValueError) as e:
         raise SpecError(f"{directory}/{WEIGHTS}: not a readable safetensors file ({e})") from None
+    tensors = {}
+    for key, value in loaded.items():
+        if not jnp.issubdtype(value.dtype, jnp.floating):
+            raise SpecError(f"{directory}: tensor {key!r} has dtype {value.dtype}; expected a floating-point dtype")
+        # half-precision files are widened (exactly) to float32; the leaves get their own dtype on placement
+        tensors[key] = np.asarray(value, np.float32 if value.dtype.itemsize < 4 else value.dtype)
     return config, tensors
 
 
@@ -388,8 +395,6 @@ def _parse(directory: str, tensors: dict, row: MethodRow | None) -> tuple[dict[s
         if match is None:
             raise SpecError(f"{directory}: tensor {key!r} is not a PEFT LoRA tensor name "
                             f"({PREFIX}<module>.lora_A.weight, ...); refusing to drop it")
-        if not np.issubdtype(value.dtype, np.floating):
-            raise SpecError(f"{directory}: tensor {key!r} has dtype {value.dtype}; expected a floating-point dtype")
         out[match["module"]][match["kind"]] = value
     missing = sorted(k for k, (field, _, _) in (row.shared if row else {}).items() if field not in shared)
     if missing:

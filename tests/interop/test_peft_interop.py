@@ -275,6 +275,19 @@ def test_bad_folders_are_refused_naming_the_problem(row, folder, tmp_path):
         import_peft(str(directory), KINDS["llama"][0], modules=KINDS["llama"][1])
 
 
+def test_a_bfloat16_folder_imports_its_exact_values(folder, tmp_path):
+    """PEFT saves adapters in the model's dtype; bfloat16 factors import exactly (widened)."""
+    directory = tmp_path / "bf16"
+    shutil.copytree(folder, directory)
+    from safetensors.torch import load_file as torch_load, save_file as torch_save
+
+    original = torch_load(str(directory / "adapter_model.safetensors"))
+    torch_save({k: v.to(torch.bfloat16) for k, v in original.items()}, str(directory / "adapter_model.safetensors"))
+    tree, _ = import_peft(str(directory), KINDS["llama"][0], modules=KINDS["llama"][1])
+    want = original[f"{Q1}.lora_A.weight"].to(torch.bfloat16).float().numpy().T
+    np.testing.assert_array_equal(np.asarray(tree["layers_1"]["self_attn"]["q_proj"]["kernel"].train["a"]), want)
+
+
 def test_exports_peft_would_load_without_effect_are_refused(tmp_path):
     params, modules = KINDS["llama"][:2]
     spec = jpeft.Spec({LL_QV: jpeft.LoRA(rank=4)})
