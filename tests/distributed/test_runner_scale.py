@@ -170,7 +170,7 @@ def test_non_writers_write_nothing(tmp_path, monkeypatch, capsys):
     (["--mesh=data=2,fsdp=2,tensor=2"], "on XLA:CPU a mesh with data, fsdp and tensor all > 1"),
     (["--method=hd_pissa", "--mesh=data=4,fsdp=2"], "runs on the data axis only"),
     (["--method=hd_pissa", '--method_options={"devices": 4}'], "devices=4: .* data axis, which has 8 devices"),
-    (["--method=hd_pissa", "--export_hf=x"], "--export_hf with --method=hd_pissa: HF PEFT export needs one LoRA"),
+    (["--method=hd_pissa", "--export_hf=x"], "--export_hf with --method=hd_pissa: HF PEFT export needs one of LoRA, DoRA"),
 ])
 def test_bad_meshes_and_batches_are_refused_before_anything_loads(args, message, tmp_path, monkeypatch):
     monkeypatch.setattr(finetune, "load_model", lambda *a, **k: pytest.fail("the model was loaded"))
