@@ -35,68 +35,68 @@ class Key:
     default: Any = None      # PEFT's default: written on export; for "refused", the accepted inert value
 
 
-def _h(why, default=None):
+def honoured(why, default=None) -> Key:
     return Key("honoured", why, default)
 
 
-def _i(why, default=None):
+def irrelevant(why, default=None) -> Key:
     return Key("irrelevant", why, default)
 
 
-def _r(why, default=None):
+def refused(why, default=None) -> Key:
     return Key("refused", why, default)
 
 
 _CONVERTED = "save it with PEFT's `path_initial_model_for_weight_conversion` (a plain LoRA of rank 2r) and import that"
 
 LORA_KEYS: dict[str, Key] = {
-    "task_type": _h(f"one of {TASK_TYPES}; SEQ_CLS puts the classifier head in modules_to_save"),
-    "peft_type": _h("LORA"),
-    "auto_mapping": _i("the transformers class PEFT wrapped; jpeft's caller passes the model"),
-    "peft_version": _i("informational"),
-    "base_model_name_or_path": _i("where PEFT fetches the base; jpeft's caller passes the base (written on export "
+    "task_type": honoured(f"one of {TASK_TYPES}; SEQ_CLS puts the classifier head in modules_to_save"),
+    "peft_type": honoured("LORA"),
+    "auto_mapping": irrelevant("the transformers class PEFT wrapped; jpeft's caller passes the model"),
+    "peft_version": irrelevant("informational"),
+    "base_model_name_or_path": irrelevant("where PEFT fetches the base; jpeft's caller passes the base (written on export "
                                   "when given)"),
-    "revision": _i("a hub revision of the base model; jpeft's caller passes the base"),
-    "inference_mode": _i("PEFT's requires_grad switch; in jpeft what trains is `jpeft.split`'s choice", True),
-    "r": _h("the rank (checked against every module's tensors)", 8),
-    "target_modules": _h("checked: every module it selects in the model has its tensors in the file"),
-    "exclude_modules": _h("part of the target check"),
-    "lora_alpha": _h("the scale's alpha", 8),
-    "lora_dropout": _h("the adapter-branch dropout (jpeft.LoRA(dropout=...))", 0.0),
-    "fan_in_fan_out": _h("GPT-2-style Conv1D weights stored (in, out): the ModuleMap's `conv1d` says which modules "
+    "revision": irrelevant("a hub revision of the base model; jpeft's caller passes the base"),
+    "inference_mode": irrelevant("PEFT's requires_grad switch; in jpeft what trains is `jpeft.split`'s choice", True),
+    "r": honoured("the rank (checked against every module's tensors)", 8),
+    "target_modules": honoured("checked: every module it selects in the model has its tensors in the file"),
+    "exclude_modules": honoured("part of the target check"),
+    "lora_alpha": honoured("the scale's alpha", 8),
+    "lora_dropout": honoured("the adapter-branch dropout (jpeft.LoRA(dropout=...))", 0.0),
+    "fan_in_fan_out": honoured("GPT-2-style Conv1D weights stored (in, out): the ModuleMap's `conv1d` says which modules "
                          "they are (PEFT corrects the flag per module type likewise); written true when a target is one",
                          False),
-    "bias": _h(f"one of {BIAS}: the saved biases become jpeft.Full leaves", "none"),
-    "use_rslora": _h("the α/√r scale", False),
-    "modules_to_save": _h("whole modules trained and saved: jpeft.Full leaves"),
-    "init_lora_weights": _h(f"{PLAIN_INITS} load as saved; {RERUN_INITS} re-run the init on the original base "
+    "bias": honoured(f"one of {BIAS}: the saved biases become jpeft.Full leaves", "none"),
+    "use_rslora": honoured("the α/√r scale", False),
+    "modules_to_save": honoured("whole modules trained and saved: jpeft.Full leaves"),
+    "init_lora_weights": honoured(f"{PLAIN_INITS} load as saved; {RERUN_INITS} re-run the init on the original base "
                             "as PEFT does; the others are refused", True),
-    "layers_to_transform": _h("part of the target check"),
-    "layers_pattern": _h("part of the target check"),
-    "rank_pattern": _h("per-module ranks (one jpeft Spec rule per rank and alpha)", {}),
-    "alpha_pattern": _h("per-module alphas", {}),
-    "megatron_config": _r("Megatron tensor-parallel layers"),
-    "megatron_core": _i("the Megatron module name, used only with megatron_config", "megatron.core"),
-    "trainable_token_indices": _r("trainable token rows of an embedding (PEFT's TrainableTokens)"),
-    "loftq_config": _r(f"LoftQ's base is torch's quantiser output; {_CONVERTED}", {}),
-    "eva_config": _i("EVA's init options: the saved factors apply to the untouched base"),
-    "corda_config": _r(f"CorDA rewrites the base from calibration data; {_CONVERTED}"),
-    "lora_ga_config": _r(f"LoRA-GA rewrites the base from gradients; {_CONVERTED}"),
-    "use_dora": _h("DoRA (jpeft.DoRA)", False),
-    "velora_config": _r("VeLoRA's compressed activations"),
-    "alora_invocation_tokens": _r("activated LoRA (input-dependent activation)"),
-    "use_qalora": _r("QA-LoRA's pooled inputs", False),
-    "qalora_group_size": _i("used only with use_qalora", 16),
-    "monteclora_config": _r("MonteCLoRA's stochastic factors"),
-    "layer_replication": _r("PEFT's layer replication (the model's depth changes)"),
-    "runtime_config": _i("PEFT runtime options (GPU offload); PEFT does not save it"),
-    "lora_bias": _h("the bias on lora_B: folded into the module's bias, a jpeft.Full leaf", False),
-    "target_parameters": _h("LoRA on raw 3-D parameters (MoE expert stacks `<module>.<parameter>`): one adapter "
+    "layers_to_transform": honoured("part of the target check"),
+    "layers_pattern": honoured("part of the target check"),
+    "rank_pattern": honoured("per-module ranks (one jpeft Spec rule per rank and alpha)", {}),
+    "alpha_pattern": honoured("per-module alphas", {}),
+    "megatron_config": refused("Megatron tensor-parallel layers"),
+    "megatron_core": irrelevant("the Megatron module name, used only with megatron_config", "megatron.core"),
+    "trainable_token_indices": refused("trainable token rows of an embedding (PEFT's TrainableTokens)"),
+    "loftq_config": refused(f"LoftQ's base is torch's quantiser output; {_CONVERTED}", {}),
+    "eva_config": irrelevant("EVA's init options: the saved factors apply to the untouched base"),
+    "corda_config": refused(f"CorDA rewrites the base from calibration data; {_CONVERTED}"),
+    "lora_ga_config": refused(f"LoRA-GA rewrites the base from gradients; {_CONVERTED}"),
+    "use_dora": honoured("DoRA (jpeft.DoRA)", False),
+    "velora_config": refused("VeLoRA's compressed activations"),
+    "alora_invocation_tokens": refused("activated LoRA (input-dependent activation)"),
+    "use_qalora": refused("QA-LoRA's pooled inputs", False),
+    "qalora_group_size": irrelevant("used only with use_qalora", 16),
+    "monteclora_config": refused("MonteCLoRA's stochastic factors"),
+    "layer_replication": refused("PEFT's layer replication (the model's depth changes)"),
+    "runtime_config": irrelevant("PEFT runtime options (GPU offload); PEFT does not save it"),
+    "lora_bias": honoured("the bias on lora_B: folded into the module's bias, a jpeft.Full leaf", False),
+    "target_parameters": honoured("LoRA on raw 3-D parameters (MoE expert stacks `<module>.<parameter>`): one adapter "
                             "per expert through jpeft.View(inputs=(1,), outputs=(2,), batch=(0,))"),
-    "use_bdlora": _r("block-diagonal LoRA"),
-    "arrow_config": _r("Arrow routing over several adapters"),
-    "kasa_config": _r("PEFT's KaSA layer (jpeft's `kasa` method has its own files)"),
-    "ensure_weight_tying": _r("tied adapters on tied embeddings", False),
+    "use_bdlora": refused("block-diagonal LoRA"),
+    "arrow_config": refused("Arrow routing over several adapters"),
+    "kasa_config": refused("PEFT's KaSA layer (jpeft's `kasa` method has its own files)"),
+    "ensure_weight_tying": refused("tied adapters on tied embeddings", False),
 }
 
 

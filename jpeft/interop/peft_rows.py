@@ -17,7 +17,7 @@ from typing import Any, Callable
 import numpy as np
 
 from jpeft.adapter import Adapter
-from jpeft.interop.peft_config import LORA_CHECKS, LORA_KEYS, Key, is_int, is_number
+from jpeft.interop.peft_config import LORA_CHECKS, LORA_KEYS, Key, honoured, irrelevant, is_int, is_number, refused
 from jpeft.methods.adaptive import AdaLoRA
 from jpeft.methods.bank import RandLoRA, VBLoRA
 from jpeft.methods.block import GraLoRA
@@ -51,18 +51,6 @@ class MethodRow:
     @property
     def kinds(self) -> tuple[str, ...]:
         return self.required + self.optional + tuple(self.copies)
-
-
-def _h(why, default=None):
-    return Key("honoured", why, default)
-
-
-def _i(why, default=None):
-    return Key("irrelevant", why, default)
-
-
-def _r(why, default=None):
-    return Key("refused", why, default)
 
 
 def _shape(parts, kind, want):
@@ -122,20 +110,20 @@ def _adalora_config(m: AdaLoRA) -> dict:
 
 ADALORA_KEYS: dict[str, Key] = {   # `AdaLoraConfig` extends `LoraConfig`
     **LORA_KEYS,
-    "r": _i("AdaLoRA's rank is init_r", 8),
-    "rank_pattern": _h("the final allocation {module: [kept?] * init_r}; the saved tensors hold the kept triplets "
+    "r": irrelevant("AdaLoRA's rank is init_r", 8),
+    "rank_pattern": honoured("the final allocation {module: [kept?] * init_r}; the saved tensors hold the kept triplets "
                        "(the others import as zero triplets, masked)"),
-    "alpha_pattern": _r("per-module alphas (PEFT's AdaLoRA ignores them)", {}),
-    "use_dora": _r("DoRA (PEFT refuses it with AdaLoRA)", False),
-    "target_r": _h("AdaLoRA target_r", 8),
-    "init_r": _h("AdaLoRA init_r", 12),
-    "tinit": _h("AdaLoRA tinit", 0),
-    "tfinal": _h("AdaLoRA tfinal", 0),
-    "deltaT": _h("AdaLoRA delta_t", 1),
-    "beta1": _h("AdaLoRA beta1", 0.85),
-    "beta2": _h("AdaLoRA beta2", 0.85),
-    "orth_reg_weight": _h("AdaLoRA orth_reg_weight", 0.5),
-    "total_step": _h("AdaLoRA total_step"),
+    "alpha_pattern": refused("per-module alphas (PEFT's AdaLoRA ignores them)", {}),
+    "use_dora": refused("DoRA (PEFT refuses it with AdaLoRA)", False),
+    "target_r": honoured("AdaLoRA target_r", 8),
+    "init_r": honoured("AdaLoRA init_r", 12),
+    "tinit": honoured("AdaLoRA tinit", 0),
+    "tfinal": honoured("AdaLoRA tfinal", 0),
+    "deltaT": honoured("AdaLoRA delta_t", 1),
+    "beta1": honoured("AdaLoRA beta1", 0.85),
+    "beta2": honoured("AdaLoRA beta2", 0.85),
+    "orth_reg_weight": honoured("AdaLoRA orth_reg_weight", 0.5),
+    "total_step": honoured("AdaLoRA total_step"),
 }
 
 _ADALORA_CHECKS = {
@@ -165,8 +153,6 @@ def _gralora_read(parts, config, shape, module):
     """`gralora_A` (k, in/k, r) = a and `gralora_B` (k, r, out/k) = b (jpeft keeps PEFT's layout);
     the hybrid branch `gralora_A_general.weight` (r_h, in) = haᵀ, `gralora_B_general.weight`
     (out, r_h) = hbᵀ."""
-    if config["gralora_dropout"]:
-        raise ValueError(f"gralora_dropout={config['gralora_dropout']!r}: jpeft.GraLoRA has no dropout")
     (n, m), r, k, hr = shape, config["r"], config["gralora_k"], config["hybrid_r"]
     if n % k or m % k:
         raise ValueError(f"gralora_k={k} must divide in={n} and out={m}")
@@ -202,12 +188,12 @@ _COMMON = ("task_type", "peft_type", "auto_mapping", "peft_version", "base_model
            "layers_pattern")
 GRALORA_KEYS: dict[str, Key] = {
     **{k: LORA_KEYS[k] for k in _COMMON},
-    "r": _h("GraLoRA rank", 32),
-    "hybrid_r": _h("GraLoRA hybrid_rank", 0),
-    "alpha": _h("GraLoRA alpha", 64),
-    "gralora_dropout": _r("adapter dropout (jpeft.GraLoRA has none)", 0.0),
-    "gralora_k": _h("GraLoRA k", 2),
-    "init_weights": _i("the saved factors carry the values; the init does not touch the base", True),
+    "r": honoured("GraLoRA rank", 32),
+    "hybrid_r": honoured("GraLoRA hybrid_rank", 0),
+    "alpha": honoured("GraLoRA alpha", 64),
+    "gralora_dropout": refused("adapter dropout (jpeft.GraLoRA has none)", 0.0),
+    "gralora_k": honoured("GraLoRA k", 2),
+    "init_weights": irrelevant("the saved factors carry the values; the init does not touch the base", True),
 }
 _GRALORA_CHECKS = {
     "hybrid_r": (lambda v: is_int(v) and v >= 0, "an integer >= 0"),
@@ -221,8 +207,6 @@ _GRALORA_CHECKS = {
 def _vblora_read(parts, config, shape, module):
     """`vblora_logits_A` (r, in/b, h) and `vblora_logits_B` (out/b, r, h): jpeft keeps PEFT's
     layout; the bank `base_model.vblora_vector_bank` (h, b) is the shared state."""
-    if config["vblora_dropout"]:
-        raise ValueError(f"vblora_dropout={config['vblora_dropout']!r}: jpeft.VBLoRA has no dropout")
     (n, m), r, h, b = shape, config["r"], config["num_vectors"], config["vector_length"]
     if n % b or m % b:
         raise ValueError(f"vector_length={b} must divide in={n} and out={m}")
@@ -245,14 +229,14 @@ def _vblora_config(m: VBLoRA) -> dict:
 
 VBLORA_KEYS: dict[str, Key] = {
     **{k: LORA_KEYS[k] for k in _COMMON + ("exclude_modules",)},
-    "r": _h("VB-LoRA rank", 4),
-    "num_vectors": _h("VB-LoRA num_vectors (the bank's rows)", 256),
-    "vector_length": _h("VB-LoRA vector_length", 256),
-    "topk": _h("VB-LoRA topk", 2),
-    "save_only_topk_weights": _r("the top-k-only save (inference only; jpeft.methods.bank.vblora_topk_export)", False),
-    "vblora_dropout": _r("adapter dropout (jpeft.VBLoRA has none)", 0.0),
-    "init_vector_bank_bound": _h("VB-LoRA init_bank_bound", 0.02),
-    "init_logits_std": _h("VB-LoRA init_logits_std", 0.1),
+    "r": honoured("VB-LoRA rank", 4),
+    "num_vectors": honoured("VB-LoRA num_vectors (the bank's rows)", 256),
+    "vector_length": honoured("VB-LoRA vector_length", 256),
+    "topk": honoured("VB-LoRA topk", 2),
+    "save_only_topk_weights": refused("the top-k-only save (inference only; jpeft.methods.bank.vblora_topk_export)", False),
+    "vblora_dropout": refused("adapter dropout (jpeft.VBLoRA has none)", 0.0),
+    "init_vector_bank_bound": honoured("VB-LoRA init_bank_bound", 0.02),
+    "init_logits_std": honoured("VB-LoRA init_logits_std", 0.1),
 }
 _VBLORA_CHECKS = {k: (lambda v: is_int(v) and v > 0, "a positive integer")
                   for k in ("num_vectors", "vector_length", "topk")}
@@ -264,8 +248,6 @@ def _randlora_read(parts, config, shape, module):
     """`randlora_lambda` (r, N) = λ and `randlora_gamma` (N, d) = γ; the frozen bases are
     model-wide (`base_model.randlora_A` (r, 1, d_max): A, `base_model.randlora_B`
     (D_max, N_max, r): B)."""
-    if config["randlora_dropout"]:
-        raise ValueError(f"randlora_dropout={config['randlora_dropout']!r}: jpeft.RandLoRA has no dropout")
     r, d = config["r"], min(shape)
     nb = -(-d // r)
     _shape(parts, "randlora_lambda", (r, nb))
@@ -286,16 +268,16 @@ def _randlora_config(m: RandLoRA) -> dict:
 
 RANDLORA_KEYS: dict[str, Key] = {
     **{k: LORA_KEYS[k] for k in _COMMON},
-    "r": _h("RandLoRA rank", 32),
-    "projection_prng_key": _i("the seed of PEFT's torch-generated bases; the file carries the bases "
+    "r": honoured("RandLoRA rank", 32),
+    "projection_prng_key": irrelevant("the seed of PEFT's torch-generated bases; the file carries the bases "
                               "(save_projection)", 0),
-    "save_projection": _r("a file without the random bases (PEFT regenerates them with torch's generator, which "
+    "save_projection": refused("a file without the random bases (PEFT regenerates them with torch's generator, which "
                           "jpeft does not reproduce); save with save_projection=True", True),
-    "sparse": _h("RandLoRA basis='sparse'", False),
-    "very_sparse": _h("RandLoRA basis='very_sparse'", False),
-    "randlora_dropout": _r("adapter dropout (jpeft.RandLoRA has none)", 0.0),
-    "randlora_alpha": _h("RandLoRA alpha", 640),
-    "init_weights": _i("the saved λ, γ carry the values; the init does not touch the base", True),
+    "sparse": honoured("RandLoRA basis='sparse'", False),
+    "very_sparse": honoured("RandLoRA basis='very_sparse'", False),
+    "randlora_dropout": refused("adapter dropout (jpeft.RandLoRA has none)", 0.0),
+    "randlora_alpha": honoured("RandLoRA alpha", 640),
+    "init_weights": irrelevant("the saved λ, γ carry the values; the init does not touch the base", True),
 }
 _RANDLORA_CHECKS = {"randlora_alpha": (is_number, "a number"),
                     "sparse": (lambda v: isinstance(v, bool), "true or false"),

@@ -216,10 +216,12 @@ def _shapes(config: BertConfig, num_labels: int | None) -> dict[str, jax.ShapeDt
 _BUFFERS = re.compile(r"(bert\.)?embeddings\.(position_ids|token_type_ids)")
 
 
-def params_from_hf(state: dict, config: BertConfig, num_labels: int | None = None) -> dict:
+def params_from_hf(state: dict, config: BertConfig, num_labels: int | None = None, *,
+                   ignore_unused: bool = False) -> dict:
     """`Bert(config)` params from a transformers `BertModel` state dict, or with `num_labels`
     `BertClassifier(config, num_labels)` params from a `BertForSequenceClassification` one. Every
-    parameter must be present and every key used (position-id buffers aside)."""
+    parameter must be present and every key used (position-id buffers aside) unless
+    `ignore_unused`."""
     flat, used = {}, set()
     for path, shape in _shapes(config, num_labels).items():
         name = hf_name(path)
@@ -232,7 +234,7 @@ def params_from_hf(state: dict, config: BertConfig, num_labels: int | None = Non
         flat[path] = jnp.asarray(w)
         used.add(name)
     extra = sorted(k for k in set(state) - used if not _BUFFERS.fullmatch(k))
-    if extra:
+    if extra and not ignore_unused:
         raise ValueError(f"state-dict keys this config has no parameter for: {extra[:5]}")
     return traverse_util.unflatten_dict(flat, sep="/")
 
@@ -240,8 +242,7 @@ def params_from_hf(state: dict, config: BertConfig, num_labels: int | None = Non
 def bert_params_from_hf(state: dict, config: BertConfig) -> dict:
     """`Bert(config)` params from a transformers `BertModel` state dict of numpy arrays (keys
     outside the encoder, e.g. a checkpoint's MLM head, are ignored)."""
-    names = {hf_name(p) for p in _shapes(config, None)}
-    return params_from_hf({k: v for k, v in state.items() if k in names}, config)
+    return params_from_hf(state, config, ignore_unused=True)
 
 
 def to_hf_state_dict(params: Any) -> dict[str, np.ndarray]:

@@ -198,7 +198,8 @@ def from_hf_state_dict(state: dict[str, Any], config: LlamaConfig) -> dict:
         w = state[name].T if path.endswith("/kernel") else state[name]
         if w.shape != shape.shape:
             raise ValueError(f"{name} has shape {state[name].shape}; {path} needs {shape.shape} (in Flax layout)")
-        flat[path], used = jnp.asarray(w, shape.dtype), used | {name}
+        flat[path] = jnp.asarray(w, shape.dtype)
+        used.add(name)
     if config.tie_embeddings and "lm_head.weight" in state:
         if not np.array_equal(state["lm_head.weight"], state["model.embed_tokens.weight"]):
             raise ValueError("lm_head.weight differs from model.embed_tokens.weight, but the config ties them")

@@ -100,15 +100,22 @@ def _stacked_forward(params, x):
     return x
 
 
+STACKED_VIEWS = {r"layers/q/kernel": jpeft.View(inputs=(1,), outputs=(2, 3), batch=(0,)),
+                 r"layers/o/kernel": jpeft.View(inputs=(1, 2), outputs=(3,), batch=(0,))}
+
+
+def _stacked_params(model: "StackedTorch") -> dict:
+    """`model`'s weights in `_stacked_forward`'s layout (one `(3, ...)` stack per projection)."""
+    return {"layers": {
+        "q": {"kernel": jnp.stack([jnp.asarray(l["q"].weight.detach().numpy().T).reshape(8, 2, 4) for l in model.layers])},
+        "o": {"kernel": jnp.stack([jnp.asarray(l["o"].weight.detach().numpy().T).reshape(2, 4, 8) for l in model.layers])}}}
+
+
 @pytest.mark.parametrize("name", ["lora", "dora", "pissa"])
 def test_export_of_viewed_stacked_kernels_loads_in_peft_with_the_same_outputs(name, tmp_path):
     torch.manual_seed(0)
     model = StackedTorch()
-    params = {"layers": {
-        "q": {"kernel": jnp.stack([jnp.asarray(l["q"].weight.detach().numpy().T).reshape(8, 2, 4) for l in model.layers])},
-        "o": {"kernel": jnp.stack([jnp.asarray(l["o"].weight.detach().numpy().T).reshape(2, 4, 8) for l in model.layers])}}}
-    views = {r"layers/q/kernel": jpeft.View(inputs=(1,), outputs=(2, 3), batch=(0,)),
-             r"layers/o/kernel": jpeft.View(inputs=(1, 2), outputs=(3,), batch=(0,))}
+    params, views = _stacked_params(model), STACKED_VIEWS
     spec = jpeft.Spec({r"layers/(q|o)/kernel": METHODS[name]}, views=views)
     tree = trained_like(jpeft.init(jax.random.PRNGKey(0), params, spec))
     export_peft(str(tmp_path / "adapter"), tree, spec)
@@ -129,11 +136,7 @@ def test_export_of_viewed_stacked_kernels_loads_in_peft_with_the_same_outputs(na
 def test_peft_adapter_imports_onto_viewed_stacked_kernels(extra, tmp_path):
     torch.manual_seed(0)
     model = StackedTorch()
-    params = {"layers": {
-        "q": {"kernel": jnp.stack([jnp.asarray(l["q"].weight.detach().numpy().T).reshape(8, 2, 4) for l in model.layers])},
-        "o": {"kernel": jnp.stack([jnp.asarray(l["o"].weight.detach().numpy().T).reshape(2, 4, 8) for l in model.layers])}}}
-    views = {r"layers/q/kernel": jpeft.View(inputs=(1,), outputs=(2, 3), batch=(0,)),
-             r"layers/o/kernel": jpeft.View(inputs=(1, 2), outputs=(3,), batch=(0,))}
+    params, views = _stacked_params(model), STACKED_VIEWS
     peft_model = peft.get_peft_model(model, peft.LoraConfig(r=2, lora_alpha=4, target_modules=["q", "o"], **extra))
     gen = torch.Generator().manual_seed(1)
     with torch.no_grad():
