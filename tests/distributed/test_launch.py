@@ -22,12 +22,19 @@ def test_local_run_passes_flags_to_the_module():
 
 def test_two_processes_of_four_devices_psum_and_allgather_across_processes():
     results = run_multiprocess("launch.selftest", ["--scale=2"], num_processes=2, devices_per_process=4,
-                               cwd=ROOT, timeout=120)
+                               cwd=ROOT, timeout=300)
     for r in results:
         assert r.returncode == 0, r.output[-3000:]
     # 8 devices in all, device i holds 2·i: the psum is 2·28 on both processes
     assert "selftest ok process=0/2 devices=4/8 psum=56 allgather=[1, 11]" in results[0].output
     assert "selftest ok process=1/2 devices=4/8 psum=56 allgather=[1, 11]" in results[1].output
+
+
+def test_a_failing_module_fails_every_process_with_its_message():
+    results = run_multiprocess("launch.selftest", ["--scale=nope"], num_processes=2, devices_per_process=1,
+                               cwd=ROOT, timeout=300)
+    assert [r.returncode for r in results] == [1, 1]
+    assert all("--scale" in r.output for r in results)
 
 
 def test_process_env_replaces_the_device_count():
