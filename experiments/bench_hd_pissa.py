@@ -6,7 +6,8 @@ A stack of `layers` dense `dim×dim` layers (tanh between them) regresses a teac
 is adapted. Per method it reports the per-step wall time (median over interleaved rounds, so the
 ratio of two methods is measured in the same run), the bytes each device sends into collectives
 per step (operands of all-reduce / all-gather / reduce-scatter in the compiled HLO), what a ring
-implementation of those collectives sends per device, the collective count, and the step's FLOPs from `cost_analysis()`. On simulated CPU devices the
+implementation of those collectives sends per device, the collective count, and the step's FLOPs from
+`cost_analysis()`. On simulated CPU devices the
 collectives are memory copies: the byte counts, not the times, say what a real interconnect pays.
 """
 
@@ -29,6 +30,7 @@ from absl import app, flags  # noqa: E402
 import jpeft  # noqa: E402
 from jpeft import distributed  # noqa: E402
 from jpeft.methods.hd_pissa import HDPiSSA  # noqa: E402
+
 
 def define_flags() -> None:
     """The command-line flags (defined only when run as a program, so tests can import this module)."""
@@ -123,7 +125,8 @@ def main(argv):
         per_device = e["trainable"] // k if e["name"] == "hd_pissa" else e["trainable"]
         c = e["comm"]
         lines.append(f"| {e['name']} | {per_device:,} | {1e3 * t:.2f} | {t / ref:.2f}x | {c['total']:,} | {c['count']} "
-                     f"| {c['all-reduce']:,} | {c['all-gather']:,} | {ring_bytes(c, k):,.0f} | {e['flops'] / 1e9:.3f} |")
+                     f"| {c['all-reduce']:,} | {c['all-gather']:,} | {ring_bytes(c, k):,.0f} "
+                     f"| {e['flops'] / 1e9:.3f} |")
     print("\n".join(lines))
     os.makedirs(FLAGS.out_dir, exist_ok=True)
     with open(os.path.join(FLAGS.out_dir, "bench_hd_pissa.md"), "w") as f:

@@ -24,6 +24,7 @@ import os
 import re
 import statistics
 import time
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -64,12 +65,13 @@ PROJECTED = r".*/(self_attn|mlp)/\w+_proj/kernel"
 def llama_shapes(hidden: int, intermediate: int, layers: int, vocab: int, dtype=jnp.float32) -> dict:
     """Abstract parameters of an untied LLaMA in Flax kernel layout `(in, out)`."""
     sds = lambda *s: jax.ShapeDtypeStruct(s, dtype)  # noqa: E731
-    tree = {"embed": {"embedding": sds(vocab, hidden)}, "norm": {"scale": sds(hidden)},
+    tree: dict[str, Any] = {"embed": {"embedding": sds(vocab, hidden)}, "norm": {"scale": sds(hidden)},
             "lm_head": {"kernel": sds(hidden, vocab)}}
     for i in range(layers):
         tree[f"layers_{i}"] = {
             "self_attn": {f"{p}_proj": {"kernel": sds(hidden, hidden)} for p in "qkvo"},
-            "mlp": {"gate_proj": {"kernel": sds(hidden, intermediate)}, "up_proj": {"kernel": sds(hidden, intermediate)},
+            "mlp": {"gate_proj": {"kernel": sds(hidden, intermediate)},
+                    "up_proj": {"kernel": sds(hidden, intermediate)},
                     "down_proj": {"kernel": sds(intermediate, hidden)}},
             "input_norm": {"scale": sds(hidden)}, "post_norm": {"scale": sds(hidden)}}
     return tree
@@ -152,10 +154,10 @@ def refresh_section(rank: int, reps: int) -> str:
         g = jax.random.normal(key, (m, n), jnp.float32)
         side = jo.resolve_side("std", m, n)
         fits = {
-            "exact": jax.jit(lambda g, k: jo.SVDProjector(rank, side).fit(g, k)),
-            "randomized": jax.jit(lambda g, k: jo.SVDProjector(rank, side, method="randomized").fit(g, k)),
-            "dct_fft": jax.jit(lambda g, k: jo.DCTProjector(rank, side, mode="fft").fit_down(g, k)),
-            "dct_matmul": jax.jit(lambda g, k: jo.DCTProjector(rank, side, mode="matmul").fit_down(g, k)),
+            "exact": jax.jit(lambda g, k, side=side: jo.SVDProjector(rank, side).fit(g, k)),
+            "randomized": jax.jit(lambda g, k, side=side: jo.SVDProjector(rank, side, method="randomized").fit(g, k)),
+            "dct_fft": jax.jit(lambda g, k, side=side: jo.DCTProjector(rank, side, mode="fft").fit_down(g, k)),
+            "dct_matmul": jax.jit(lambda g, k, side=side: jo.DCTProjector(rank, side, mode="matmul").fit_down(g, k)),
         }
         t = {name: time_call(f, g, key, reps=reps) for name, f in fits.items()}
         base = t["exact"]
@@ -226,7 +228,7 @@ def step_section(rank, gap, lora_rank, rounds, per_round, batch, seq, only="") -
         print(f"  compiled {name} in {time.perf_counter() - t0:.1f}s", flush=True)
     gflops = {name: xla_figures(step, state)["gflops"] for name, (step, state, _, _) in configs.items()
               if not name.endswith(" [refresh]")}
-    samples = {name: [] for name in configs}
+    samples: dict[str, list[float]] = {name: [] for name in configs}
     for _ in range(rounds):
         for name, (step, _, _, _) in configs.items():
             t0 = time.perf_counter()

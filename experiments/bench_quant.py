@@ -28,9 +28,16 @@ import optax
 from absl import app, flags
 
 import jpeft
+from experiments.benchlib import (
+    TARGET,
+    define_workload_flags,
+    next_token_loss,
+    reference_setup,
+    train_step,
+    write_table,
+    xla_figures,
+)
 from jpeft.paths import leaves_with_paths
-from experiments.benchlib import TARGET, define_workload_flags, next_token_loss, reference_setup, train_step, \
-    write_table, xla_figures
 
 COLS = ["config", "frozen_mb", "opt_mb", "temp_mb", "peak_mb", "gflops"]
 ROWS = ("lora_fp32", "qlora_nf4", "lora_int8", "full", "qwix_qlora_nf4")

@@ -73,7 +73,8 @@ def figures(model, base, method: jpeft.Method, mesh, batch: int, seq: int, targe
     trainable, frozen = jpeft.split(params)
     layout = scale.Layout(mesh)
     run = jpeft.factored(model.apply, spec)
-    step = scale.make_step(lambda p, b: tasks.loss(LM, run({"params": p}, b["ids"]), b), spec, tx, mesh, layout, shardings)
+    step = scale.make_step(lambda p, b: tasks.loss(LM, run({"params": p}, b["ids"]), b), spec, tx, mesh, layout,
+                           shardings)
     rows = {"ids": jax.ShapeDtypeStruct((batch, seq), jnp.int32, sharding=layout.sharding),
             "mask": jax.ShapeDtypeStruct((batch, seq), jnp.float32, sharding=layout.sharding)}
     rep = scale.replicated(mesh)

@@ -39,6 +39,7 @@ from jpeft.methods import lowrank_sparse as lrs
 from jpeft.methods import sparse as sp
 from jpeft.models.llama import Llama, LlamaConfig
 
+
 def define_flags() -> None:
     """The command-line flags (defined only when run as a program, so tests can import this module)."""
     flags.DEFINE_integer("steps", 3, "timed steps per configuration (0: no timing)")

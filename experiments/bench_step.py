@@ -27,8 +27,17 @@ import optax
 from absl import app, flags
 
 import jpeft
-from experiments.benchlib import define_workload_flags, train_step, TARGET, jit_step, next_token_loss, reference_setup, write_table, xla_figures
+from experiments.benchlib import (
+    TARGET,
+    define_workload_flags,
+    next_token_loss,
+    reference_setup,
+    train_step,
+    write_table,
+    xla_figures,
+)
 from jpeft.models.llama import LlamaConfig
+
 
 def define_flags() -> None:
     """The command-line flags (defined only when run as a program, so tests can import this module)."""
@@ -106,7 +115,7 @@ def hf_configs(config: LlamaConfig, rank, batch, seq):
         vocab_size=config.vocab_size, hidden_size=config.hidden_size, intermediate_size=config.intermediate_size,
         num_hidden_layers=config.num_layers, num_attention_heads=config.num_heads,
         num_key_value_heads=config.num_kv_heads, tie_word_embeddings=config.tie_embeddings,
-        rope_theta=config.rope_theta, rms_norm_eps=config.rms_eps)
+        rope_parameters={"rope_type": "default", "rope_theta": config.rope_theta}, rms_norm_eps=config.rms_eps)
     ids = torch.randint(0, config.vocab_size, (batch, seq), generator=torch.Generator().manual_seed(0))
     targets = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 
@@ -114,7 +123,8 @@ def hf_configs(config: LlamaConfig, rank, batch, seq):
         torch.manual_seed(0)
         model = transformers.LlamaForCausalLM(hf_config)
         if lora is not None:
-            model = peft.get_peft_model(model, peft.LoraConfig(r=rank, lora_alpha=2 * rank, target_modules=targets, **lora))
+            model = peft.get_peft_model(model, peft.LoraConfig(r=rank, lora_alpha=2 * rank, target_modules=targets,
+                                                               **lora))
         opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4)
 
         def step():

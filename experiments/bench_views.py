@@ -29,7 +29,7 @@ import optax
 from absl import app, flags
 
 import jpeft
-from experiments.benchlib import define_workload_flags, train_step, jit_step, next_token_loss, write_table, xla_figures
+from experiments.benchlib import define_workload_flags, next_token_loss, train_step, write_table, xla_figures
 from jpeft.inspect import big_dependents, kernel_shapes
 
 VOCAB, HIDDEN, MLP, LAYERS, HEADS = 4096, 512, 1376, 4, 8
@@ -147,7 +147,7 @@ def table(batch, seq, rank, with_qwix):
     for variant in ("dg", "scan"):
         configs, shapes = rows_for(variant, batch, seq, rank, with_qwix)
         figures = {name: xla_figures(step, state) for name, (step, state, _) in configs.items()}
-        for name, (step, state, loss_fn) in configs.items():
+        for name, (_step, state, loss_fn) in configs.items():
             trainable, frozen, _ = state
             dense = "" if name == "full" else len(big_dependents(
                 jax.grad(loss_fn), (trainable, frozen), lambda p, leaf: p.split("/")[0] == "0", shapes=shapes))
@@ -195,7 +195,7 @@ def coverage(rank=4):
         tree = jpeft.init(jax.random.PRNGKey(1), params, spec)
         with warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always")
-            jax.eval_shape(lambda t: jpeft.factored(model.apply, spec)({"params": t}, ids), tree)
+            jax.eval_shape(lambda t, spec=spec: jpeft.factored(model.apply, spec)({"params": t}, ids), tree)
         fell_back = any("jpeft.factored" in str(w.message) for w in caught)
         rows.append({"layer": layer, "jpeft_lora": "materialised" if fell_back else "factored",
                      "qwix_lora": _qwix_covers(model, ids, prefix, rank)})

@@ -23,6 +23,7 @@ import jpeft
 from experiments.benchlib import TARGET, jit_step, next_token_loss, reference_setup, write_table, xla_figures
 from jpeft.registry import method_with_defaults
 
+
 def define_flags() -> None:
     """The command-line flags (defined only when run as a program, so tests can import this module)."""
     flags.DEFINE_list("methods", [], "registry names (default: all)")
@@ -48,7 +49,8 @@ def planted_problem(width: int = 512, seed: int = 0):
     ks = jax.random.split(jax.random.PRNGKey(seed), 5)
     w = jax.random.normal(ks[0], (width, width)) / width ** 0.5
     low_rank = jax.random.normal(ks[1], (width, 8)) @ jax.random.normal(ks[2], (8, width)) / width
-    sparse = jnp.where(jax.random.uniform(ks[3], (width, width)) < 0.01, 0.3 * jax.random.normal(ks[4], (width, width)), 0.0)
+    sparse = jnp.where(jax.random.uniform(ks[3], (width, width)) < 0.01,
+                       0.3 * jax.random.normal(ks[4], (width, width)), 0.0)
     x = jax.random.normal(jax.random.PRNGKey(seed + 1), (1024, width))
     return {"w": w}, x, x @ (w + low_rank + sparse)
 
@@ -73,6 +75,8 @@ def fit_ratio(method: jpeft.Method, steps: int) -> float:
     for i in range(1, steps + 1):
         trainable, frozen, opt_state, value = step(trainable, frozen, opt_state, i)
         first = float(value) if first is None else first
+    if first is None:
+        raise ValueError(f"steps={steps}: fit at least one step")
     return float(loss(jpeft.merge(jpeft.combine(trainable, frozen), spec))) / first
 
 

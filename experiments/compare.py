@@ -29,8 +29,8 @@ FLAGS = flags.FLAGS
 def compare(methods: list[str]) -> list[dict]:
     rows = []
     for name in methods:
-        FLAGS.method = name
-        FLAGS.out_dir = os.path.join(FLAGS.compare_dir, name)
+        FLAGS.method = name  # type: ignore[assignment]  # absl types FlagValues.__setattr__ with an unbound TypeVar
+        FLAGS.out_dir = os.path.join(FLAGS.compare_dir, name)  # type: ignore[assignment]  # (the same)
         out = finetune.train()
         row = {"method": name, "trainable": out["trainable"], "step_s": out["step_s"], "peak_mb": out["peak_mb"]}
         for when in ("before", "after"):

@@ -8,7 +8,8 @@
 
 Prints the trainable-parameter count, the task metric before and after (exact-match accuracy for
 arithmetic, perplexity for Shakespeare, test accuracy for the fortunes topic classifier) and, for
-the LMs, the Shakespeare perplexity as a forgetting probe, with a progress bar; writes metrics.csv, TensorBoard events and curves.png to --out_dir.
+the LMs, the Shakespeare perplexity as a forgetting probe, with a progress bar; writes metrics.csv,
+TensorBoard events and curves.png to --out_dir.
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ import math
 import os
 import statistics
 import time
+from typing import TYPE_CHECKING, cast
 
 import jax
 import jax.numpy as jnp
@@ -29,11 +31,14 @@ from tqdm import tqdm
 
 import jpeft
 from experiments import scale, tasks
-from experiments.runlog import RunLog
+from experiments.runlog import RunLog, quiet_library_logs
 from jpeft.checkpoint import CheckpointError, TrainCheckpointer
 from jpeft.paths import leaves_with_paths
 from jpeft.registry import method_with_defaults
 from jpeft.registry import options as options_of
+
+if TYPE_CHECKING:
+    from tokenizers import Tokenizer
 
 QUANT_CONFIGS = {"none": None, "nf4": jpeft.quant.nf4(), "int8": jpeft.quant.int8()}   # --quantize
 
@@ -88,7 +93,7 @@ class ByteTokenizer:
     class Encoding:
         ids: list
 
-    def encode(self, text: str) -> "ByteTokenizer.Encoding":
+    def encode(self, text: str) -> ByteTokenizer.Encoding:
         return self.Encoding(list(text.encode("utf-8")))
 
 
@@ -99,10 +104,13 @@ def load_model(name: str, num_labels: int | None = None):
     if name == "minilm":
         from jpeft.models.bert import BertClassifier, init_classifier, load_minilm
 
-        config, encoder, tokenizer = load_minilm()
-        model = BertClassifier(config, num_labels, pooling="mean")
-        return model, init_classifier(jax.random.PRNGKey(0), model, encoder), tokenizer
+        if num_labels is None:
+            raise ValueError("load_model('minilm') needs num_labels (its classifier head is freshly initialised)")
+        bert_config, encoder, bert_tokenizer = load_minilm()
+        model = BertClassifier(bert_config, num_labels, pooling="mean")
+        return model, init_classifier(jax.random.PRNGKey(0), model, encoder), bert_tokenizer
 
+    tokenizer: Tokenizer | ByteTokenizer
     if name == "smollm2_135m":
         from jpeft.models.gguf_loader import load_smollm2
 
@@ -199,7 +207,8 @@ def train() -> dict:
                "does not take a quantised base (docs/quant.md lists those that do)")
         raise app.UsageError(f"--quantize={FLAGS.quantize} with --method={FLAGS.method}: {method!r} {why}")
     if FLAGS.quantize != "none" and FLAGS.export_hf and method.rewrites_base:
-        raise app.UsageError(f"--export_hf with --quantize={FLAGS.quantize} and init={method.init!r}: the exported "
+        init = cast(jpeft.LoRA, method).init  # only the LoRA family takes a quantised base (checked above)
+        raise app.UsageError(f"--export_hf with --quantize={FLAGS.quantize} and init={init!r}: the exported "
                              "adapter would assume the full-precision residual base, which this run quantised")
     rules = {FLAGS.target or TARGETS[FLAGS.model]: method}
     if classifier:
@@ -274,8 +283,9 @@ def _train(mesh, layout, spec, task, classifier, ckpt, writer, say) -> dict:
 
     run = jpeft.factored(model.apply, spec)
 
-    step = scale.make_step(lambda params, batch: tasks.loss(task, run({"params": params}, *tasks.model_inputs(task, batch)),
-                                                      batch), spec, tx, mesh, layout, shardings)
+    step = scale.make_step(lambda params, batch: tasks.loss(task, run({"params": params},
+                                                                      *tasks.model_inputs(task, batch)), batch),
+                           spec, tx, mesh, layout, shardings)
     scalar = lambda x: scale.put(np.asarray(x), rep)  # noqa: E731  (the same on every process)
     compiled = step.lower(trainable, frozen, opt_state, layout.put(train_ds[0]), scalar(np.int32(1)),
                           scalar(rng)).compile()
@@ -342,6 +352,7 @@ def _train(mesh, layout, spec, task, classifier, ckpt, writer, say) -> dict:
 
 def main(argv):
     del argv
+    quiet_library_logs()
     train()  # app.run exits with main's return value: return nothing
 
 

@@ -8,10 +8,18 @@ import os
 import time
 
 import matplotlib
+from absl import flags, logging
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 from tensorboardX import SummaryWriter  # noqa: E402
+
+
+def quiet_library_logs() -> None:
+    """Let a run show its own progress and results: absl's INFO lines (JAX's backend probing,
+    TFDS's dataset messages) are hidden unless `--verbosity` / `-v` is given."""
+    if not flags.FLAGS["verbosity"].present:
+        logging.set_verbosity(logging.WARNING)
 
 
 class RunLog:

@@ -17,7 +17,8 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from typing import Any
+from collections.abc import Mapping
+from typing import Any, cast
 
 import jax
 import numpy as np
@@ -109,7 +110,8 @@ class Layout:
 
     def rows(self, batch: int) -> tuple[int, int]:
         """This process's rows `[start, stop)` of a global batch of `batch` rows."""
-        index = self.sharding.addressable_devices_indices_map((batch,))
+        # never None: it is `devices_indices_map` restricted to this process's devices
+        index = cast(Mapping[Any, tuple[slice, ...]], self.sharding.addressable_devices_indices_map((batch,)))
         spans = sorted({(s[0].start or 0, batch if s[0].stop is None else s[0].stop) for s in index.values()})
         start, stop = spans[0][0], spans[-1][1]
         if sum(b - a for a, b in spans) != stop - start:
@@ -171,8 +173,8 @@ def state_shardings(params, base, spec: jpeft.Spec, tx: optax.GradientTransforma
     if any(m.per_device_leading for _, m in spec.rules):
         shardings = jpeft.distributed.hd_pissa_shardings(params, mesh, axis="data")
     else:
-        shardings = jpeft.sharding.adapter_shardings(params, jpeft.sharding.fsdp_specs(base, mesh, "fsdp", tensor="tensor"),
-                                                     mesh)
+        shardings = jpeft.sharding.adapter_shardings(
+            params, jpeft.sharding.fsdp_specs(base, mesh, "fsdp", tensor="tensor"), mesh)
     train_sh, frozen_sh = jpeft.split(shardings)
     return train_sh, frozen_sh, jpeft.sharding.opt_state_shardings(jax.eval_shape(tx.init, jpeft.split(params)[0]),
                                                                    train_sh, mesh)

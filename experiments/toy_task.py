@@ -17,7 +17,8 @@ def teachers(seed: int = 0):
     w1 = jax.random.normal(ks[0], (IN, HIDDEN)) / IN ** 0.5
     w2 = jax.random.normal(ks[1], (HIDDEN, HIDDEN)) / HIDDEN ** 0.5
     w3 = jax.random.normal(ks[2], (HIDDEN, OUT)) / HIDDEN ** 0.5
-    shift = 4.0 * jax.random.normal(ks[3], (HIDDEN, SHIFT_RANK)) @ jax.random.normal(ks[4], (SHIFT_RANK, HIDDEN)) / HIDDEN
+    shift = (4.0 * jax.random.normal(ks[3], (HIDDEN, SHIFT_RANK)) @ jax.random.normal(ks[4], (SHIFT_RANK, HIDDEN))
+             / HIDDEN)
 
     def teacher(w_mid):
         return lambda x: jnp.tanh(jnp.tanh(x @ w1) @ w_mid) @ w3

@@ -8,6 +8,8 @@
 See docs/DESIGN.md for the contract and docs/METHODS.md for the formulas.
 """
 
+from jpeft import optim as optim  # `import jpeft` makes `jpeft.optim` available, as optax.contrib
+from jpeft import quant  # configs nf4 / fp4 / int8 / int4, NF4_CODE, QTensor
 from jpeft.adapter import Adapter, is_adapter
 from jpeft.compact import compact  # the function; the module stays importable as jpeft.compact
 from jpeft.core import ParamCount, apply, check_fits, combine, count, init, labels, merge, split
@@ -15,15 +17,14 @@ from jpeft.errors import AdapterError, OptionError, SpecError
 from jpeft.factored import factored, factored_nnx, infer_views
 from jpeft.hooks import HookResult, after_step
 from jpeft.methods import DoRA, FFALoRA, Full, LoRA, LoRAGA, Method, PeriodicLoRA, PiSSA
+from jpeft.quant import dequantize, quantize
 from jpeft.registry import method, methods
 from jpeft.spec import Spec
-from jpeft import quant  # noqa: E402  (configs nf4 / fp4 / int8 / int4, NF4_CODE, QTensor)
-from jpeft.quant import dequantize, quantize
 from jpeft.views import View
-from jpeft import optim  # noqa: E402  (`import jpeft` makes `jpeft.optim` available, as optax.contrib)
 
 __all__ = [
     "Adapter", "AdapterError", "DoRA", "FFALoRA", "Full", "HookResult", "LoRA", "LoRAGA", "Method",
-    "OptionError", "ParamCount", "PeriodicLoRA", "PiSSA", "Spec", "SpecError", "View", "after_step", "apply", "check_fits",
-    "combine", "compact", "count", "dequantize", "factored", "factored_nnx", "infer_views", "init", "is_adapter", "labels", "merge", "method", "methods", "quant", "quantize", "split",
+    "OptionError", "ParamCount", "PeriodicLoRA", "PiSSA", "Spec", "SpecError", "View", "after_step", "apply",
+    "check_fits", "combine", "compact", "count", "dequantize", "factored", "factored_nnx", "infer_views", "init",
+    "is_adapter", "labels", "merge", "method", "methods", "quant", "quantize", "split",
 ]

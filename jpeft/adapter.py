@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import jax
 from flax import struct
@@ -29,6 +29,9 @@ class Adapter:
     state: dict[str, Any]
     method: Any = struct.field(pytree_node=False)
     view: Any = struct.field(pytree_node=False, default=None)
+
+    if TYPE_CHECKING:  # `flax.struct.dataclass` adds it at runtime
+        def replace(self, **updates: Any) -> Adapter: ...
 
 
 def is_adapter(x: Any) -> bool:

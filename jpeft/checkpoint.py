@@ -346,7 +346,7 @@ class TrainCheckpointer:
     def close(self) -> None:
         self.manager.close()
 
-    def __enter__(self) -> "TrainCheckpointer":
+    def __enter__(self) -> TrainCheckpointer:
         return self
 
     def __exit__(self, *exc) -> None:
@@ -412,7 +412,8 @@ class TrainCheckpointer:
             template = like({"adapters": adapter_arrays(jax.eval_shape(
                 lambda: init(jax.random.PRNGKey(0), base_params, spec, calib=_zeros_calib(base_params)))),
                 "opt_state": jax.eval_shape(lambda: opt_state_like), "rng": jax.ShapeDtypeStruct((2,), np.uint32)})
-            state = self.manager.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore(template)))["state"]
+            state = self.manager.restore(
+                step, args=ocp.args.Composite(state=ocp.args.StandardRestore(template)))["state"]
         except (ValueError, KeyError, FileNotFoundError, OSError) as e:
             raise CheckpointError(f"{folder}: cannot restore (empty, truncated or corrupted step folder?): "
                                   f"{str(e).splitlines()[0][:300]}") from e

@@ -14,8 +14,7 @@ import numpy as np
 
 from jpeft.adapter import Adapter, map_adapters
 from jpeft.errors import AdapterError, SpecError
-from jpeft.hooks import leaf_key
-from jpeft.paths import leaves_with_paths, path_str
+from jpeft.paths import leaf_key, leaves_with_paths, path_str
 from jpeft.quant import dequantize_array, is_leaf_node, is_quantized, logical_size, quantize_array
 from jpeft.shared import SHARED, attach_shared
 from jpeft.spec import Spec
@@ -115,7 +114,7 @@ def _add_shared(key, pairs, assignment, new_leaves):
                 node = new_leaves[i]
                 if node.view is not None:
                     lead = node.view.batch_shape(node.base.shape)
-                    extra = jax.tree.map(lambda x: jnp.broadcast_to(x, (*lead, *jnp.shape(x))), extra)
+                    extra = jax.tree.map(lambda x, lead=lead: jnp.broadcast_to(x, (*lead, *jnp.shape(x))), extra)
                 new_leaves[i] = node.replace(frozen={**node.frozen, **extra})
         owner = new_leaves[members[0]]
         new_leaves[members[0]] = owner.replace(train={**owner.train, **({SHARED: train} if train else {})},
@@ -290,7 +289,8 @@ def check_finite_tree(tree: Any, where: str) -> None:
     for path, x in leaves_with_paths(tree):
         if hasattr(x, "dtype") and jnp.issubdtype(x.dtype, jnp.inexact):
             name = f"{where}/{path}" if path else where
-            checkify.check(jnp.all(jnp.isfinite(x)), "jpeft: non-finite values in " + name.replace("{", "{{").replace("}", "}}"))
+            checkify.check(jnp.all(jnp.isfinite(x)),
+                           "jpeft: non-finite values in " + name.replace("{", "{{").replace("}", "}}"))
 
 
 def merge(params: Any, spec: Spec, *, requantize: bool = False) -> Any:

@@ -28,7 +28,8 @@ from __future__ import annotations
 
 import math
 import re
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -178,7 +179,8 @@ def hd_pissa_step(loss_fn: LossFn, optimizer: optax.GradientTransformation, mesh
             da = next(gathered).reshape((k,) + node.train["a"].shape[1:])
             db = next(gathered).reshape((k,) + node.train["b"].shape[1:])
             a_all, b_all = node.frozen["a0"], node.frozen["b0"]
-            base = (linalg.upcast(node.base) + fold_delta(a_all, b_all, da, db, node.method.scale)).astype(node.base.dtype)
+            base = (linalg.upcast(node.base)
+                    + fold_delta(a_all, b_all, da, db, node.method.scale)).astype(node.base.dtype)
             if node.method.frames == "fixed":
                 return node.replace(base=base)
             a0, b0 = (a_all + da).astype(a_all.dtype), (b_all + db).astype(b_all.dtype)
@@ -238,7 +240,8 @@ def data_parallel_step(loss_fn: LossFn, optimizer: optax.GradientTransformation,
 
 
 # --------------------------------------------------------------------------------- measuring
-_INSTR = re.compile(r"^\s*(?:ROOT\s+)?%?(?P<name>[^\s=]+)\s*=\s*(?P<type>.+?)\s+(?P<op>[a-z][\w\-]*)\((?P<args>[^)]*)\)")
+_INSTR = re.compile(r"^\s*(?:ROOT\s+)?%?(?P<name>[^\s=]+)\s*=\s*(?P<type>.+?)\s+"
+                    r"(?P<op>[a-z][\w\-]*)\((?P<args>[^)]*)\)")
 _SHAPE = re.compile(r"\b(?P<dtype>pred|s8|u8|s16|u16|f16|bf16|s32|u32|f32|s64|u64|f64|c64|c128)\[(?P<dims>[\d,]*)\]")
 _BYTES = {"pred": 1, "s8": 1, "u8": 1, "s16": 2, "u16": 2, "f16": 2, "bf16": 2, "s32": 4, "u32": 4, "f32": 4,
           "s64": 8, "u64": 8, "f64": 8, "c64": 8, "c128": 16}

@@ -39,7 +39,8 @@ import functools
 import re
 import threading
 import warnings
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 import flax.linen as nn
 import jax
@@ -52,10 +53,9 @@ from jpeft.adapter import Adapter, is_adapter
 from jpeft.core import check_fits
 from jpeft.errors import SpecError
 from jpeft.execution import using_impl
-from jpeft.hooks import leaf_key
 from jpeft.inspect import output_sources
 from jpeft.methods.base import Method
-from jpeft.paths import leaves_with_paths, path_str
+from jpeft.paths import leaf_key, leaves_with_paths, path_str
 from jpeft.quant import dequantize, is_quantized, placeholder
 from jpeft.shared import SHARED, attach_shared
 from jpeft.spec import Spec
@@ -115,6 +115,8 @@ def _contract(kernel: _Kernel, karray, x, k_contract, x_contract, k_batch, x_bat
     weight). Output axes in `dot_general` order: batch, lhs free, rhs free."""
     view = _op_view(kernel, karray)
     node = kernel.node
+    if node is None:
+        raise RuntimeError(f"jpeft.factored: {kernel.path} has no adapter node (only view inference runs without one)")
     nk = karray.ndim
     k_free = [a for a in range(nk) if a not in k_contract and a not in k_batch]
     if set(k_contract) == set(view.inputs) and set(k_free) | set(k_batch) == set(view.outputs) | set(view.batch) \
@@ -459,7 +461,7 @@ def _riders(leaves, *, scanned: bool) -> dict[int, tuple[_Kernel, dict]]:
     layer for a scan). While inferring views there is no node and nothing is carried."""
     if not _STATE.active or _STATE.inside:
         return {}
-    out = {}
+    out: dict[int, tuple[_Kernel, dict]] = {}
     for i, leaf in enumerate(leaves):
         kernel = _lookup(leaf)
         if kernel is None:
@@ -515,7 +517,7 @@ def _install() -> None:
                 _ORIG[name] = getattr(mod, name)
                 setattr(mod, name, fn)
             _ORIG["nnx_attend"] = nnx.Embed.attend
-            nnx.Embed.attend = _nnx_attend
+            nnx.Embed.attend = _nnx_attend  # type: ignore[method-assign]  # the interceptor, while any thread needs it
         _PATCH_USERS += 1
 
 
@@ -526,7 +528,7 @@ def _uninstall() -> None:
         if _PATCH_USERS == 0:
             for mod, name, _ in _PATCHES:
                 setattr(mod, name, _ORIG[name])
-            nnx.Embed.attend = _ORIG["nnx_attend"]
+            nnx.Embed.attend = _ORIG["nnx_attend"]  # type: ignore[method-assign]  # restore the original
 
 
 @contextlib.contextmanager

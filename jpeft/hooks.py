@@ -10,7 +10,6 @@ that method config (in tree order), for each node the optimizer moments of its t
 
 from __future__ import annotations
 
-import zlib
 from typing import Any, NamedTuple
 
 import jax
@@ -18,8 +17,9 @@ import jax.numpy as jnp
 import numpy as np
 
 from jpeft.adapter import Adapter, is_adapter_or_hole
+from jpeft.core import check_finite_tree, check_fits, split
 from jpeft.errors import SpecError
-from jpeft.paths import leaves_with_paths
+from jpeft.paths import leaf_key, leaves_with_paths
 from jpeft.shared import attach_shared, detach_shared, owns_shared
 from jpeft.views import matrix_node, stack_nodes, unstack_node
 
@@ -31,16 +31,11 @@ class HookResult(NamedTuple):
     restarted: Any = None
 
 
-def leaf_key(key: jax.Array, path: str) -> jax.Array:
-    """A per-leaf key that depends only on `key` and the leaf's path."""
-    return jax.random.fold_in(key, zlib.crc32(path.encode()) & 0x7FFFFFFF)
-
-
 def _flat(tree):
     return jax.tree_util.tree_flatten(tree, is_leaf=is_adapter_or_hole)
 
 
-def _moment_trees(opt_state, trainable):
+def moment_trees(opt_state, trainable):
     """Flatten `opt_state`, stopping at every subtree shaped like `trainable` (per-parameter
     moments). Returns `(leaves, treedef, positions of the moment trees)`."""
     target = jax.tree_util.tree_structure(trainable)
@@ -98,8 +93,6 @@ def after_step(params, opt_state, spec=None, *, step, key, grads=None, check_fin
     every trainable leaf to belong to an adapter whose hook restarts at the same time.
     `check_finite=True` checks every adapter array after the hooks, as `jpeft.apply` does.
     """
-    from jpeft.core import check_fits, split
-
     if spec is not None:
         check_fits(params, spec)
     trainable, _ = split(params)
@@ -108,8 +101,8 @@ def after_step(params, opt_state, spec=None, *, step, key, grads=None, check_fin
     owners = [isinstance(n, Adapter) and owns_shared(n) for n in nodes]
     nodes = attach_shared(nodes)
     train_flat = _flat(trainable)[0]
-    grad_flat = _flat(grads)[0] if grads is not None else [None] * len(nodes)
-    state_leaves, sdef, positions = _moment_trees(opt_state, trainable)
+    grad_flat: list[Any] = _flat(grads)[0] if grads is not None else [None] * len(nodes)
+    state_leaves, sdef, positions = moment_trees(opt_state, trainable)
     moment_flats = [_flat(state_leaves[i])[0] for i in positions]
 
     groups: dict[Any, list[int]] = {}
@@ -153,8 +146,6 @@ def after_step(params, opt_state, spec=None, *, step, key, grads=None, check_fin
         opt_state = _reset_counts(opt_state, jnp.all(jnp.stack(restarts)))
     out = jax.tree_util.tree_unflatten(pdef, detach_shared(nodes, owners))
     if check_finite:
-        from jpeft.core import check_finite_tree
-
         for path, node in leaves_with_paths(out, is_leaf=is_adapter_or_hole):
             if isinstance(node, Adapter):
                 check_finite_tree(node.replace(base=None), f"{path} (adapter, after the step hooks)")

@@ -13,7 +13,7 @@ def upcast(x: jax.Array) -> jax.Array:
 
 def svd(m: jax.Array) -> tuple[jax.Array, jax.Array, jax.Array]:
     """Thin SVD `m = u @ diag(s) @ vh` in float32."""
-    return jnp.linalg.svd(upcast(m), full_matrices=False)
+    return jnp.linalg.svd(upcast(m), full_matrices=False, compute_uv=True)
 
 
 def randomized_svd(key: jax.Array, m: jax.Array, rank: int, niter: int = 4, oversample: int = 8):

@@ -4,10 +4,17 @@ from __future__ import annotations
 
 import difflib
 import re
-from typing import Any, Callable
+import zlib
+from collections.abc import Callable
+from typing import Any
 
 import jax
 from jax.tree_util import DictKey, FlattenedIndexKey, GetAttrKey, SequenceKey
+
+
+def leaf_key(key: jax.Array, path: str) -> jax.Array:
+    """A per-leaf key that depends only on `key` and the leaf's path."""
+    return jax.random.fold_in(key, zlib.crc32(path.encode()) & 0x7FFFFFFF)
 
 
 def _key_str(key: Any) -> str:

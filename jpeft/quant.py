@@ -23,18 +23,17 @@ from __future__ import annotations
 import dataclasses
 import math
 import re
-from typing import Any, ClassVar
+from typing import Any, ClassVar, cast
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import struct
 
-from pallas_kernels import on_accelerator
-
 from jpeft.adapter import Adapter
 from jpeft.errors import SpecError
 from jpeft.paths import leaves_with_paths
+from pallas_kernels import on_accelerator
 
 #: bitsandbytes' NF4 table (`get_4bit_type("nf4")`, = QLoRA's), index 0…15.
 NF4_CODE = np.array([-1.0, -0.6961928009986877, -0.5250730514526367, -0.39491748809814453,
@@ -198,6 +197,13 @@ def _blockwise(v, block: int):
     return amax, jnp.concatenate(parts) if len(parts) > 1 else parts[0]
 
 
+def _block(config: QuantConfig) -> int:
+    """The absmax block size of a 4-bit float config (`QuantConfig` requires one for nf4 / fp4)."""
+    if config.block is None:
+        raise SpecError(f"{config.kind}: a 4-bit float config needs a block size")
+    return config.block
+
+
 def _unblock(values, amax, block: int):
     n = values.shape[0]
     full = n - n % block
@@ -210,7 +216,7 @@ def _unblock(values, amax, block: int):
 def _quantize_4bit_matrix(k, config: QuantConfig) -> dict:
     v = jnp.asarray(k, jnp.float32).T.reshape(-1)
     code = NF4_CODE if config.kind == "nf4" else FP4_CODE
-    amax, scaled = _blockwise(v, config.block)
+    amax, scaled = _blockwise(v, _block(config))
     if scaled.shape[0] % 2:
         scaled = jnp.concatenate([scaled, jnp.zeros((1,), scaled.dtype)])
     q = _bucketize(scaled, code).astype(jnp.uint8)
@@ -250,7 +256,7 @@ def _lookup_bytes(table: np.ndarray, packed, count: int, tie=None):
 def _dequantize_4bit_matrix(q: dict, config: QuantConfig, shape: tuple[int, int], tie=None):
     table = _NF4_BYTES if config.kind == "nf4" else _FP4_BYTES
     values = _lookup_bytes(table, q["codes"], shape[0] * shape[1], tie)
-    w = _unblock(values, _absmax_of(q, config, tie), config.block)
+    w = _unblock(values, _absmax_of(q, config, tie), _block(config))
     return w.reshape(shape[1], shape[0]).T
 
 
@@ -343,7 +349,7 @@ def dequantize_array(q: QTensor, dtype: Any = None, *, tie: jax.Array | None = N
     """The leaf back as an array (fp32 arithmetic, then cast to the dtype it had, or `dtype`).
     `tie`: a float32 zero added to the first float operand (see `qmatmul`)."""
     one = _dequantize_4bit_matrix if q.config.kind in ("nf4", "fp4") else _dequantize_int_matrix
-    matrix = tuple(q.shape[-2:])
+    matrix = cast(tuple[int, int], tuple(q.shape[-2:]))  # a quantised leaf is at least 2-D
     w = _per_matrix(lambda codes, scales: one({"codes": codes, **scales}, q.config, matrix, tie),
                     (q.codes, q.scales), _lead(q), unpack=True)
     return w.astype(dtype or q.dtype)
@@ -354,10 +360,10 @@ def kernel_operands(q: QTensor):
     within the input features of one output (`n % block == 0`): the operands of
     `pallas_kernels.fused_qlora_matmul` (double-quantised scales expanded, 1/block of the
     weight's size); None for any other leaf (it runs through `qmatmul`)."""
-    if q.config.kind not in ("nf4", "fp4") or q.codes.ndim != 1 or len(q.shape) != 2 or q.shape[0] % q.config.block:
+    if q.config.kind not in ("nf4", "fp4") or q.codes.ndim != 1 or len(q.shape) != 2 or q.shape[0] % _block(q.config):
         return None
     n, m = q.shape
-    absmax = _absmax_of(q.scales, q.config).reshape(m, n // q.config.block).T
+    absmax = _absmax_of(q.scales, q.config).reshape(m, n // _block(q.config)).T
     table = tuple(float(v) for v in (NF4_CODE if q.config.kind == "nf4" else FP4_CODE))
     return q.codes.reshape(m, n // 2), absmax, table
 
@@ -477,6 +483,7 @@ def logical_size(tree: Any) -> int:
                    for x in jax.tree.leaves(tree, is_leaf=is_quantized)))
 
 
-__all__ = ["DYN8_CODE", "FP4_CODE", "dynamic_map", "NF4_CODE", "QTensor", "QuantConfig", "check_quantizable", "dequantize",
-           "dequantize_array", "dequantized_after", "fp4", "frozen_zeros", "group_absmax", "int4", "int8", "is_leaf_node", "is_quantized", "kernel_operands", "logical_size", "nf4", "pack_int_codes", "placeholder", "qmatmul", "quantize",
-           "quantize_array", "stored_bytes"]
+__all__ = ["DYN8_CODE", "FP4_CODE", "dynamic_map", "NF4_CODE", "QTensor", "QuantConfig", "check_quantizable",
+           "dequantize", "dequantize_array", "dequantized_after", "fp4", "frozen_zeros", "group_absmax", "int4", "int8",
+           "is_leaf_node", "is_quantized", "kernel_operands", "logical_size", "nf4", "pack_int_codes", "placeholder",
+           "qmatmul", "quantize", "quantize_array", "stored_bytes"]

@@ -7,32 +7,52 @@ class's options (`pissa` is `lora` with `init="pissa"`).
 from __future__ import annotations
 
 import dataclasses
-from typing import Any
+from typing import TYPE_CHECKING, Any, TypeVar
 
 from jpeft.errors import OptionError, UnknownMethodError
 
+if TYPE_CHECKING:
+    from jpeft.methods.base import Method
+
+_M = TypeVar("_M", bound="type[Method]")
+
 _CLASSES: dict[str, type] = {}
 _ALIASES: dict[str, tuple[str, dict[str, Any]]] = {}
+_ALIAS_PAPERS: dict[str, str] = {}
 
 
-def register(cls: type) -> type:
+def register(cls: _M) -> _M:
     """Class decorator: make a method config reachable by its `name`."""
     if cls.name in _CLASSES or cls.name in _ALIASES:
         raise ValueError(f"method name {cls.name!r} is registered twice")
+    if not vars(cls).get("paper"):
+        raise ValueError(f"method {cls.name!r}: set the class attribute `paper` (the paper it implements)")
     _CLASSES[cls.name] = cls
     return cls
 
 
-def register_alias(name: str, target: str, **fixed: Any) -> None:
-    """Register `name` as `target` with `fixed` options that callers may not override."""
+def register_alias(name: str, target: str, *, paper: str, **fixed: Any) -> None:
+    """Register `name` as `target` with `fixed` options that callers may not override; `paper`
+    cites the method the alias names (as `Method.paper` does for a class)."""
     if name in _CLASSES or name in _ALIASES:
         raise ValueError(f"method name {name!r} is registered twice")
+    if not paper:
+        raise ValueError(f"method alias {name!r}: give the paper it implements")
     _ALIASES[name] = (target, fixed)
+    _ALIAS_PAPERS[name] = paper
 
 
 def methods() -> list[str]:
     """All registry names, sorted."""
     return sorted([*_CLASSES, *_ALIASES])
+
+
+def resolve(name: str) -> tuple[type, dict[str, Any], str]:
+    """`(method class, options the name fixes, paper)` of a registry name."""
+    cls = _class_of(name)
+    if name in _ALIASES:
+        return cls, dict(_ALIASES[name][1]), _ALIAS_PAPERS[name]
+    return cls, {}, cls.paper
 
 
 def _class_of(name: str) -> type:

@@ -25,11 +25,12 @@ every adapter array gets the sharding its role implies:
 from __future__ import annotations
 
 import math
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 import jax
 import numpy as np
-from jax.sharding import Mesh, NamedSharding, PartitionSpec
+from jax.sharding import AbstractMesh, Mesh, NamedSharding, PartitionSpec
 
 from jpeft.adapter import Adapter, is_adapter_or_hole
 from jpeft.core import split
@@ -53,7 +54,7 @@ def _spec_of(x: Any) -> PartitionSpec:
     return P() if x is None else x
 
 
-def _mesh_from(base: Any) -> Mesh | None:
+def _mesh_from(base: Any) -> Mesh | AbstractMesh | None:
     if callable(base):
         return None
     for leaf in jax.tree.leaves(base, is_leaf=_is_spec):
@@ -97,7 +98,7 @@ def _axis_names(entry) -> tuple:
     return tuple(entry) if isinstance(entry, (tuple, list)) else (entry,)
 
 
-def _spec_from_roles(roles, shape, base_entries, mesh: Mesh, stack_axis) -> PartitionSpec:
+def _spec_from_roles(roles, shape, base_entries, mesh: Mesh | AbstractMesh, stack_axis) -> PartitionSpec:
     """Mesh axes for an array whose dimensions play `roles` ("in", "out", "stack", "base:<i>")."""
     wanted = []
     for role in roles:
@@ -166,7 +167,8 @@ def _group_entry(entries, axes):
     return entries[axes[0]]
 
 
-def _viewed_partition_specs(node: Adapter, base_spec: PartitionSpec, mesh: Mesh, stack_axis) -> Adapter:
+def _viewed_partition_specs(node: Adapter, base_spec: PartitionSpec, mesh: Mesh | AbstractMesh,
+                            stack_axis) -> Adapter:
     """A viewed node: batch axes keep the base's mesh axes of those axes (a scanned stack stays
     sharded like its base); the per-slice arrays follow the matrix view's in / out groups."""
     view = node.view
@@ -199,7 +201,8 @@ def _viewed_partition_specs(node: Adapter, base_spec: PartitionSpec, mesh: Mesh,
                         state=prepend(inner.state))
 
 
-def node_partition_specs(node: Adapter, base_spec: PartitionSpec, mesh: Mesh, *, stack_axis=None) -> Adapter:
+def node_partition_specs(node: Adapter, base_spec: PartitionSpec, mesh: Mesh | AbstractMesh, *,
+                         stack_axis=None) -> Adapter:
     """The `PartitionSpec`s of one adapter node's arrays (an `Adapter` holding specs)."""
     if node.view is not None and node.base is not None:
         return _viewed_partition_specs(node, base_spec, mesh, stack_axis)
@@ -223,13 +226,13 @@ def node_partition_specs(node: Adapter, base_spec: PartitionSpec, mesh: Mesh, *,
 
         return {k: one(k, v) for k, v in d.items()}
 
-    base = None if node.base is None else _quantized_specs(node.base) if is_quantized(node.base) else \
+    base = None if base_shape is None else _quantized_specs(node.base) if is_quantized(node.base) else \
         _spec_from_roles(tuple(f"base:{i}" for i in range(len(base_shape))), base_shape, base_entries, mesh, None)
     return node.replace(base=base, train=part("train", node.train), frozen=part("frozen", node.frozen),
                         state=part("state", node.state))
 
 
-def partition_specs(params: Any, base: Any, mesh: Mesh | None = None, *, stack_axis=None) -> Any:
+def partition_specs(params: Any, base: Any, mesh: Mesh | AbstractMesh | None = None, *, stack_axis=None) -> Any:
     """A tree shaped like `params` (adapter nodes included) of `PartitionSpec`s.
 
     `base`: the base parameters' shardings — a tree shaped like the *base* parameter tree (before
@@ -259,13 +262,15 @@ def partition_specs(params: Any, base: Any, mesh: Mesh | None = None, *, stack_a
     return jax.tree_util.tree_unflatten(treedef, [one(p, leaf) for p, leaf in pairs])
 
 
-def _named(specs: Any, mesh: Mesh) -> Any:
+def _named(specs: Any, mesh: Mesh | AbstractMesh) -> Any:
     return jax.tree.map(lambda s: NamedSharding(mesh, s), specs, is_leaf=lambda x: isinstance(x, PartitionSpec))
 
 
-def adapter_shardings(params: Any, base: Any, mesh: Mesh | None = None, *, stack_axis=None) -> Any:
+def adapter_shardings(params: Any, base: Any, mesh: Mesh | AbstractMesh | None = None, *, stack_axis=None) -> Any:
     """`NamedSharding`s for every array of the adapted tree `params` (see `partition_specs`)."""
     mesh = mesh or _mesh_from(base)
+    if mesh is None:
+        raise ValueError("pass a mesh (the base shardings are PartitionSpecs)")
     return _named(partition_specs(params, base, mesh, stack_axis=stack_axis), mesh)
 
 
@@ -279,7 +284,8 @@ def opt_state_shardings(opt_state: Any, trainable_shardings: Any, mesh: Mesh) ->
     `mu`, `nu`, ...) takes the trainable shardings, everything else (step counts) is replicated.
     `opt_state` may be abstract (`jax.eval_shape(tx.init, trainable)`)."""
     target = jax.tree_util.tree_structure(trainable_shardings)
-    is_moment = lambda x: x is not None and jax.tree_util.tree_structure(x) == target  # noqa: E731
+    is_moment = lambda x: (x is not None  # noqa: E731
+                           and jax.tree_util.tree_structure(x) == target)  # type: ignore[operator]  # jaxlib: no stubs
     leaves, treedef = jax.tree_util.tree_flatten(opt_state, is_leaf=is_moment)
     replicated = NamedSharding(mesh, P())
     return jax.tree_util.tree_unflatten(treedef, [trainable_shardings if is_moment(x) else replicated
@@ -294,8 +300,8 @@ def fsdp_specs(base: Any, mesh: Mesh, axis: str = "fsdp", *, tensor: str | None 
     divides split over `axis`, and with `tensor` its largest other dimension that axis divides
     split over `tensor`; smaller arrays (norm scales, biases) and axes of size 1 stay replicated.
     A quantised leaf gets the spec of its logical shape (its adapters follow it; its own codes
-    are replicated by `partition_specs`). Pass it as `base` to `partition_specs` / `adapter_shardings` / `split_shardings`: the adapters
-    then follow it."""
+    are replicated by `partition_specs`). Pass it as `base` to `partition_specs` / `adapter_shardings` /
+    `split_shardings`: the adapters then follow it."""
     for name in (axis, tensor):
         if name is not None and name not in mesh.shape:
             raise ValueError(f"fsdp_specs: the mesh has no axis {name!r}; its axes are {tuple(mesh.shape)}")

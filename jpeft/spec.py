@@ -4,11 +4,11 @@ from __future__ import annotations
 
 import json
 import re
+from collections.abc import Mapping, Sequence
+from typing import Any, cast
 
 import jax.numpy as jnp
 import numpy as np
-from collections.abc import Mapping, Sequence
-from typing import Any
 
 from jpeft.errors import SpecError
 from jpeft.methods.base import Method
@@ -39,7 +39,8 @@ class Spec:
     def __init__(self, rules: Mapping[str, Method] | Sequence[tuple[str, Method]], exclude: str | None = None,
                  views: Mapping[str, View] | Sequence[tuple[str, View]] | None = None,
                  adapter_dtype: str | None = None):
-        pairs = list(rules.items()) if isinstance(rules, Mapping) else [tuple(p) for p in rules]
+        pairs = list(rules.items()) if isinstance(rules, Mapping) else cast(list[tuple[str, Method]],
+                                                                             [tuple(p) for p in rules])
         if not pairs:
             raise SpecError("a Spec needs at least one rule")
         for pattern, method in pairs:
@@ -51,8 +52,9 @@ class Spec:
         self.exclude = exclude
         self._compiled = [(_compile(p, f"rule {p!r}"), m) for p, m in pairs]
         self._exclude = _compile(exclude, "exclude") if exclude is not None else None
-        view_pairs = [] if views is None else (list(views.items()) if isinstance(views, Mapping)
-                                               else [tuple(p) for p in views])
+        view_pairs: list[tuple[str, View]] = [] if views is None else (
+            list(views.items()) if isinstance(views, Mapping) else cast(list[tuple[str, View]],
+                                                                        [tuple(p) for p in views]))
         for pattern, view in view_pairs:
             _compile(pattern, f"view rule {pattern!r}")
             if not isinstance(view, View):
@@ -147,7 +149,7 @@ class Spec:
         return json.dumps(self.to_dict(), indent=1)
 
     @classmethod
-    def from_dict(cls, d: Any) -> "Spec":
+    def from_dict(cls, d: Any) -> Spec:
         if not isinstance(d, dict) or not isinstance(d.get("rules"), list):
             raise SpecError("spec JSON must be an object with a 'rules' list")
         if d.get("format", FORMAT_VERSION) != FORMAT_VERSION:
@@ -174,7 +176,7 @@ class Spec:
         return cls(pairs, exclude=d.get("exclude"), views=views or None, adapter_dtype=d.get("adapter_dtype"))
 
     @classmethod
-    def from_json(cls, text: str) -> "Spec":
+    def from_json(cls, text: str) -> Spec:
         try:
             data = json.loads(text)
         except json.JSONDecodeError as e:

@@ -22,7 +22,8 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from typing import Any, Callable, Sequence
+from collections.abc import Callable, Sequence
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -30,7 +31,7 @@ import numpy as np
 
 from jpeft.adapter import Adapter
 from jpeft.errors import SpecError, leaf_error
-from jpeft.quant import dequantize_array, is_quantized, quantize_array
+from jpeft.quant import QTensor, dequantize_array, is_quantized, quantize_array
 from jpeft.shared import SHARED
 
 
@@ -112,9 +113,9 @@ class View:
         grouped = m.reshape(*(int(shape[a]) for a in self.perm))
         if self.perm == tuple(range(len(shape))):
             return grouped
-        return jnp.transpose(grouped, np.argsort(self.perm))
+        return jnp.transpose(grouped, np.argsort(self.perm).tolist())
 
-    def drop_leading(self, k: int) -> "View":
+    def drop_leading(self, k: int) -> View:
         """The view of a slice whose first `k` axes (leading batch axes) were indexed away, as
         `nn.scan` does to a stacked kernel."""
         if k == 0:
@@ -129,7 +130,7 @@ class View:
         return {"inputs": list(self.inputs), "outputs": list(self.outputs), "batch": list(self.batch)}
 
     @classmethod
-    def from_dict(cls, d: dict) -> "View":
+    def from_dict(cls, d: dict) -> View:
         return cls(inputs=tuple(d["inputs"]), outputs=tuple(d["outputs"]), batch=tuple(d.get("batch", ())))
 
     def __repr__(self) -> str:
@@ -246,7 +247,7 @@ def materialise_node(node: Adapter, rng: jax.Array | None = None) -> jax.Array:
     return view.from_matrix(out, shape)
 
 
-def rebuild_base(node: Adapter, w: jax.Array) -> jax.Array:
+def rebuild_base(node: Adapter, w: jax.Array) -> jax.Array | QTensor | None:
     """`method.rebuild_base(w, node)` through the node's view (checkpoint restore)."""
     if node.view is None:
         return _stored_base(node.method, node.method.rebuild_base(w, node))

@@ -11,9 +11,9 @@ The processes of (b) and (c) start through `python -m launch.worker <module> <ar
 experiment needs no launch code of its own. Command line: `python -m launch --help`.
 """
 
+from launch.env import initialize_from_env
 from launch.local import run_local
 from launch.multiprocess import ProcessResult, run_multiprocess
 from launch.tpu import TpuPod, tpu_commands
-from launch.env import initialize_from_env
 
 __all__ = ["ProcessResult", "TpuPod", "initialize_from_env", "run_local", "run_multiprocess", "tpu_commands"]

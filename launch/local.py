@@ -5,7 +5,7 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
-from typing import Sequence
+from collections.abc import Sequence
 
 
 def run_local(module: str, args: Sequence[str] = (), *, env: dict | None = None, timeout: float | None = None,

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import dataclasses
 import shlex
-from typing import Sequence
+from collections.abc import Sequence
 
 STEPS = ("create", "copy", "setup", "run", "delete")
 DEFAULT_STEPS = ("create", "copy", "setup", "run")

@@ -24,7 +24,7 @@ def main(argv: list[str]) -> None:
     module, args = argv[0], argv[1:]
     mode = initialize_from_env()
     sys.argv = [module, *args]
-    code = 0
+    code: str | int | None = 0
     try:
         runpy.run_module(module, run_name="__main__", alter_sys=True)
     except SystemExit as stop:

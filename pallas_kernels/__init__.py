@@ -9,9 +9,12 @@ from pallas_kernels._common import DENSE_DENSITY_THRESHOLD, Blocks, on_accelerat
 from pallas_kernels.lora import fused_lora_matmul
 from pallas_kernels.lr_sparse import fused_lr_sparse_matmul
 from pallas_kernels.qlora import fused_qlora_matmul, fused_qlora_matmul_reference
-from pallas_kernels.reference import (fused_lora_matmul_reference,
-                                      fused_lr_sparse_matmul_reference,
-                                      linear_sparse_delta_reference, scatter_delta)
+from pallas_kernels.reference import (
+    fused_lora_matmul_reference,
+    fused_lr_sparse_matmul_reference,
+    linear_sparse_delta_reference,
+    scatter_delta,
+)
 from pallas_kernels.sparse import linear_sparse_delta
 
 __all__ = [

@@ -11,8 +11,7 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
-from pallas_kernels._common import (flatten_tokens, platform, resolve_impl, resolve_tiles,
-                                    unflatten_tokens)
+from pallas_kernels._common import flatten_tokens, platform, resolve_impl, resolve_tiles, unflatten_tokens
 from pallas_kernels._fused import Config, fused_apply
 from pallas_kernels.reference import reference_apply
 

@@ -30,7 +30,7 @@ import jax.numpy as jnp
 
 from pallas_kernels._common import Tiles, pad2d, rank_pad, round_up, split_flat_index
 from pallas_kernels._kernels import LowRank, Sparse, fused_linear_call, sddmm_call
-from pallas_kernels._plan import build_plan, bucket_values, unbucket_values
+from pallas_kernels._plan import bucket_values, build_plan, unbucket_values
 
 
 class Config(NamedTuple):

@@ -24,7 +24,7 @@ fine for Triton (pointers), but on TPU those panels live in VMEM, which bounds n
 
 from __future__ import annotations
 
-from typing import NamedTuple
+from typing import Literal, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -83,7 +83,7 @@ def _table_spec(shape, platform: str):
     return _full_spec(shape)
 
 
-def call_options(platform: str, semantics: tuple[str, ...]):
+def call_options(platform: str, semantics: tuple[Literal["parallel", "arbitrary"], ...]):
     """interpret / compiler_params for pl.pallas_call on `platform` ("gpu" selects Triton)."""
     if platform == "gpu":
         from jax.experimental.pallas import triton as pltriton
@@ -137,8 +137,8 @@ def _sparse_term(x_ref, refs, acc, lay: _Layout):
 
 
 def _fused_body(lay: _Layout, *refs):
-    *refs, o_ref = refs
-    it = iter(refs)
+    *in_refs, o_ref = refs
+    it = iter(in_refs)
     x_ref = next(it)
     acc = jnp.zeros(o_ref.shape, F32)
     if lay.dense:

@@ -27,8 +27,16 @@ import numpy as np
 from jax import lax
 from jax.experimental import pallas as pl
 
-from pallas_kernels._common import flatten_tokens, pad2d, pick_block, platform, rank_pad, resolve_impl, \
-    round_up, unflatten_tokens
+from pallas_kernels._common import (
+    flatten_tokens,
+    pad2d,
+    pick_block,
+    platform,
+    rank_pad,
+    resolve_impl,
+    round_up,
+    unflatten_tokens,
+)
 from pallas_kernels._kernels import F32, call_options, mm
 
 
@@ -59,8 +67,8 @@ def check_qlora(x, codes, absmax, table, a, b, block: int) -> tuple[int, int]:
     if x.shape[-1] != n:
         raise ValueError(f"x must have last dimension {n} (the weight's input size), got {x.shape}")
     if (a is None) != (b is None):
-        raise ValueError(f"a and b: pass both (the low-rank term) or neither; got a={'None' if a is None else a.shape}, "
-                         f"b={'None' if b is None else b.shape}")
+        raise ValueError("a and b: pass both (the low-rank term) or neither; "
+                         f"got a={'None' if a is None else a.shape}, b={'None' if b is None else b.shape}")
     if a is not None and (a.shape[0] != n or b.shape != (a.shape[1], m)):
         raise ValueError(f"a must be (n, r) and b (r, m) with n={n}, m={m}; got {a.shape}, {b.shape}")
     return n, m

@@ -10,8 +10,15 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
-from pallas_kernels._common import (check_lowrank, check_shape, check_sparse, flatten_tokens,
-                                    resolve_path, split_flat_index, unflatten_tokens)
+from pallas_kernels._common import (
+    check_lowrank,
+    check_shape,
+    check_sparse,
+    flatten_tokens,
+    resolve_path,
+    split_flat_index,
+    unflatten_tokens,
+)
 
 
 def _core_gate(t, core=None, gate=None):

@@ -13,10 +13,11 @@ lora, dora, pissa, lora_xs (SVD core), adalora (adaptive), lori (bank), gralora 
 sltrain (low-rank + sparse), ether_plus (orthogonal), on the Linen encoder (Embed lookup + attend,
 MHA q/k/v/out, DenseGeneral, Einsum, Dense), the `nn.scan` decoder (DenseGeneral q/k/v/o, Dense
 MLP, stacked (layers, …) kernels), the NNX model (Embed + attend, MultiHeadAttention,
-LinearGeneral, Einsum, Linear), the `nnx.scan` + `nnx.remat` stack (LinearGeneral in/out, Linear MLP) and the custom-op layer (jnp.dot, jnp.einsum, jnp.matmul,
-lax.dot_general), and recurrentgemma's Griffin from PyPI (attention, MLP einsum, recurrent linears,
-RG-LRU block-diagonal gates with per-head batch axes). RandLoRA is not in the list: its factored form scales `min(in, out)/r` random
-bases, an `in×out`-sized buffer by construction (the conformance table checks its equality).
+LinearGeneral, Einsum, Linear), the `nnx.scan` + `nnx.remat` stack (LinearGeneral in/out, Linear MLP) and the
+custom-op layer (jnp.dot, jnp.einsum, jnp.matmul, lax.dot_general), and recurrentgemma's Griffin from PyPI
+(attention, MLP einsum, recurrent linears, RG-LRU block-diagonal gates with per-head batch axes). RandLoRA is
+not in the list: its factored form scales `min(in, out)/r` random bases, an `in×out`-sized buffer by
+construction (the conformance table checks its equality).
 """
 
 from __future__ import annotations
@@ -33,8 +34,8 @@ from flax import nnx
 from jax import lax
 
 import jpeft
-from jpeft.methods import adaptive, bank, block, lowrank_sparse, orthogonal, svdcore
 from jpeft.inspect import big_dependents, kernel_shapes
+from jpeft.methods import adaptive, bank, block, lowrank_sparse, orthogonal, svdcore
 
 D, H, HD, F, V = 32, 2, 16, 64, 40   # kernels >= 32*32 elements; activations below that
 
@@ -74,7 +75,8 @@ class ScanDecoder(nn.Module):
     @nn.compact
     def __call__(self, tok):
         x = nn.Embed(V, D, name="emb")(tok)
-        x, _ = nn.scan(Block, variable_axes={"params": 0}, split_rngs={"params": True}, length=3)(name="layers")(x, None)
+        x, _ = nn.scan(Block, variable_axes={"params": 0}, split_rngs={"params": True},
+                       length=3)(name="layers")(x, None)
         return nn.Dense(V, name="lm_head")(x)
 
 
@@ -277,7 +279,8 @@ def test_factored_equals_materialised_and_builds_no_dense_delta(model_name, meth
         bound = float(jnp.max(jnp.abs(b)))
         assert float(jnp.max(jnp.abs(a - b))) <= 1e-4 * max(bound, 1e-3), jax.tree_util.keystr(kp)
     size, shapes = (None, kernel_shapes(tree)) if model_name in BY_SHAPE else (_kernel_slice_size(tree), None)
-    found = big_dependents(jax.grad(lambda t: loss(t, True)[0]), (trainable,), lambda p, leaf: True, size, shapes=shapes)
+    found = big_dependents(jax.grad(lambda t: loss(t, True)[0]), (trainable,), lambda p, leaf: True, size,
+                           shapes=shapes)
     assert found == [], found[:5]
     # the same check catches the materialised path (the test can fail)
     if method_name == "lora":
@@ -433,9 +436,11 @@ def test_fp32_adapters_on_a_bf16_model():
             np.testing.assert_array_equal(np.asarray(merged, np.float32), np.asarray(params["kernel"], np.float32))
         trainable, frozen = jpeft.split(_perturb(tree))
         run = jpeft.factored(model.apply, spec)
-        y, g = jax.value_and_grad(lambda t: jnp.sum(run({"params": jpeft.combine(t, frozen)}, XF).astype(jnp.float32)))(trainable)
+        y, g = jax.value_and_grad(lambda t, run=run, frozen=frozen:
+                                  jnp.sum(run({"params": jpeft.combine(t, frozen)}, XF).astype(jnp.float32)))(trainable)
         assert all(x.dtype == jnp.float32 for x in jax.tree.leaves(g))
-        ref = jnp.sum(model.apply({"params": jpeft.merge(jpeft.combine(trainable, frozen), spec)}, XF).astype(jnp.float32))
+        ref = jnp.sum(model.apply({"params": jpeft.merge(jpeft.combine(trainable, frozen), spec)},
+                                  XF).astype(jnp.float32))
         np.testing.assert_allclose(y, ref, rtol=3e-2)
     # DoRA without the option also stays exact on bf16 (its magnitude is kept in fp32)
     spec = jpeft.Spec({"kernel": jpeft.DoRA(rank=2, alpha=4)})
@@ -444,7 +449,8 @@ def test_fp32_adapters_on_a_bf16_model():
     np.testing.assert_array_equal(np.asarray(jpeft.merge(tree, spec)["kernel"], np.float32),
                                   np.asarray(params["kernel"], np.float32))
     assert jpeft.Spec.from_json(spec.to_json()) == spec
-    assert jpeft.Spec.from_json(jpeft.Spec({"kernel": jpeft.LoRA()}, adapter_dtype="float32").to_json()).adapter_dtype == "float32"
+    assert jpeft.Spec.from_json(jpeft.Spec({"kernel": jpeft.LoRA()},
+                                           adapter_dtype="float32").to_json()).adapter_dtype == "float32"
     with pytest.raises(jpeft.SpecError, match="adapter_dtype='int8'"):
         jpeft.Spec({"kernel": jpeft.LoRA()}, adapter_dtype="int8")
 
@@ -505,7 +511,7 @@ def test_regularisers_and_lora_pro_treat_each_slice_as_a_matrix():
         stacked = _perturb(jpeft.init(jax.random.PRNGKey(1), {"w": w}, jpeft.Spec({"w": method}, views={"w": view})))
         node = stacked["w"]
         flat = {f"w{i}": node.replace(base=node.base[i], view=None,
-                                      **{part: jax.tree.map(lambda x: x[i], getattr(node, part))
+                                      **{part: jax.tree.map(lambda x, i=i: x[i], getattr(node, part))
                                          for part in ("train", "frozen", "state")}) for i in range(3)}
         jpeft.check_fits(flat, jpeft.Spec({r"w\d": method}))
         return stacked, flat
@@ -519,7 +525,7 @@ def test_regularisers_and_lora_pro_treat_each_slice_as_a_matrix():
     tx = lora_pro(1e-2)
     ts, tf = jpeft.split(stacked)[0], jpeft.split(flat)[0]
     gs = jax.tree.map(lambda x: jnp.cos(x), ts)
-    gf = {f"w{i}": gs["w"].replace(train=jax.tree.map(lambda x: x[i], gs["w"].train)) for i in range(3)}
+    gf = {f"w{i}": gs["w"].replace(train=jax.tree.map(lambda x, i=i: x[i], gs["w"].train)) for i in range(3)}
     us, _ = tx.update(gs, tx.init(ts), ts)
     uf, _ = tx.update(gf, tx.init(tf), tf)
     for i in range(3):

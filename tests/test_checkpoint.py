@@ -18,7 +18,8 @@ from tests.conformance_table import CASES, adapted, base_params, inputs, loss, t
 
 def perturb(tree):
     keys = iter(jax.random.split(jax.random.PRNGKey(9), 64))
-    return jax.tree.map(lambda n: n.replace(train=jax.tree.map(lambda v: v + 0.1 * jax.random.normal(next(keys), v.shape), n.train))
+    return jax.tree.map(lambda n: n.replace(train=jax.tree.map(
+                            lambda v: v + 0.1 * jax.random.normal(next(keys), v.shape), n.train))
                         if isinstance(n, jpeft.Adapter) else n, tree, is_leaf=jpeft.is_adapter)
 
 
@@ -48,7 +49,8 @@ def test_mismatched_model_or_spec_names_the_first_difference(tmp_path):
     save_adapters(str(tmp_path / "a"), tree, spec)
     other = jax.tree.map(lambda x: x, params)
     other["blk"]["q_proj"]["kernel"] = jnp.ones((32, 50))
-    with pytest.raises(CheckpointError, match=r"blk/q_proj/kernel:train/b: the checkpoint has shape \(4, 48\), .* expects \(4, 50\)"):
+    with pytest.raises(CheckpointError,
+                       match=r"blk/q_proj/kernel:train/b: the checkpoint has shape \(4, 48\), .* expects \(4, 50\)"):
         load_adapters(str(tmp_path / "a"), other)
     with pytest.raises(CheckpointError, match=r"the spec differs from the saved one: .*rank=8 \(saved 4\)"):
         load_adapters(str(tmp_path / "a"), params, jpeft.Spec({r"blk/(q_proj|v_proj)/kernel": jpeft.LoRA(rank=8)}))

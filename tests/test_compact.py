@@ -63,7 +63,7 @@ def test_compact_after_adalora_training_follows_the_rank_pattern():
                           if isinstance(n, jpeft.Adapter) else n, params, is_leaf=jpeft.is_adapter)
     trainable, _ = jpeft.split(params)
     for step in range(1, 8):
-        grads = jax.tree.map(lambda v: jax.random.normal(jax.random.PRNGKey(step), v.shape), trainable)
+        grads = jax.tree.map(lambda v, step=step: jax.random.normal(jax.random.PRNGKey(step), v.shape), trainable)
         params, _ = jpeft.after_step(params, {}, spec, step=step, key=jax.random.PRNGKey(0), grads=grads)
     keeps = [np.asarray(params["blk"][n]["kernel"].state["keep"]) for n in ("q_proj", "v_proj")]
     assert sum(int(k.sum()) for k in keeps) == 2  # b_T = target_r · #matrices

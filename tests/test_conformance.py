@@ -12,8 +12,7 @@ import pytest
 import jpeft
 from jpeft.shared import attach_shared
 from jpeft.views import materialise_node
-from tests.conformance_table import (CASES, adapted, base_params, calib_grads, forward, inputs, loss, spec_for,
-                                     targets)
+from tests.conformance_table import CASES, adapted, base_params, calib_grads, forward, inputs, loss, spec_for, targets
 
 ids = [c.id for c in CASES]
 parametrize = pytest.mark.parametrize("case", CASES, ids=ids)
@@ -59,14 +58,14 @@ def test_factored_equals_materialised(case):
     for node in attach_shared(adapter_nodes(ad)):  # model-level state lent as jpeft.apply does
         node = perturbed(node)
         x = jax.random.normal(jax.random.PRNGKey(5), (16, materialise_node(node).shape[0]))
-        dense = lambda n: x @ materialise_node(n)  # noqa: E731   (a quantised base dequantised)
-        fact = lambda n: n.method.matmul(n, x)  # noqa: E731
+        dense = lambda n, x=x: x @ materialise_node(n)  # noqa: E731   (a quantised base dequantised)
+        fact = lambda n, x=x: n.method.matmul(n, x)  # noqa: E731
         assert (fact(node) is not None) == case.factored
         if not case.factored:
             continue
         np.testing.assert_allclose(fact(node), dense(node), rtol=1e-5, atol=1e-5)
-        g_dense = jax.grad(lambda t: jnp.sum(jnp.sin(dense(node.replace(train=t)))))(node.train)
-        g_fact = jax.grad(lambda t: jnp.sum(jnp.sin(fact(node.replace(train=t)))))(node.train)
+        g_dense = jax.grad(lambda t, dense=dense, node=node: jnp.sum(jnp.sin(dense(node.replace(train=t)))))(node.train)
+        g_fact = jax.grad(lambda t, fact=fact, node=node: jnp.sum(jnp.sin(fact(node.replace(train=t)))))(node.train)
         for gf, gd in zip(jax.tree.leaves(g_fact), jax.tree.leaves(g_dense)):
             scale = float(jnp.max(jnp.abs(gd)))
             np.testing.assert_allclose(gf, gd, rtol=1e-5, atol=1e-5 * max(scale, 1.0))

@@ -24,12 +24,16 @@ def test_problems_are_deterministic_correct_and_disjoint():
     assert len({q for q, _ in train}) == 2000
 
 
-def test_tfds_array_record_and_grain_read_back(tmp_path):
+def test_tfds_array_record_and_grain_read_back(tmp_path, capfd):
     class Small(arithmetic.Arithmetic):
         TRAIN_SIZE, TEST_SIZE = 64, 16
 
     ds = source.dataset(Small, str(tmp_path), "train")
+    # the build says one line of its own; TFDS's banners and progress bars are not shown
+    out, err = capfd.readouterr()
+    assert out == f"data: building small under {tmp_path}/small/1.0.0\n" and "Generating" not in err
     assert len(ds) == 64 and len(source.dataset(Small, str(tmp_path), "test")) == 16
+    assert capfd.readouterr().out == ""   # built once
     assert list(tmp_path.rglob("*.array_record*"))
     first = ds[0]
     assert set(first) == {"question", "answer"} and str(solve(first["question"])) == first["answer"]

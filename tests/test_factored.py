@@ -2,11 +2,11 @@
 every conformance case; non-Dense uses of an adapted leaf fall back to the materialised weight."""
 
 import flax.linen as nn
-from flax import nnx
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from flax import nnx
 
 import jpeft
 from tests.conformance_table import CASES
@@ -87,7 +87,8 @@ def test_nnx_factored_equals_materialised(case):
     calib = jax.grad(lambda s: jnp.sum(jnp.square(forward(s))))(state) if case.calib else None
     tree = jpeft.init(jax.random.PRNGKey(1), state, spec, calib=calib)
     keys = iter(jax.random.split(jax.random.PRNGKey(2), 64))
-    tree = jax.tree.map(lambda n: n.replace(train={k: jax.tree.map(lambda a: a + 0.05 * jax.random.normal(next(keys), a.shape), v)
+    tree = jax.tree.map(lambda n: n.replace(train={k: jax.tree.map(
+                                                       lambda a: a + 0.05 * jax.random.normal(next(keys), a.shape), v)
                                                    for k, v in n.train.items()})
                         if isinstance(n, jpeft.Adapter) else n, tree, is_leaf=jpeft.is_adapter)
     trainable, frozen = jpeft.split(tree)

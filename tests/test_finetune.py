@@ -3,13 +3,12 @@ README's main job): metrics files, checkpoint + resume bit-identical, HF export 
 
 import json
 
-import jpeft
-
 import jax
 import numpy as np
 import pytest
 from absl import flags
 
+import jpeft
 from experiments import finetune
 
 FLAGS = flags.FLAGS
@@ -80,15 +79,15 @@ def test_compare_tabulates_methods(tmp_path):
 def test_minilm_learns_fortune_topics_as_a_program(tmp_path):
     """`python -m experiments.finetune` exits 0 and the real MiniLM classifier's accuracy rises."""
     import csv
+    import os
     import subprocess
     import sys
-
-    import os
 
     env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=1"}  # the main job's one device
     done = subprocess.run([sys.executable, "-m", "experiments.finetune", "--model=minilm", "--task=fortunes",
                            "--steps=20", "--batch=16", "--eval_count=128", f"--data_dir={tmp_path / 'tfds'}",
-                           f"--out_dir={tmp_path / 'out'}"], capture_output=True, text=True, timeout=900, env=env)
+                           f"--out_dir={tmp_path / 'out'}"], capture_output=True, text=True, timeout=900, env=env,
+                          cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # not installed
     assert done.returncode == 0, done.stderr[-3000:]
     evals = [float(r["eval_accuracy"]) for r in csv.DictReader(open(tmp_path / "out" / "metrics.csv"))
              if r["eval_accuracy"]]

@@ -141,7 +141,7 @@ def _sweep_cases():
     return CASES
 
 
-@pytest.mark.parametrize("leaf", SWEEP_LEAVES, ids=lambda l: f"{l[1]}{list(l[0])}")
+@pytest.mark.parametrize("leaf", SWEEP_LEAVES, ids=lambda leaf: f"{leaf[1]}{list(leaf[0])}")
 def test_every_conformance_config_on_every_leaf_kind(leaf):
     """Each conformance row's config on small, square-tiny, bf16 and integer leaves: a clear error
     naming the path, or a valid result (as in the fuzz above)."""

@@ -6,11 +6,11 @@ quantised base through init / apply / factored / split / count."""
 import warnings
 
 import flax.linen as nn
-from flax import nnx
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from flax import nnx
 
 import jpeft
 from jpeft import checkpoint, quant
@@ -49,8 +49,8 @@ def test_worked_nf4_block():
 @pytest.mark.parametrize("double_quant", [False, True])
 @pytest.mark.parametrize("shape", [(64, 48), (100, 37), (33, 7)])   # tail blocks, an odd element count
 def test_4bit_quantiser_equals_bitsandbytes(kind, double_quant, shape):
-    import torch
     import bitsandbytes.functional as F
+    import torch
 
     k = np.random.default_rng(0).standard_normal(shape).astype(np.float32) * 0.05
     packed, state = F.quantize_4bit(torch.from_numpy(k.T.copy()), blocksize=64, quant_type=kind,
@@ -77,7 +77,8 @@ def test_nf4_idempotence_error_bound_tail_blocks_and_double_quant():
     err = np.abs(np.asarray(quant.dequantize_array(q)) - k).T.reshape(-1, 64)
     absmax = np.asarray(q.scales["absmax"])
     assert np.all(err <= absmax[:, None] * 0.1519036 + 1e-7)
-    assert quant.quantize_array(np.ones((100, 1), np.float32), quant.nf4(double_quant=False)).scales["absmax"].shape == (2,)
+    assert quant.quantize_array(np.ones((100, 1), np.float32),
+                                quant.nf4(double_quant=False)).scales["absmax"].shape == (2,)
     odd = quant.quantize_array(np.ones((101, 1), np.float32), quant.nf4())
     assert odd.codes.shape == (51,) and int(odd.codes[-1]) & 0xF == 7
     dq = quant.quantize_array(k, quant.nf4(double_quant=True))
@@ -193,7 +194,8 @@ def test_bad_input_is_refused_with_the_path(mlp):
         quant.nf4(block=63)
     params = jpeft.init(jax.random.PRNGKey(0), base, jpeft.Spec({r"up/kernel": jpeft.LoRA(rank=2)}))
     quant_lora = jpeft.quantize(params, {r"up/kernel": quant.nf4()})   # the node's base, not its factors
-    assert quant.is_quantized(quant_lora["up"]["kernel"].base) and quant_lora["up"]["kernel"].train["a"].dtype == jnp.float32
+    assert (quant.is_quantized(quant_lora["up"]["kernel"].base)
+            and quant_lora["up"]["kernel"].train["a"].dtype == jnp.float32)
     full = jpeft.init(jax.random.PRNGKey(0), base, jpeft.Spec({r"up/kernel": jpeft.Full()}))
     with pytest.raises(jpeft.SpecError, match="up/kernel: an adapter node whose base cannot be quantised: full does"):
         jpeft.quantize(full, {r"up/kernel": quant.nf4()})
@@ -242,8 +244,8 @@ def test_qlora_runs_factored_on_an_nn_scan_stack_and_an_nnx_module(tmp_path):
 
     graphdef, state = nnx.split(NNXLinear(nnx.Rngs(0)))
     spec = jpeft.Spec({r"l/kernel": jpeft.LoRA(rank=4)})
-    trainable, frozen = jpeft.split(jpeft.init(jax.random.PRNGKey(2), jpeft.quantize(state, {r"l/kernel": quant.int4(group=32)}),
-                                               spec))
+    trainable, frozen = jpeft.split(jpeft.init(jax.random.PRNGKey(2),
+                                               jpeft.quantize(state, {r"l/kernel": quant.int4(group=32)}), spec))
     trainable = jax.tree.map(lambda t: t + 0.01, trainable)
     with warnings.catch_warnings():
         warnings.simplefilter("error")
@@ -376,7 +378,8 @@ def test_side_by_side_with_qwix_nf4_and_int8_lora(mlp):
         if qtype != "nf4":
             continue
         for name in ("up", "down"):
-            qparams[name]["kernel_lora_b"] = 0.05 * jax.random.normal(jax.random.PRNGKey(3), qparams[name]["kernel_lora_b"].shape)
+            qparams[name]["kernel_lora_b"] = 0.05 * jax.random.normal(jax.random.PRNGKey(3),
+                                                                      qparams[name]["kernel_lora_b"].shape)
         spec = jpeft.Spec({r"(up|down)/kernel": jpeft.LoRA(rank=4, alpha=8)})
         params = jpeft.init(jax.random.PRNGKey(2), qbase, spec)
         for name in ("up", "down"):

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 import pytest
 
@@ -22,7 +21,8 @@ def test_first_match_wins_and_exclude_wins_over_all():
 
 def test_rule_matching_nothing_names_rule_and_closest_paths():
     spec = jpeft.Spec({r"blk/k_proj/kernel": jpeft.LoRA(rank=2)})
-    with pytest.raises(jpeft.SpecError, match=r"rule 'blk/k_proj/kernel' matches no leaf.*closest paths: .*blk/q_proj/kernel"):
+    with pytest.raises(jpeft.SpecError,
+                       match=r"rule 'blk/k_proj/kernel' matches no leaf.*closest paths: .*blk/q_proj/kernel"):
         jpeft.init(jax.random.PRNGKey(0), base_params(), spec)
 
 
@@ -80,9 +80,12 @@ def test_spec_that_does_not_fit_the_tree_at_apply_time():
     ad = jpeft.init(jax.random.PRNGKey(0), params, spec)
     with pytest.raises(jpeft.SpecError, match=r"blk/q_proj/kernel holds LoRA\(rank=2.*but the spec says LoRA\(rank=4"):
         jpeft.apply(ad, jpeft.Spec({r"blk/q_proj/kernel": jpeft.LoRA(rank=4)}))
-    with pytest.raises(jpeft.SpecError, match=r"blk/v_proj/kernel \(shape \(48, 32\)\) is targeted by the spec \(lora\) but is not an adapter"):
+    with pytest.raises(jpeft.SpecError,
+                       match=r"blk/v_proj/kernel \(shape \(48, 32\)\) is targeted by the spec \(lora\) "
+                             r"but is not an adapter"):
         jpeft.apply(ad, jpeft.Spec({r"blk/(q|v)_proj/kernel": jpeft.LoRA(rank=2)}))
-    with pytest.raises(jpeft.SpecError, match=r"blk/q_proj/kernel holds a lora adapter but the spec targets no such leaf"):
+    with pytest.raises(jpeft.SpecError,
+                       match=r"blk/q_proj/kernel holds a lora adapter but the spec targets no such leaf"):
         jpeft.apply(ad, jpeft.Spec({r"blk/v_proj/kernel": jpeft.LoRA(rank=2)}))
     with pytest.raises(jpeft.SpecError, match=r"already contain adapter nodes"):
         jpeft.init(jax.random.PRNGKey(0), ad, spec)

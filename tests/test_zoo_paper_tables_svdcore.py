@@ -11,7 +11,8 @@ What the papers state, and what is asserted:
   parameters by over 100x in 7B models compared to LoRA"; r² trainable parameters per module,
   independent of the model width. Asserted: LoRA-XS counts `7·L·r²`, LoRA `r·Σ(in+out)`, and the
   reduction at equal rank is `Σ(in+out)/(7r)` per layer: on LLaMA-2-7B 174× at r = 64 and 349× at
-  r = 32 (it stays over 100× for r <= 111), on 13B 218× at r = 64 — consistent with the claim. The paper's own tables use other 7B models (Mistral/Gemma) and are not restated
+  r = 32 (it stays over 100× for r <= 111), on 13B 218× at r = 64 — consistent with the claim. The paper's own
+  tables use other 7B models (Mistral/Gemma) and are not restated
   here: we could not re-read them from the stored text.
 - SVFT (Lingam et al., NeurIPS 2024, abstract): "training only 0.006 to 0.25% of parameters".
   Asserted: plain SVFT trains `k + 1` per matrix (k = min(in, out), +1 the gate), banded

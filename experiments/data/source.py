@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import contextlib
+import io
 import os
 
 import grain
@@ -11,7 +13,21 @@ import tensorflow_datasets as tfds
 def prepared(builder_cls, data_dir: str):
     """The builder, prepared under `data_dir` (built on first use; no TensorFlow needed)."""
     builder = builder_cls(data_dir=os.path.abspath(data_dir), file_format="array_record")
-    builder.download_and_prepare()
+    # (not `builder.is_prepared()`: it logs a warning for the folder it is about to build)
+    if not os.path.exists(os.path.join(builder.data_dir, "dataset_info.json")):
+        print(f"data: building {builder.name} under {builder.data_dir}", flush=True)
+        # TFDS prints its own banners to stdout and progress bars to stderr; the run shows the
+        # line above instead (the banners are kept and shown if the build fails).
+        banners = io.StringIO()
+        tfds.display_progress_bar(False)
+        try:
+            with contextlib.redirect_stdout(banners):
+                builder.download_and_prepare()
+        except BaseException:
+            print(banners.getvalue(), end="")
+            raise
+        finally:
+            tfds.display_progress_bar(True)
     return builder
 
 

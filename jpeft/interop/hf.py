@@ -31,7 +31,8 @@ import dataclasses
 import json
 import os
 import re
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any, cast
 
 import jax
 import jax.numpy as jnp
@@ -45,8 +46,15 @@ from jpeft.checkpoint import atomic_write
 from jpeft.core import check_fits, init, merge
 from jpeft.errors import SpecError
 from jpeft.interop.modules import DEFAULT_MAP, LEAVES, ModuleMap, split_leaf
-from jpeft.interop.peft_config import (LORA_KEYS, RERUN_INITS, TASK_TYPES, check_config, export_config,
-                                       pattern_value, targets_module)
+from jpeft.interop.peft_config import (
+    LORA_KEYS,
+    RERUN_INITS,
+    TASK_TYPES,
+    check_config,
+    export_config,
+    pattern_value,
+    targets_module,
+)
 from jpeft.interop.peft_rows import BY_METHOD, CHECKS, ROWS, TABLES, MethodRow
 from jpeft.methods.dora import DoRA
 from jpeft.methods.full import Full
@@ -126,6 +134,15 @@ def _exported_family(methods: set) -> type:
     if len(dropouts) != 1:
         raise SpecError(f"HF PEFT has one lora_dropout per adapter; the spec's LoRA configs have {sorted(dropouts)}")
     return kinds.pop()
+
+
+def peft_type_of(method_class: type) -> str | None:
+    """The PEFT type (`"LORA"`, `"ADALORA"`, ...) that `export_peft` / `import_peft` use for a
+    method class, or None where PEFT has no equivalent (some options of a class may still be
+    refused: `check_exportable` says for a spec)."""
+    if method_class in BY_METHOD:
+        return BY_METHOD[method_class].peft_type
+    return "LORA" if method_class in (LoRA, DoRA) else None
 
 
 def check_exportable(spec: Spec) -> None:
@@ -398,7 +415,8 @@ def _parse(directory: str, tensors: dict, row: MethodRow | None) -> tuple[dict[s
         out[match["module"]][match["kind"]] = value
     missing = sorted(k for k, (field, _, _) in (row.shared if row else {}).items() if field not in shared)
     if missing:
-        raise SpecError(f"{directory}: tensor {missing[0]!r} is missing (the {row.peft_type} adapters share it)")
+        peft_type = cast(MethodRow, row).peft_type  # only a row's shared tensors can be missing
+        raise SpecError(f"{directory}: tensor {missing[0]!r} is missing (the {peft_type} adapters share it)")
     return out, shared
 
 
@@ -451,7 +469,8 @@ class _Model:
     def of(cls, base_params, modules, views, slice_path) -> _Model:
         flat = dict(leaves_with_paths(base_params, is_leaf=is_leaf_node))
         rules = [(re.compile(rx), v) for rx, v in (views or {}).items()]
-        viewed = {p: next(v for rx, v in rules if rx.fullmatch(p)) for p in flat if any(rx.fullmatch(p) for rx, _ in rules)}
+        viewed = {p: next(v for rx, v in rules if rx.fullmatch(p))
+                  for p in flat if any(rx.fullmatch(p) for rx, _ in rules)}
         slices = {}
         for path, view in viewed.items():
             if view.batch:
@@ -571,7 +590,8 @@ def _lora_module(directory, config, module, parts, model: _Model, cls, init_name
     if "base_layer.weight" in parts:   # PEFT saves an adapted embedding's table; it loads it into the model
         if index is not None or model.views.get(path) is not None:
             raise SpecError(f"{directory}: {PREFIX}{module}.base_layer.weight onto the viewed kernel {path}")
-        new_base = parts["base_layer.weight"].T if modules.transposed(*path.rsplit("/", 1)) else parts["base_layer.weight"]
+        new_base = (parts["base_layer.weight"].T if modules.transposed(*path.rsplit("/", 1))
+                    else parts["base_layer.weight"])
         _check_shape(directory, module, "base_layer.weight", new_base.shape, shape)
     folded = None
     if "lora_B.bias" in parts:
@@ -635,7 +655,7 @@ def import_peft(directory: str, base_params: Any, *, modules: ModuleMap = DEFAUL
             parameter = next((n for m, n in target_parameters if module == m or module.endswith(f".{m}")), None)
             if parameter is not None:
                 placed = _parameter_module(directory, config, module, parameter, parts, model, cls)
-                added_views[re.escape(placed.path)] = placed.view
+                added_views[re.escape(placed.path)] = cast(View, placed.view)  # set by _parameter_module
             elif row:
                 placed = _row_module(directory, row, config, module, parts, tensors, model)
             else:

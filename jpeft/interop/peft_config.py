@@ -54,8 +54,8 @@ LORA_KEYS: dict[str, Key] = {
     "peft_type": honoured("LORA"),
     "auto_mapping": irrelevant("the transformers class PEFT wrapped; jpeft's caller passes the model"),
     "peft_version": irrelevant("informational"),
-    "base_model_name_or_path": irrelevant("where PEFT fetches the base; jpeft's caller passes the base (written on export "
-                                  "when given)"),
+    "base_model_name_or_path": irrelevant("where PEFT fetches the base; jpeft's caller passes the base "
+                                          "(written on export when given)"),
     "revision": irrelevant("a hub revision of the base model; jpeft's caller passes the base"),
     "inference_mode": irrelevant("PEFT's requires_grad switch; in jpeft what trains is `jpeft.split`'s choice", True),
     "r": honoured("the rank (checked against every module's tensors)", 8),
@@ -63,9 +63,10 @@ LORA_KEYS: dict[str, Key] = {
     "exclude_modules": honoured("part of the target check"),
     "lora_alpha": honoured("the scale's alpha", 8),
     "lora_dropout": honoured("the adapter-branch dropout (jpeft.LoRA(dropout=...))", 0.0),
-    "fan_in_fan_out": honoured("GPT-2-style Conv1D weights stored (in, out): the ModuleMap's `conv1d` says which modules "
-                         "they are (PEFT corrects the flag per module type likewise); written true when a target is one",
-                         False),
+    "fan_in_fan_out": honoured("GPT-2-style Conv1D weights stored (in, out): the ModuleMap's `conv1d` says "
+                               "which modules they are (PEFT corrects the flag per module type likewise); "
+                               "written true when a target is one",
+                               False),
     "bias": honoured(f"one of {BIAS}: the saved biases become jpeft.Full leaves", "none"),
     "use_rslora": honoured("the α/√r scale", False),
     "modules_to_save": honoured("whole modules trained and saved: jpeft.Full leaves"),
@@ -147,7 +148,8 @@ def check_config(config: Any, directory: str, tables: dict[str, dict[str, Key]],
     refused feature."""
     if not isinstance(config, dict):
         raise SpecError(f"{directory}/adapter_config.json: expected a JSON object, got {type(config).__name__}")
-    table = tables.get(config.get("peft_type"))
+    peft_type = config.get("peft_type")
+    table = tables.get(peft_type) if isinstance(peft_type, str) else None
     if table is None:
         raise SpecError(f"{directory}: peft_type={config.get('peft_type')!r}; jpeft imports {sorted(tables)} "
                         "adapter folders")

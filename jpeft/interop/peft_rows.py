@@ -12,7 +12,8 @@ from __future__ import annotations
 
 import dataclasses
 import re
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 import numpy as np
 
@@ -29,10 +30,10 @@ class MethodRow:
 
     `read(parts, config, (in, out), module)` → `(method, train, state or None)` from one module's
     tensors (`parts`: kind → array, torch layout), the checked config and the torch module name;
-    raises `ValueError` with the reason. `write(node)` → `{kind: array}` for one 2-D node. `config(method)` → the type's config
-    values. `checks`: `{key: (predicate, expected)}` on top of the LoRA ones. `shared`: tensors
-    of the whole model (`{file key: (field of the config's shared state, file → jpeft layout,
-    jpeft → file layout)}`, e.g. VB-LoRA's vector bank), held by the config's owner node
+    raises `ValueError` with the reason. `write(node)` → `{kind: array}` for one 2-D node.
+    `config(method)` → the type's config values. `checks`: `{key: (predicate, expected)}` on top of the
+    LoRA ones. `shared`: tensors of the whole model (`{file key: (field of the config's shared state,
+    file → jpeft layout, jpeft → file layout)}`, e.g. VB-LoRA's vector bank), held by the config's owner node
     (`jpeft.shared`). `copies`: per-module tensors that
     repeat a model-wide one (`{kind: file key}`): checked equal on import, written on export."""
 
@@ -111,8 +112,8 @@ def _adalora_config(m: AdaLoRA) -> dict:
 ADALORA_KEYS: dict[str, Key] = {   # `AdaLoraConfig` extends `LoraConfig`
     **LORA_KEYS,
     "r": irrelevant("AdaLoRA's rank is init_r", 8),
-    "rank_pattern": honoured("the final allocation {module: [kept?] * init_r}; the saved tensors hold the kept triplets "
-                       "(the others import as zero triplets, masked)"),
+    "rank_pattern": honoured("the final allocation {module: [kept?] * init_r}; the saved tensors hold the kept "
+                             "triplets (the others import as zero triplets, masked)"),
     "alpha_pattern": refused("per-module alphas (PEFT's AdaLoRA ignores them)", {}),
     "use_dora": refused("DoRA (PEFT refuses it with AdaLoRA)", False),
     "target_r": honoured("AdaLoRA target_r", 8),
@@ -175,7 +176,8 @@ def _gralora_read(parts, config, shape, module):
 def _gralora_write(node):
     out = {"gralora_A": _f32(node.train["a"]), "gralora_B": _f32(node.train["b"])}
     if "ha" in node.train:
-        out |= {"gralora_A_general.weight": _f32(node.train["ha"]).T, "gralora_B_general.weight": _f32(node.train["hb"]).T}
+        out |= {"gralora_A_general.weight": _f32(node.train["ha"]).T,
+                "gralora_B_general.weight": _f32(node.train["hb"]).T}
     return out
 
 
@@ -233,7 +235,8 @@ VBLORA_KEYS: dict[str, Key] = {
     "num_vectors": honoured("VB-LoRA num_vectors (the bank's rows)", 256),
     "vector_length": honoured("VB-LoRA vector_length", 256),
     "topk": honoured("VB-LoRA topk", 2),
-    "save_only_topk_weights": refused("the top-k-only save (inference only; jpeft.methods.bank.vblora_topk_export)", False),
+    "save_only_topk_weights": refused("the top-k-only save (inference only; jpeft.methods.bank.vblora_topk_export)",
+                                      False),
     "vblora_dropout": refused("adapter dropout (jpeft.VBLoRA has none)", 0.0),
     "init_vector_bank_bound": honoured("VB-LoRA init_bank_bound", 0.02),
     "init_logits_std": honoured("VB-LoRA init_logits_std", 0.1),

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+from typing import cast
 
 import jax
 import jax.numpy as jnp
@@ -86,6 +87,7 @@ class AdaLoRA(Method):
     """
 
     name = "adalora"
+    paper = "AdaLoRA: Adaptive Budget Allocation for Parameter-Efficient Fine-Tuning, Zhang et al., ICLR 2023"
 
     init_r: int = 12
     target_r: int = 8
@@ -101,14 +103,16 @@ class AdaLoRA(Method):
 
     def validate(self) -> None:
         n = self.name
-        require(isinstance(self.init_r, int) and self.init_r >= 1, f"{n}: init_r must be a positive int, got {self.init_r!r}")
+        require(isinstance(self.init_r, int) and self.init_r >= 1,
+                f"{n}: init_r must be a positive int, got {self.init_r!r}")
         require(isinstance(self.target_r, int) and 0 <= self.target_r <= self.init_r,
                 f"{n}: target_r must be an int in [0, init_r={self.init_r}], got {self.target_r!r}")
         require(isinstance(self.total_step, int) and self.total_step > 0,
                 f"{n}: total_step (the number of training steps) must be a positive int, got {self.total_step!r}")
+        total_step = cast(int, self.total_step)  # required just above
         require(self.tinit >= 0 and self.tfinal >= 0, f"{n}: tinit and tfinal must be >= 0")
-        require(self.tinit < self.total_step - self.tfinal,
-                f"{n}: tinit={self.tinit} < total_step - tfinal = {self.total_step - self.tfinal} is needed "
+        require(self.tinit < total_step - self.tfinal,
+                f"{n}: tinit={self.tinit} < total_step - tfinal = {total_step - self.tfinal} is needed "
                 f"for a budgeting phase")
         require(self.delta_t >= 1, f"{n}: delta_t must be >= 1, got {self.delta_t}")
         require(0.0 < self.beta1 < 1.0 and 0.0 < self.beta2 < 1.0, f"{n}: beta1 and beta2 must be in (0, 1)")
@@ -152,7 +156,7 @@ class AdaLoRA(Method):
         """`(b(t), masking due at t)`: PEFT `budget_schedule` (cubic, floored) plus the forced
         final mask at `t = total_step − tfinal`."""
         t = jnp.asarray(step)
-        ti, final = self.tinit, self.total_step - self.tfinal
+        ti, final = self.tinit, cast(int, self.total_step) - self.tfinal  # an int: `validate` requires it
         frac = 1.0 - (t - ti).astype(jnp.float32) / float(final - ti)
         cubic = jnp.floor((b0 - b_target) * frac ** 3 + b_target).astype(jnp.int32)
         budget = jnp.where(t <= ti, b0, jnp.where(t > final, b_target, cubic))
@@ -225,13 +229,13 @@ def orthogonality_loss(params, *, per_matrix: bool = False) -> jax.Array:
     nodes = _adapter_nodes(params, AdaLoRA)
     if not nodes:
         return jnp.zeros((), jnp.float32)
-    total = 0.0
+    total: float | jax.Array = 0.0
     for node in nodes:
         a, b = linalg.upcast(node.train["a"]), linalg.upcast(node.train["b"])
         r = a.shape[1]
         eye = jnp.eye(r, dtype=a.dtype)
         total = total + node.method.orth_reg_weight * (_safe_fro(a.T @ a - eye) + _safe_fro(b @ b.T - eye))
-    return total / (2 * len(nodes) if per_matrix else len(nodes))
+    return cast(jax.Array, total / (2 * len(nodes) if per_matrix else len(nodes)))  # an array: `nodes` is not empty
 
 
 def rank_pattern(params) -> dict[str, list[bool]]:
@@ -267,6 +271,7 @@ class SoRA(Method):
     """
 
     name = "sora"
+    paper = "SoRA: Sparse Low-Rank Adaptation, Ding et al., EMNLP 2023"
 
     rank: int = 8
     alpha: float = 16.0
@@ -292,7 +297,8 @@ class SoRA(Method):
                     and self.lambda_every is not None and self.lambda_every >= 1,
                     f"{n}: lambda_schedule={self.lambda_schedule!r} needs max_lambda, lambda_num >= 1 and "
                     f"lambda_every >= 1")
-            require(self.lambda_schedule != "exp_linear" or (self.sparse_lambda > 0 and self.max_lambda > 0),
+            max_lambda = cast(float, self.max_lambda)  # required just above
+            require(self.lambda_schedule != "exp_linear" or (self.sparse_lambda > 0 and max_lambda > 0),
                     f"{n}: the exp_linear schedule needs sparse_lambda > 0 and max_lambda > 0")
 
     @property
@@ -326,6 +332,7 @@ class SoRA(Method):
         lam, top, num = self.sparse_lambda, self.max_lambda, self.lambda_num
         if self.lambda_schedule is None:
             return (float(lam),)
+        top, num = cast(float, top), cast(int, num)  # `validate` requires both with a lambda_schedule
         if self.lambda_schedule == "linear":
             values = np.linspace(lam, top, num)
         elif self.lambda_schedule == "log_linear":
@@ -338,7 +345,8 @@ class SoRA(Method):
         values = jnp.asarray(self.lambdas(), jnp.float32)
         if self.lambda_schedule is None:
             return values[0]
-        stage = jnp.clip((jnp.asarray(step) - self.lambda_start) // self.lambda_every, 0, len(values) - 1)
+        every = cast(int, self.lambda_every)  # `validate` requires it with a lambda_schedule
+        stage = jnp.clip((jnp.asarray(step) - self.lambda_start) // every, 0, len(values) - 1)
         return values[stage]
 
     def threshold_at(self, step) -> jax.Array:

@@ -10,7 +10,7 @@ node of the config and lent to the others while they are evaluated (`jpeft.share
 | VB-LoRA     | trainable vector bank `(h, b)`                    | top-k logits of every sub-vector |
 | RandLoRA    | frozen random bases `A (r, d_max)`, `B (D_max, N_max, r)` | diagonals `λ (r, N)`, `γ (N, d)` |
 | S2-LoRA     | trainable `a, b` per kernel shape                 | rank gates `λ (r,)`             |
-| MSPLoRA     | trainable global LoRA per module, mid-level LoRA per module and layer group | layer LoRA + slot indices |
+| MSPLoRA     | trainable global LoRA per module, mid-level LoRA per (module, layer group) | layer LoRA + slot indices |
 | Block-LoRA  | — (the down-projection is shared by the rank blocks of one layer) | `a_s`, `b_1..b_n`   |
 | LoRI        | — (global mask extraction: `lori_sparsify`)       | frozen random `a`, `b`, mask    |
 
@@ -97,6 +97,7 @@ class VBLoRA(BankMethod):
     """
 
     name = "vb_lora"
+    paper = "VB-LoRA: Extreme Parameter Efficient Fine-Tuning with Vector Banks, Li et al., NeurIPS 2024"
     identity_at_init = False
 
     rank: int = 4
@@ -251,6 +252,7 @@ class RandLoRA(BankMethod):
     """
 
     name = "randlora"
+    paper = "RandLoRA: Full-Rank Parameter-Efficient Fine-Tuning, Albert et al., ICLR 2025"
 
     rank: int = 32
     alpha: float = 640.0
@@ -338,6 +340,7 @@ class S2LoRA(BankMethod):
     """
 
     name = "s2_lora"
+    paper = "S2-LoRA: Sparsely Shared LoRA, Liu et al. 2024"
 
     rank: int = 8
     alpha: float = 8.0
@@ -419,6 +422,7 @@ class MSPLoRA(BankMethod):
     """
 
     name = "msplora"
+    paper = "MSPLoRA: Multi-Scale Pyramid LoRA, Zhao, Yu and Yang 2025"
 
     rank: int = 8
     mid_rank: int = 4
@@ -521,6 +525,7 @@ class BlockLoRA(BankMethod):
     """
 
     name = "block_lora"
+    paper = "Block-LoRA, Zhou et al. 2025"
 
     rank: int = 8
     alpha: float = 8.0
@@ -567,6 +572,7 @@ class LoRI(BankMethod):
     """
 
     name = "lori"
+    paper = "LoRI: LoRA with Reduced Interference, Zhang et al., COLM 2025"
 
     rank: int = 32
     alpha: float = 64.0
@@ -609,7 +615,8 @@ def lori_sparsify(params: Any, sparsity: float | None = None, *, reset: bool = T
         scores = [jnp.abs(leaves[i].frozen["mask"] * leaves[i].train["b"]).ravel() for i in members]
         flat = jnp.concatenate(scores)
         keep = int(round((1.0 - rho) * flat.size))
-        chosen = jnp.zeros(flat.size, bool).at[lax.top_k(flat, keep)[1]].set(True) if keep else jnp.zeros(flat.size, bool)
+        chosen = (jnp.zeros(flat.size, bool).at[lax.top_k(flat, keep)[1]].set(True) if keep
+                  else jnp.zeros(flat.size, bool))
         offset = 0
         for i in members:
             node = leaves[i]

@@ -41,6 +41,9 @@ from jpeft.quant import QTensor, QuantConfig
 @dataclasses.dataclass(frozen=True)
 class Method:
     name: ClassVar[str] = ""
+    #: The paper the method implements (title or short name, authors, venue and year), shown in
+    #: `docs/methods.md`; every registered method sets it.
+    paper: ClassVar[str] = ""
     version: ClassVar[int] = 1
     #: Whether `materialise(init(w)) == w` (the conformance suite checks it).
     identity_at_init: ClassVar[bool] = True
@@ -178,7 +181,7 @@ def exclusive_options(config, names: tuple[str, ...], default: dict[str, Any]) -
     return given or dict(default)
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def option_types(cls: type) -> dict[str, tuple[type, bool]]:
     """`{option: (scalar type, None allowed)}` from a method class's field annotations."""
     hints = typing.get_type_hints(cls)
@@ -200,7 +203,7 @@ _TYPE_WORDS = {bool: "a bool", int: "an int", float: "a finite float", str: "a s
 def check_option_types(config) -> None:
     """Check (and normalise numpy scalars in) every option of a method config against its
     annotation; raise `OptionError` naming the method, option, value and the allowed type."""
-    for name, (kind, nullable) in option_types(type(config)).items():
+    for name, (kind, nullable) in option_types(type(config)).items():  # type: ignore[arg-type]  # classes are hashable
         value = getattr(config, name)
         if value is None and nullable:
             continue

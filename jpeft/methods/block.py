@@ -35,6 +35,7 @@ class GraLoRA(Method):
     """GraLoRA. `rank` = r (each block gets r/k), `k` = grid size (`gralora_k`), `hybrid_rank` = r_h."""
 
     name = "gralora"
+    paper = "GraLoRA: Granular Low-Rank Adaptation, 2025"
 
     rank: int = 32
     alpha: float = 64.0

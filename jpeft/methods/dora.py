@@ -38,6 +38,7 @@ class DoRA(LoRA):
     `train["m"] ∈ R^out`, initialised to the column norms of the initial effective kernel."""
 
     name = "dora"
+    paper = "DoRA: Weight-Decomposed Low-Rank Adaptation, Liu et al., ICML 2024"
     quantized_matmul = False  # its factored norms need the base's columns: a quantised base is materialised
 
     def create(self, key, w, calib=None):

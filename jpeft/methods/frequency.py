@@ -143,6 +143,7 @@ class LoCA(Method):
     """
 
     name = "loca"
+    paper = "LoCA: Location-Aware Cosine Adaptation, Du et al., ICLR 2025"
 
     n_coeffs: int = 1000
     alpha: float = 1.0

@@ -17,6 +17,7 @@ class Full(Method):
     """Train the whole leaf: `train["w"]` is the leaf itself (any shape, floating dtype)."""
 
     name = "full"
+    paper = "none (full fine-tuning of the leaf)"
     adapts_matrix = False
     has_base = False
 

@@ -64,6 +64,7 @@ class HDPiSSA(Method):
     """
 
     name = "hd_pissa"
+    paper = "HD-PiSSA: High-Rank Distributed PiSSA, Wang et al., EMNLP 2025"
     checkpoint_base = True  # the distributed step folds every update into the base
     per_device_leading = True  # `a`, `b` (and frames) are `(devices, ...)`, sharded over the mesh axis
 
@@ -74,7 +75,8 @@ class HDPiSSA(Method):
     svd_niter: int | None = None
 
     def validate(self) -> None:
-        require(isinstance(self.rank, int) and self.rank >= 1, f"{self.name}: rank must be a positive int, got {self.rank!r}")
+        require(isinstance(self.rank, int) and self.rank >= 1,
+                f"{self.name}: rank must be a positive int, got {self.rank!r}")
         require(isinstance(self.devices, int) and self.devices >= 1,
                 f"{self.name}: devices must be a positive int, got {self.devices!r}")
         require(self.frames in FRAMES, f"{self.name}: frames must be one of {FRAMES}, got {self.frames!r}")

@@ -17,17 +17,26 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
-from pallas_kernels import fused_lora_matmul, fused_qlora_matmul, on_accelerator, resolve_impl
-
 from jpeft import linalg
-from jpeft.execution import kernel_impl
 from jpeft.adapter import Adapter
 from jpeft.errors import leaf_error
+from jpeft.execution import kernel_impl
 from jpeft.hooks import HookResult
 from jpeft.methods.base import Method, require, require_float_matrix, require_rank
-from jpeft.quant import (QuantConfig, dequantize_array, dequantized_after, frozen_zeros, int8, is_quantized,
-                         kernel_operands, nf4, qmatmul, quantize_array)
+from jpeft.quant import (
+    QuantConfig,
+    dequantize_array,
+    dequantized_after,
+    frozen_zeros,
+    int8,
+    is_quantized,
+    kernel_operands,
+    nf4,
+    qmatmul,
+    quantize_array,
+)
 from jpeft.registry import register, register_alias
+from pallas_kernels import fused_lora_matmul, fused_qlora_matmul, on_accelerator, resolve_impl
 
 INITS = ("kaiming", "gaussian", "pissa", "olora", "orthogonal", "lora_ga", "loftq")
 RESIDUAL_INITS = ("pissa", "olora", "lora_ga")   # base = K − s·a₀@b₀, rebuilt from the kept factors
@@ -182,6 +191,7 @@ class LoRA(Method):
     """
 
     name = "lora"
+    paper = "LoRA: Low-Rank Adaptation of Large Language Models, Hu et al., ICLR 2022 (rsLoRA: Kalajdzievski 2023)"
     quantized_base = True    # QLoRA / QPiSSA (and DoRA: QDoRA)
     quantized_matmul = True  # `lowrank_matmul` takes a quantised base
 
@@ -200,7 +210,8 @@ class LoRA(Method):
     loftq_compat: str = "paper"
 
     def validate(self) -> None:
-        require(isinstance(self.rank, int) and self.rank >= 1, f"{self.name}: rank must be a positive int, got {self.rank!r}")
+        require(isinstance(self.rank, int) and self.rank >= 1,
+                f"{self.name}: rank must be a positive int, got {self.rank!r}")
         require(0.0 <= self.dropout < 1.0, f"{self.name}: dropout must be in [0, 1), got {self.dropout!r}")
         require(self.init in INITS, f"{self.name}: init must be one of {INITS}, got {self.init!r}")
         require(self.init != "orthogonal" or self.rank % 2 == 0,
@@ -430,6 +441,7 @@ class PeriodicLoRA(LoRA):
     """
 
     name = "periodic_lora"
+    paper = "PeriodicLoRA, Meng et al. 2024"
     quantized_base = False  # its hook folds the adapter into the base: a quantised base is not re-quantised yet
     checkpoint_base = True  # the unload hook folds the adapter into the base
 
@@ -477,6 +489,9 @@ def FFALoRA(**cfg) -> LoRA:
     return LoRA(**{**cfg, "freeze_a": True})
 
 
-register_alias("pissa", "lora", init="pissa")
-register_alias("lora_ga", "lora", init="lora_ga")
-register_alias("ffa_lora", "lora", freeze_a=True)
+register_alias("pissa", "lora", init="pissa",
+               paper="PiSSA: Principal Singular Values and Singular Vectors Adaptation, Meng et al. 2024")
+register_alias("lora_ga", "lora", init="lora_ga",
+               paper="LoRA-GA: Low-Rank Adaptation with Gradient Approximation, Wang, Yu and Li 2024")
+register_alias("ffa_lora", "lora", freeze_a=True,
+               paper="FFA-LoRA: Federated Freeze-A LoRA, Sun et al., ICLR 2024")

@@ -20,7 +20,15 @@ import jax.numpy as jnp
 from jpeft import linalg
 from jpeft.errors import leaf_error
 from jpeft.methods.base import Method, exclusive_options, require, require_float_matrix, require_rank
-from jpeft.methods.sparse import PATHS, _INT32_MAX, _pallas, budget, linear_sparse_delta, random_indices, scatter_kernel
+from jpeft.methods.sparse import (
+    INT32_MAX,
+    PATHS,
+    budget,
+    linear_sparse_delta,
+    pallas_ops,
+    random_indices,
+    scatter_kernel,
+)
 from jpeft.registry import register
 
 MODES = ("finetune", "pretrain")
@@ -30,8 +38,8 @@ MODES = ("finetune", "pretrain")
 @dataclasses.dataclass(frozen=True)
 class SLTrain(Method):
     """SLTrain (Han et al., NeurIPS 2024; METHODS.md §2.17): `W = s·BA + S`, `s = α/r`, the
-    support of `S` (`⌊δ·m·n⌋` entries, or `min((m+n)·lora_rank, m·n)` when `lora_rank` is set) uniformly random and fixed
-    for the whole run (no step hook). Trainable: `a`, `b`, `val`; count `r(m+n) + |idx|`.
+    support of `S` (`⌊δ·m·n⌋` entries, or `min((m+n)·lora_rank, m·n)` when `lora_rank` is set) uniformly random
+    and fixed for the whole run (no step hook). Trainable: `a`, `b`, `val`; count `r(m+n) + |idx|`.
 
     mode="pretrain": no frozen base (the node stores none: `base` is None and the effective
     weight is `s·a@b + S`); `a` Kaiming-uniform(√5) = U(±1/√in), `b = 0`, `val ~ U(±1/√in)`
@@ -42,6 +50,7 @@ class SLTrain(Method):
     """
 
     name = "sltrain"
+    paper = "SLTrain: Sparse plus Low-Rank Pretraining, Han et al., NeurIPS 2024"
 
     rank: int = 128
     alpha: float = 32.0
@@ -52,7 +61,8 @@ class SLTrain(Method):
     chunk: int | None = None
 
     def validate(self) -> None:
-        require(isinstance(self.rank, int) and self.rank >= 1, f"{self.name}: rank must be a positive int, got {self.rank!r}")
+        require(isinstance(self.rank, int) and self.rank >= 1,
+                f"{self.name}: rank must be a positive int, got {self.rank!r}")
         b = self.budget()
         require(0.0 < b.get("density", 1.0) <= 1.0, f"{self.name}: density must be in (0, 1]")
         require(b.get("lora_rank", 1) >= 1, f"{self.name}: lora_rank must be >= 1")
@@ -85,7 +95,7 @@ class SLTrain(Method):
     def check(self, path, w):
         require_float_matrix(path, w)
         require_rank(path, w, self.rank)
-        if w.shape[0] * w.shape[1] > _INT32_MAX:
+        if w.shape[0] * w.shape[1] > INT32_MAX:
             raise leaf_error(path, w.shape, w.dtype, "flat int32 indices need in·out < 2**31")
 
     def create(self, key, w, calib=None):
@@ -125,7 +135,7 @@ class SLTrain(Method):
         if self.path == "dense":
             return None
         t, idx = node.train, node.frozen["idx"]
-        kernels = _pallas()
+        kernels = pallas_ops()
         if kernels is not None:
             return kernels.fused_lr_sparse_matmul(x, t["a"], t["b"], idx, t["val"], self.scale, K=node.base)
         y0 = self.scale * ((x @ t["a"].astype(x.dtype)) @ t["b"].astype(x.dtype))

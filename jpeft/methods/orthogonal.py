@@ -129,6 +129,7 @@ class ETHER(_Ether):
     Not the identity at init (a reflection: `‖H_b − I‖_F = 2`), by design."""
 
     name = "ether"
+    paper = "ETHER: Efficient Finetuning with Hyperplane Reflections, Bini et al., ICML 2024"
     identity_at_init = False
 
 
@@ -139,4 +140,5 @@ class ETHERPlus(_Ether):
     `H = I` (exactly: the two rank-1 terms cancel before they touch `W`)."""
 
     name = "ether_plus"
+    paper = "ETHER+: Efficient Finetuning with Hyperplane Reflections, Bini et al., ICML 2024"
     plus = True

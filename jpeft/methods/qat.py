@@ -132,6 +132,7 @@ class L4Q(_QAT):
     """L4Q (K.4.1): fake-quantise the merged weight with learned step sizes `δ`."""
 
     name = "l4q"
+    paper = "L4Q: LoRA-wise Learned Step-size Quantisation, Jeon, Kim and Kim, ACL 2025"
 
     def create(self, key, w, calib=None):
         a, b = self.lowrank_init(key, w)
@@ -150,6 +151,7 @@ class LRQAT(_QAT):
     """LR-QAT (K.4.2): the low-rank term added on the integer grid of a frozen, downcast `K/δ₀`."""
 
     name = "lr_qat"
+    paper = "LR-QAT: Low-Rank Quantisation-Aware Training, Bondarenko, Del Chiaro and Nagel 2024"
 
     base_dtype: str | None = None
 

@@ -33,7 +33,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from typing import Any, ClassVar
+from typing import Any, ClassVar, cast
 
 import jax
 import jax.numpy as jnp
@@ -52,7 +52,7 @@ from jpeft.views import matrix_slices
 PATHS = ("sparse", "dense")
 PROBE = "probe"  # frozen key of the zero probe that `value_and_hook_grads` differentiates
 DENSE = "dense"  # grads key under which a hook finds the dense kernel gradient
-_INT32_MAX = 2 ** 31 - 1
+INT32_MAX = 2 ** 31 - 1
 
 
 # ============================================================================ index helpers
@@ -61,6 +61,8 @@ def budget(m: int, n: int, density: float | None, lora_rank: int | None) -> int:
     `min((m+n)·lora_rank, m·n)` (METHODS.md §2.15); at least 1."""
     if lora_rank is not None:
         return max(1, min((m + n) * lora_rank, m * n))
+    if density is None:
+        raise ValueError("budget: pass density or lora_rank")
     return max(1, min(m * n, math.floor(density * m * n + 1e-9)))
 
 
@@ -161,7 +163,7 @@ def regrow(idx: jax.Array, val: jax.Array, cand: jax.Array, score: jax.Array, n_
     droppable = outgoing & ~kept
     drop_rank = jnp.zeros((k,), jnp.int32).at[order].set(jnp.cumsum(droppable[order].astype(jnp.int32)))
     dropped = droppable & (drop_rank <= jnp.sum(fresh.astype(jnp.int32)))
-    big = jnp.asarray(_INT32_MAX, idx.dtype)
+    big = jnp.asarray(INT32_MAX, idx.dtype)
     merged = jnp.concatenate([jnp.where(dropped, big, idx), jnp.where(fresh, cand.astype(idx.dtype), big)])
     return jnp.sort(merged)[:k]
 
@@ -209,7 +211,8 @@ def _sparse_backward(dx, dy, x, idx, val, chunk):
             dx = lax.dynamic_update_slice_in_dim(dx, dxc, start, 0)
         return dx, dval
 
-    return _token_loop(tokens, min(chunk, tokens), body, (dx, jnp.zeros(val.shape, jnp.promote_types(val.dtype, jnp.float32))))
+    return _token_loop(tokens, min(chunk, tokens), body,
+                       (dx, jnp.zeros(val.shape, jnp.promote_types(val.dtype, jnp.float32))))
 
 
 def _linear_sparse_impl(x, K, y0, idx, val, chunk):
@@ -244,7 +247,7 @@ _linear_sparse.defvjp(_linear_sparse_fwd, _linear_sparse_bwd, symbolic_zeros=Tru
 _linear_sparse_jit = jax.jit(_linear_sparse, static_argnums=(5,))  # one compiled unit, also when called eagerly
 
 
-def _pallas():
+def pallas_ops():
     """The `pallas_kernels` module when running on an accelerator and importable, else None."""
     if jax.default_backend() == "cpu":
         return None
@@ -266,6 +269,8 @@ def linear_sparse_delta(x: jax.Array, K: jax.Array | None, idx: jax.Array, val: 
     """
     n = x.shape[-1]
     m = K.shape[1] if K is not None else (y0.shape[-1] if y0 is not None else m)
+    if m is None:
+        raise ValueError("linear_sparse_delta: pass m when K and y0 are None")
     lead = x.shape[:-1]
     x2 = x.reshape(-1, n)
     y02 = None if y0 is None else y0.reshape(-1, m)
@@ -318,7 +323,7 @@ class SparseMethod(Method):
 
     def check(self, path, w):
         require_float_matrix(path, w)
-        if w.shape[0] * w.shape[1] > _INT32_MAX:
+        if w.shape[0] * w.shape[1] > INT32_MAX:
             raise leaf_error(path, w.shape, w.dtype, "flat int32 indices need in·out < 2**31")
 
     # ------------------------------------------------------------------ init
@@ -339,7 +344,7 @@ class SparseMethod(Method):
     def values(self, node):
         return node.train["val"]
 
-    def sparse_delta(self, node) -> "SparseDelta":
+    def sparse_delta(self, node) -> SparseDelta:
         """The node's delta as a `SparseDelta` (paper layout)."""
         n, m = self.kernel_shape(node)
         return SparseDelta(node.frozen["idx"], self.values(node), (m, n))
@@ -358,7 +363,7 @@ class SparseMethod(Method):
             return None
         idx, val = node.frozen["idx"], self.values(node)
         y = None
-        kernels = _pallas()
+        kernels = pallas_ops()
         if kernels is not None:
             y = kernels.linear_sparse_delta(x, node.base, idx, val, path="sparse")
         else:
@@ -455,6 +460,7 @@ class SpIEL(SparseMethod):
     """
 
     name = "spiel"
+    paper = "SpIEL: Scaling Sparse Fine-Tuning to Large Language Models, Ansell et al. 2024"
 
     reselection_steps: int = 20
     accumulation_steps: int = 5
@@ -608,6 +614,7 @@ class LIFT(SparseMethod):
     """
 
     name = "lift"
+    paper = "LIFT: Low-rank Informed Sparse Fine-Tuning, Liu et al., ICML 2025"
     checkpoint_base = True
     budget_default = {"lora_rank": 128}
 
@@ -617,7 +624,8 @@ class LIFT(SparseMethod):
 
     def validate(self) -> None:
         super().validate()
-        require(isinstance(self.rank, int) and self.rank >= 1, f"{self.name}: rank must be a positive int, got {self.rank!r}")
+        require(isinstance(self.rank, int) and self.rank >= 1,
+                f"{self.name}: rank must be a positive int, got {self.rank!r}")
         require(self.update_interval >= 1, f"{self.name}: update_interval must be >= 1")
         require(self.svd_niter is None or self.svd_niter >= 0, f"{self.name}: svd_niter must be None or >= 0")
 
@@ -673,6 +681,7 @@ class SMT(SparseMethod):
     """
 
     name = "smt"
+    paper = "SMT: Sparse Matrix Tuning, He et al. 2024"
     needs_calib = True
     budget_default = {"lora_rank": 8}
     budget_options = ("density", "lora_rank", "n_blocks")
@@ -699,9 +708,9 @@ class SMT(SparseMethod):
         super().check(path, w)
         if w.shape[0] % self.block or w.shape[1] % self.block:
             g = math.gcd(*w.shape)
-            raise leaf_error(path, w.shape, w.dtype, f"smt needs both dimensions to be multiples of block={self.block}; "
-                                                     f"set block to a divisor of gcd(in, out) = {g}, for every "
-                                                     f"targeted leaf")
+            raise leaf_error(path, w.shape, w.dtype,
+                             f"smt needs both dimensions to be multiples of block={self.block}; "
+                             f"set block to a divisor of gcd(in, out) = {g}, for every targeted leaf")
 
     def block_scores(self, calib):
         """Kernel-layout `(n/b, m/b)` grid of `Σ |calib|` per block."""
@@ -782,6 +791,7 @@ class S2FT(SparseMethod):
     """
 
     name = "s2ft"
+    paper = "S2FT: Structured Sparse Fine-Tuning, Yang et al., NeurIPS 2024"
 
     density: float | None = None
     lora_rank: int | None = None
@@ -851,7 +861,8 @@ class S2FT(SparseMethod):
         sel, s2, base = node.frozen["sel"], node.train["s2"], node.base
         if PROBE in node.frozen:
             base = base + node.frozen[PROBE]
-        out = base.at[sel, :].add(s2.astype(base.dtype)) if self.axis == "in" else base.at[:, sel].add(s2.astype(base.dtype))
+        out = (base.at[sel, :].add(s2.astype(base.dtype)) if self.axis == "in"
+               else base.at[:, sel].add(s2.astype(base.dtype)))
         return out.astype(node.base.dtype)
 
     def matmul(self, node, x, rng=None):
@@ -908,6 +919,7 @@ class LTSFT(SparseMethod):
     """
 
     name = "lt_sft"
+    paper = "LT-SFT: Composable Sparse Fine-Tuning, Ansell et al., ACL 2022"
     needs_calib = True
 
     def select(self, key, w, calib, k):
@@ -1020,4 +1032,4 @@ def l1_penalty(params: Any) -> jax.Array:
              for node in jax.tree.leaves(params, is_leaf=is_adapter)
              if isinstance(node, Adapter) and isinstance(node.method, SparseMethod)
              for piece in matrix_slices(node)]
-    return sum(terms) if terms else jnp.zeros(())
+    return cast(jax.Array, sum(terms)) if terms else jnp.zeros(())  # a sum of arrays: `terms` is not empty

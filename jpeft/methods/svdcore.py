@@ -42,7 +42,6 @@ from jpeft.methods.base import Method, require, require_float_matrix, require_ra
 from jpeft.registry import register, register_alias
 from jpeft.views import matrix_slices
 
-
 CORE_KINDS = ("dense", "diag", "sparse", "lowrank", "identity")
 
 
@@ -86,7 +85,7 @@ def core_matrix(term: Term) -> jax.Array:
 def _upcast_term(term: Term) -> Term:
     up = lambda x: None if x is None else linalg.upcast(jnp.asarray(x))  # noqa: E731
     core = tuple(up(c) for c in term.core) if term.kind == "lowrank" else up(term.core)
-    return term._replace(a=up(term.a), b=up(term.b), core=core)
+    return term._replace(a=linalg.upcast(jnp.asarray(term.a)), b=linalg.upcast(jnp.asarray(term.b)), core=core)
 
 
 def delta(terms: list[Term]) -> jax.Array:
@@ -95,6 +94,8 @@ def delta(terms: list[Term]) -> jax.Array:
     for term in map(_upcast_term, terms):
         d = term.scale * (core_apply(term, term.a) @ term.b)
         out = d if out is None else out + d
+    if out is None:
+        raise ValueError("svdcore.delta: no terms")
     return out
 
 
@@ -117,6 +118,8 @@ def frames(key: jax.Array | None, m: jax.Array, rank: int | None = None, niter: 
     k = min(m.shape)
     rank = k if rank is None else rank
     if part == "top" and niter is not None:
+        if key is None:
+            raise ValueError("frames: a randomised SVD (niter set) needs a key")
         return linalg.randomized_svd(key, m, rank, niter=niter)
     u, s, vh = linalg.svd(m)
     if part == "top":
@@ -204,6 +207,7 @@ class LoRAXS(SVDCore):
     """
 
     name = "lora_xs"
+    paper = "LoRA-XS: Low-Rank Adaptation with Extremely Small Number of Parameters, Bałazy et al. 2024"
 
     @property
     def identity_at_init(self) -> bool:  # type: ignore[override]
@@ -250,6 +254,7 @@ class LoRASB(SVDCore):
     """
 
     name = "lora_sb"
+    paper = "LoRA-SB: Initialization Using Update Approximation, Ponkshe, Singhal et al. 2024"
     identity_at_init = False
     needs_calib = True
 
@@ -298,12 +303,12 @@ def band_size(k: int, d: int) -> int:
 
 def banded_positions(k: int, d: int) -> tuple[np.ndarray, np.ndarray]:
     """Row-major `(rows, cols)` of the band `|i − j| <= d`."""
-    rows, cols = [], []
+    row_parts, col_parts = [], []
     for off in range(-d, d + 1):
         i = np.arange(max(0, -off), min(k, k - off))
-        rows.append(i)
-        cols.append(i + off)
-    rows, cols = np.concatenate(rows), np.concatenate(cols)
+        row_parts.append(i)
+        col_parts.append(i + off)
+    rows, cols = np.concatenate(row_parts), np.concatenate(col_parts)
     order = np.lexsort((cols, rows))
     return rows[order].astype(np.int32), cols[order].astype(np.int32)
 
@@ -331,6 +336,7 @@ class SVFT(SVDCore):
     """
 
     name = "svft"
+    paper = "SVFT: Singular Vectors guided Fine-Tuning, Lingam et al., NeurIPS 2024"
 
     @property
     def identity_at_init(self) -> bool:  # type: ignore[override]
@@ -347,7 +353,8 @@ class SVFT(SVDCore):
     def validate(self) -> None:
         require(self.rank is None or (isinstance(self.rank, int) and self.rank >= 1),
                 f"{self.name}: rank must be None (full) or a positive int, got {self.rank!r}")
-        require(self.sparsity in SVFT_PATTERNS, f"{self.name}: sparsity must be one of {SVFT_PATTERNS}, got {self.sparsity!r}")
+        require(self.sparsity in SVFT_PATTERNS,
+                f"{self.name}: sparsity must be one of {SVFT_PATTERNS}, got {self.sparsity!r}")
         require(isinstance(self.off_diag, int) and self.off_diag >= 0,
                 f"{self.name}: off_diag must be a non-negative int, got {self.off_diag!r}")
         require(self.sparsity != "plain" or self.off_diag == 0,
@@ -424,6 +431,7 @@ class SVFit(SVDCore):
     `W' = U_r diag(σ_r + δ) V_rᵀ + W_tail = W + U_r diag(δ) V_rᵀ`, `δ = 0` at init (r parameters)."""
 
     name = "svfit"
+    paper = "SVFit, Sun et al. 2024"
 
     rank: int = 8
     svd_niter: int | None = None
@@ -460,6 +468,7 @@ class SALT(SVDCore):
     """
 
     name = "salt"
+    paper = "SALT: Singular-value Adaptation with Low-rank Transformation, Elsayed et al. 2025"
 
     @property
     def identity_at_init(self) -> bool:  # type: ignore[override]
@@ -553,6 +562,7 @@ class KaSA(SVDCore):
     """
 
     name = "kasa"
+    paper = "KaSA: Knowledge-Aware Singular-Value Adaptation, Wang et al., ICLR 2025"
     identity_at_init = False
 
     rank: int = 8
@@ -624,6 +634,7 @@ class SLoRA(SVDCore):
     Kaiming-uniform, `B = 0` (so `W' = W`)."""
 
     name = "slora"
+    paper = "SLoRA (with NLoRA), Guo, Chang and Wu, EMNLP Findings 2025"
 
     rank: int = 8
     alpha: float = 8.0
@@ -660,6 +671,7 @@ class NLoRA(SLoRA):
     """
 
     name = "nlora"
+    paper = "NLoRA: Nyström-initiated Low-Rank Adaptation, Guo, Chang and Wu, EMNLP Findings 2025"
 
     nystrom: str = "pinv"
     residual: bool = True
@@ -698,7 +710,8 @@ class NLoRA(SLoRA):
         return node
 
 
-register_alias("inttune", "nlora", train_factors=False)
+register_alias("inttune", "nlora", train_factors=False,
+               paper="IntTune: Guo, Chang and Wu, EMNLP Findings 2025 (with NLoRA)")
 
 
 # ============================================================================ LaMDA / LaMDA++
@@ -729,6 +742,7 @@ class LaMDA(SVDCore):
     """
 
     name = "lamda"
+    paper = "LaMDA: Large Model Fine-Tuning via Spectrally Decomposed Low-Dimensional Adaptation, Azizi, Kundu and Pedram, EMNLP Findings 2024"
 
     rank: int = 8
     alpha: float = 8.0
@@ -759,7 +773,8 @@ class LaMDA(SVDCore):
         state = {"frozen_cols": jnp.zeros((r,), jnp.float32), "b_snap": jnp.zeros((r, m), dt)}
         if self.init == "kaiming":
             ka, ks = jax.random.split(key)
-            return self.node(w, train={"core": kaiming(ks, (r, r), r, jnp.float32).astype(dt), "b": jnp.zeros((r, m), dt)},
+            return self.node(w, train={"core": kaiming(ks, (r, r), r, jnp.float32).astype(dt),
+                                       "b": jnp.zeros((r, m), dt)},
                              frozen={"a": kaiming(ka, (n, r), n, jnp.float32).astype(dt)}, state=state)
         v_all, sig_all, ut_all = frames(None, w)
         v, sig, ut = v_all[:, :r], sig_all[:r], ut_all[:r]
@@ -824,6 +839,7 @@ class LaMDAPP(LaMDA):
     """
 
     name = "lamda_pp"
+    paper = "LaMDA++ (rank allocation), Azizi, Kundu and Pedram, EMNLP Findings 2024"
 
     threshold: float = 0.0
 
@@ -877,7 +893,7 @@ def lamda_compact(params: Any, opt_state: Any) -> tuple[Any, Any]:
     structure); call once after the hook has frozen `B`, then keep using `opt_state` with the new
     trainable tree. Adapter-only checkpoints of a compacted tree are not supported (save before)."""
     from jpeft.core import split
-    from jpeft.hooks import _moment_trees
+    from jpeft.hooks import moment_trees
 
     trainable, _ = split(params)
     nodes, pdef = jax.tree_util.tree_flatten(params, is_leaf=is_adapter_or_hole)
@@ -887,7 +903,7 @@ def lamda_compact(params: Any, opt_state: Any) -> tuple[Any, Any]:
                            frozen={**n.frozen, "b": n.state["b_snap"]},
                            state={k: v for k, v in n.state.items() if k != "b_snap"}) if d else n
                  for n, d in zip(nodes, done)]
-    leaves, sdef, positions = _moment_trees(opt_state, trainable)
+    leaves, sdef, positions = moment_trees(opt_state, trainable)
     for i in positions:
         flat, mdef = jax.tree_util.tree_flatten(leaves[i], is_leaf=is_adapter_or_hole)
         flat = [m.replace(train={k: v for k, v in m.train.items() if k != "b"}, frozen={**m.frozen, "b": None},

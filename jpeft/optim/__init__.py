@@ -18,12 +18,15 @@ from jpeft.optim.dct_adamw import dct_adamw, scale_by_dct_adamw
 from jpeft.optim.galore import galore, scale_by_galore
 from jpeft.optim.lora_pro import LoRAProState, lora_pro, lora_pro_adjust, scale_by_lora_pro, solve_sylvester
 from jpeft.optim.memory import state_bytes
-from jpeft.optim.natural_galore import (WoodburyPreconditioner, natural_galore, scale_by_natural_galore,
-                                        woodbury_natural_gradient)
+from jpeft.optim.natural_galore import (
+    WoodburyPreconditioner,
+    natural_galore,
+    scale_by_natural_galore,
+    woodbury_natural_gradient,
+)
 from jpeft.optim.owlore import OwLoreState, outlier_ratio, owlore, sample_layers, scale_by_owlore
 from jpeft.optim.projected import LeafState, Projected, ProjectedState
-from jpeft.optim.projector import (DCTBasis, DCTProjector, MatrixView, SVDBasis, SVDProjector, dct_matrix,
-                                   resolve_side)
+from jpeft.optim.projector import DCTBasis, DCTProjector, MatrixView, SVDBasis, SVDProjector, dct_matrix, resolve_side
 from jpeft.optim.weight_decay import decay_after_update
 
 __all__ = [

@@ -14,7 +14,8 @@ matmul and the FFT path use `Q = C_dᵀ` (the reference's matmul mode uses `C_d`
 
 from __future__ import annotations
 
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 import optax
 

@@ -12,7 +12,8 @@ weight-decay order, so that `galore` matches `galore_torch.GaLoreAdamW` step for
 
 from __future__ import annotations
 
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 import optax
 
@@ -33,8 +34,8 @@ def svd_projector_factory(rank: int, proj_type: str, svd: str = "exact", svd_nit
 def galore_config(rank: int = 128, update_proj_gap: int = 200, scale: float = 0.25, proj_type: str = "std", *,
                   inner: optax.GradientTransformation | None = None, b1: float = 0.9, b2: float = 0.999,
                   eps: float = 1e-6, svd: str = "exact", svd_niter: int = 2, svd_oversample: int = 8,
-                  svd_sign: str = "canonical", moment_policy: str = "keep", error_feedback: bool = False, views: ViewsArg = None,
-                  include: IncludeArg = None, max_dim: int | None = None, seed: int = 0,
+                  svd_sign: str = "canonical", moment_policy: str = "keep", error_feedback: bool = False,
+                  views: ViewsArg = None, include: IncludeArg = None, max_dim: int | None = None, seed: int = 0,
                   preconditioner=None) -> Projected:
     """The `Projected` configuration of GaLore (shared by `natural_galore` and `owlore`)."""
     return Projected(
@@ -48,8 +49,8 @@ def galore_config(rank: int = 128, update_proj_gap: int = 200, scale: float = 0.
 def scale_by_galore(rank: int = 128, update_proj_gap: int = 200, scale: float = 0.25, proj_type: str = "std", *,
                     inner: optax.GradientTransformation | None = None, b1: float = 0.9, b2: float = 0.999,
                     eps: float = 1e-6, svd: str = "exact", svd_niter: int = 2, svd_oversample: int = 8,
-                    svd_sign: str = "canonical", moment_policy: str = "keep", error_feedback: bool = False, views: ViewsArg = None,
-                    include: IncludeArg = None, max_dim: int | None = None,
+                    svd_sign: str = "canonical", moment_policy: str = "keep", error_feedback: bool = False,
+                    views: ViewsArg = None, include: IncludeArg = None, max_dim: int | None = None,
                     seed: int = 0) -> optax.GradientTransformation:
     """GaLore's direction (before the learning rate).
 
@@ -74,8 +75,8 @@ def scale_by_galore(rank: int = 128, update_proj_gap: int = 200, scale: float = 
     """
     return galore_config(rank, update_proj_gap, scale, proj_type, inner=inner, b1=b1, b2=b2, eps=eps, svd=svd,
                          svd_niter=svd_niter, svd_oversample=svd_oversample, svd_sign=svd_sign,
-                         moment_policy=moment_policy, error_feedback=error_feedback, views=views, include=include, max_dim=max_dim,
-                         seed=seed).transform()
+                         moment_policy=moment_policy, error_feedback=error_feedback, views=views, include=include,
+                         max_dim=max_dim, seed=seed).transform()
 
 
 def galore(learning_rate: optax.ScalarOrSchedule, rank: int = 128, update_proj_gap: int = 200,

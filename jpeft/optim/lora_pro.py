@@ -27,8 +27,8 @@ FFA-LoRA's lone `b`, plain leaves) goes through `inner` (Adam by default).
 from __future__ import annotations
 
 import functools
-
-from typing import Any, Callable, NamedTuple
+from collections.abc import Callable
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -90,7 +90,7 @@ class PairMoments(NamedTuple):
 
 
 class LoRAProState(NamedTuple):
-    count: jax.Array
+    count: jax.Array  # type: ignore[assignment]  # shadows tuple.count, as optax's states' `count` does
     pairs: dict[str, PairMoments | None]  # per LoRA pair (keyed by path); None when adam=False
     rest: Any  # the inner optimizer's state for every other trainable leaf
 
@@ -115,7 +115,8 @@ def _split(tree):
 
 
 def scale_by_lora_pro(b1: float = 0.9, b2: float = 0.999, eps: float = 1e-8, *, delta: float = 1e-8,
-                      adam: bool = True, inner: optax.GradientTransformation | None = None) -> optax.GradientTransformation:
+                      adam: bool = True,
+                      inner: optax.GradientTransformation | None = None) -> optax.GradientTransformation:
     """LoRA-Pro's direction for trees of `jpeft` adapters (before the learning rate; needs `params`).
 
     Args:

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Literal, overload
 
 import jax
 import numpy as np
@@ -19,7 +19,17 @@ def _nbytes(x) -> int:
     return int(np.prod(x.shape, dtype=np.int64)) * np.dtype(x.dtype).itemsize
 
 
-def state_bytes(tx: optax.GradientTransformation, params_or_shapes: Any, *, by_path: bool = False) -> int | dict[str, int]:
+@overload
+def state_bytes(tx: optax.GradientTransformation, params_or_shapes: Any, *,
+                by_path: Literal[False] = False) -> int: ...
+@overload
+def state_bytes(tx: optax.GradientTransformation, params_or_shapes: Any, *,
+                by_path: Literal[True]) -> dict[str, int]: ...
+@overload
+def state_bytes(tx: optax.GradientTransformation, params_or_shapes: Any, *,
+                by_path: bool = False) -> int | dict[str, int]: ...
+def state_bytes(tx: optax.GradientTransformation, params_or_shapes: Any, *,
+                by_path: bool = False) -> int | dict[str, int]:
     """Bytes of `tx.init(params)` for a tree of arrays or `jax.ShapeDtypeStruct`s.
 
     With `by_path=True`, a `{state path: bytes}` dict instead of the total (e.g. to split projector

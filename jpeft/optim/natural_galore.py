@@ -21,7 +21,8 @@ of Γ change neither ΓΓᵀ nor the solve, so the first `s` steps need no speci
 from __future__ import annotations
 
 import dataclasses
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 import jax
 import jax.numpy as jnp

@@ -16,7 +16,8 @@ number: no host round trip, and no recompilation.
 from __future__ import annotations
 
 import re
-from typing import Any, Callable, NamedTuple, Sequence
+from collections.abc import Callable, Sequence
+from typing import Any, NamedTuple, cast
 
 import jax
 import jax.numpy as jnp
@@ -24,7 +25,7 @@ import numpy as np
 import optax
 
 from jpeft.optim.galore import galore_config
-from jpeft.optim.projected import ProjectedState, _paths_and_leaves
+from jpeft.optim.projected import ProjectedState, paths_and_leaves
 from jpeft.optim.weight_decay import decay_after_update
 
 #: Default layer rule: the integer after `layers_` / `layers.` / `layers/` / `h_` in the leaf path.
@@ -39,12 +40,13 @@ def outlier_ratio(kernels: Sequence[jax.Array], input_norms: Sequence[jax.Array]
     its matrix. Returns the fraction of outliers over all the layer's weights.
     **[UNVERIFIED aggregation]**: matrices are pooled by count (the reference ships precomputed ratios).
     """
-    outliers, total = 0.0, 0
+    outliers: float | jax.Array = 0.0
+    total = 0
     for k, x in zip(kernels, input_norms):
         score = jnp.abs(k) * x[:, None]
         outliers = outliers + jnp.sum(score > m * jnp.mean(score))
         total += k.size
-    return outliers / total
+    return cast(jax.Array, outliers / total)  # an array: with no kernels, 0.0 / 0 has raised
 
 
 def layer_probabilities(scores: Sequence[float] | jax.Array) -> np.ndarray:
@@ -62,7 +64,7 @@ def sample_layers(key: jax.Array, probs: jax.Array, n_active: int) -> jax.Array:
 
 
 class OwLoreState(NamedTuple):
-    count: jax.Array
+    count: jax.Array  # type: ignore[assignment]  # shadows tuple.count, as optax's states' `count` does
     active: jax.Array  # bool[L]: the layers training in the current interval
     galore: ProjectedState
 
@@ -107,7 +109,7 @@ def scale_by_owlore(layer_scores: Sequence[float] | jax.Array, n_active: int = 5
     base_key = jax.random.fold_in(jax.random.PRNGKey(seed), 0x0A11)
 
     def layer_map(tree) -> dict[str, int]:
-        paths, _, _ = _paths_and_leaves(tree)
+        paths, _, _ = paths_and_leaves(tree)
         out = {}
         for p in paths:
             layer = layer_of(p)
@@ -151,7 +153,7 @@ def owlore(learning_rate: optax.ScalarOrSchedule, layer_scores: Sequence[float] 
     def update_fn(updates, state, params=None):
         out, new = chain.update(updates, state, params)
         active = new[0].active
-        paths, leaves, treedef = _paths_and_leaves(out)
+        paths, leaves, treedef = paths_and_leaves(out)
         leaves = [x if layer_of(p) is None else jnp.where(active[layer_of(p)], x, jnp.zeros_like(x))
                   for p, x in zip(paths, leaves)]
         return jax.tree_util.tree_unflatten(treedef, leaves), new

@@ -24,7 +24,8 @@ from __future__ import annotations
 
 import dataclasses
 import re
-from typing import Any, Callable, NamedTuple, Protocol
+from collections.abc import Callable
+from typing import Any, NamedTuple, Protocol
 
 import jax
 import jax.numpy as jnp
@@ -51,7 +52,7 @@ class LeafState(NamedTuple):
     error:   error-feedback buffer `(m, n)`, or None.
     """
 
-    count: jax.Array
+    count: jax.Array  # type: ignore[assignment]  # shadows tuple.count, as optax's states' `count` does
     basis: Any
     inner: Any
     history: Any = None
@@ -59,7 +60,7 @@ class LeafState(NamedTuple):
 
 
 class ProjectedState(NamedTuple):
-    count: jax.Array
+    count: jax.Array  # type: ignore[assignment]  # shadows tuple.count, as optax's states' `count` does
     leaves: dict[str, LeafState]  # keyed by the `/`-joined path of the leaf
 
 
@@ -82,12 +83,18 @@ class LeafPlan:
     def projected(self) -> bool:
         return self.projector is not None
 
+    def parts(self) -> tuple[MatrixView, Projector]:
+        """`(view, projector)` of a projected leaf."""
+        if self.view is None or self.projector is None:
+            raise ValueError("a leaf plan without a matrix view and a projector is not projected")
+        return self.view, self.projector
+
 
 ViewsArg = None | MatrixView | Callable[[str, Any], "MatrixView | None"]
 IncludeArg = None | str | Callable[[str, Any], bool]
 
 
-def _paths_and_leaves(tree) -> tuple[list[str], list[Any], Any]:
+def paths_and_leaves(tree) -> tuple[list[str], list[Any], Any]:
     flat, treedef = jax.tree_util.tree_flatten_with_path(tree)
     paths = [path_str(kp) for kp, _ in flat]
     if len(set(paths)) != len(paths):
@@ -181,7 +188,7 @@ class Projected:
 
     def plan(self, params) -> dict[str, LeafPlan]:
         """`{path: LeafPlan}` for every leaf of `params` (arrays or `jax.ShapeDtypeStruct`s)."""
-        paths, leaves, _ = _paths_and_leaves(params)
+        paths, leaves, _ = paths_and_leaves(params)
         return {p: self.leaf_plan(p, x) for p, x in zip(paths, leaves)}
 
     # ------------------------------------------------------------------ init
@@ -189,18 +196,19 @@ class Projected:
         count = jnp.zeros([], jnp.int32)
         if not plan.projected:
             return LeafState(count, None, self.inner.init(leaf))
-        m, n = plan.view.matrix_shape(tuple(leaf.shape))
-        low = plan.projector.low_shape(m, n)
+        view, projector = plan.parts()
+        m, n = view.matrix_shape(tuple(leaf.shape))
+        low = projector.low_shape(m, n)
         return LeafState(
             count=count,
-            basis=plan.projector.init(m, n, leaf.dtype),
+            basis=projector.init(m, n, leaf.dtype),
             inner=self.inner.init(jnp.zeros(low, leaf.dtype)),
             history=self.preconditioner.init(low, leaf.dtype) if self.preconditioner else None,
             error=jnp.zeros((m, n), leaf.dtype) if self.error_feedback else None,
         )
 
     def init(self, params) -> ProjectedState:
-        paths, leaves, _ = _paths_and_leaves(params)
+        paths, leaves, _ = paths_and_leaves(params)
         states = {p: self.init_leaf(self.leaf_plan(p, x), x) for p, x in zip(paths, leaves)}
         return ProjectedState(count=jnp.zeros([], jnp.int32), leaves=states)
 
@@ -215,7 +223,7 @@ class Projected:
             u, inner = self.inner.update(g, ls.inner, param)
             return u, ls._replace(count=count, inner=inner)
 
-        proj, view = plan.projector, plan.view
+        view, proj = plan.parts()
         mat = view.to_matrix(g)
         m, n = mat.shape
         low_shape = proj.low_shape(m, n)
@@ -251,7 +259,7 @@ class Projected:
     def update(self, updates, state: ProjectedState, params=None, active: dict[str, Any] | None = None):
         """`active`: optional `{path: bool scalar}`; an inactive leaf gets a zero update and keeps its
         state unchanged (its count does not advance). Leaves not named are active."""
-        paths, grads, treedef = _paths_and_leaves(updates)
+        paths, grads, treedef = paths_and_leaves(updates)
         params_flat = treedef.flatten_up_to(params) if params is not None else [None] * len(grads)
         out, new_states = [], {}
         for index, (path, g, p) in enumerate(zip(paths, grads, params_flat)):

@@ -8,7 +8,8 @@ learning rate decays the weight before the step: `W ← W − η·(U + λ·W)`; 
 
 from __future__ import annotations
 
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 import jax
 import jax.numpy as jnp

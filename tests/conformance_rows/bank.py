@@ -1,6 +1,6 @@
 """Conformance rows for family G (shared bank / random bases): `jpeft/methods/bank.py`."""
 
-from jpeft.methods.bank import LoRI, MSPLoRA, RandLoRA, S2LoRA, BlockLoRA, VBLoRA
+from jpeft.methods.bank import BlockLoRA, LoRI, MSPLoRA, RandLoRA, S2LoRA, VBLoRA
 from tests.conformance_table import Case
 
 ROWS = [

@@ -62,7 +62,8 @@ def test_device_frames_are_orthogonal_slices_of_the_principal_subspace(x64):
             np.testing.assert_allclose(gram_a, want, atol=1e-12)
             np.testing.assert_allclose(gram_b, want, atol=1e-12)
         # device i's frame is PiSSA on components [i·r, (i+1)·r)
-        np.testing.assert_allclose(a[i] @ b[i], (u[:, i * r:(i + 1) * r] * sig[i * r:(i + 1) * r]) @ vh[i * r:(i + 1) * r],
+        np.testing.assert_allclose(a[i] @ b[i],
+                                   (u[:, i * r:(i + 1) * r] * sig[i * r:(i + 1) * r]) @ vh[i * r:(i + 1) * r],
                                    atol=1e-12)
     assert numerical_rank(np.concatenate(list(b), axis=0)) == k * r
     np.testing.assert_array_equal(node.base, w)                     # no residual: W is the merged model
@@ -155,7 +156,7 @@ def test_k1_trained_frames_is_pissa_training(x64):
     for i in range(steps):
         batch = regression(w, 1, per_device=32, seed=20 + i)
         params, opt_state, _ = step(params, opt_state, batch)
-        g = jax.grad(lambda t: loss_for(p_spec)(jpeft.combine(t, frozen), batch))(trainable)
+        g = jax.grad(lambda t, batch=batch: loss_for(p_spec)(jpeft.combine(t, frozen), batch))(trainable)
         updates, p_state = tx.update(g, p_state, trainable)
         trainable = optax.apply_updates(trainable, updates)
     np.testing.assert_allclose(params["w"].train["a"][0], trainable["w"].train["a"], atol=1e-10)
@@ -233,7 +234,8 @@ def test_mismatched_device_count_is_a_clear_error():
     step = distributed.hd_pissa_step(loss_for(spec), tx, mesh_of(8))
     with pytest.raises(ValueError, match=r"over 4 devices but mesh axis 'dp' has 8"):
         step(params, tx.init(jpeft.split(params)[0]), regression(w, 8))
-    with pytest.raises(jpeft.AdapterError, match=r"w.*\(8, 64\).*rank 2 on each of 8 devices.*= 16 <= min\(in, out\) = 8"):
+    with pytest.raises(jpeft.AdapterError,
+                       match=r"w.*\(8, 64\).*rank 2 on each of 8 devices.*= 16 <= min\(in, out\) = 8"):
         jpeft.init(jax.random.PRNGKey(0), {"w": kernel(shape=(8, 64))}, jpeft.Spec({"w": HDPiSSA(rank=2, devices=8)}))
 
 
@@ -305,7 +307,7 @@ def test_single_device_fold_hook_equals_the_mesh_step_when_every_device_sees_the
     for i in range(steps):
         x, y = regression(w, 1, per_device=8, seed=30 + i)
         params, opt_state, _ = step(params, opt_state, (jnp.tile(x, (k, 1)), jnp.tile(y, (k, 1))))
-        g = jax.grad(lambda t: loss_for(spec)(jpeft.combine(t, frozen), (x, y)))(trainable)
+        g = jax.grad(lambda t, frozen=frozen, x=x, y=y: loss_for(spec)(jpeft.combine(t, frozen), (x, y)))(trainable)
         updates, s_state = tx.update(g, s_state, trainable)
         single, s_state = jpeft.after_step(jpeft.combine(optax.apply_updates(trainable, updates), frozen), s_state,
                                            spec, step=i + 1, key=jax.random.PRNGKey(0))

@@ -114,8 +114,10 @@ def test_a_two_process_checkpoint_restores_in_one_process_and_continues(runs):
                              spec=spec)
     nodes = dict(leaves_with_paths(state["params"], is_leaf=is_adapter))
     node = nodes["layers_1/self_attn/q_proj/kernel"]
-    np.testing.assert_array_equal(node.train["a"].T, saved["base_model.model.model.layers.1.self_attn.q_proj.lora_A.weight"])
-    np.testing.assert_array_equal(node.train["b"].T, saved["base_model.model.model.layers.1.self_attn.q_proj.lora_B.weight"])
+    np.testing.assert_array_equal(node.train["a"].T,
+                                  saved["base_model.model.model.layers.1.self_attn.q_proj.lora_A.weight"])
+    np.testing.assert_array_equal(node.train["b"].T,
+                                  saved["base_model.model.model.layers.1.self_attn.q_proj.lora_B.weight"])
     # ... and training continues from it in one process as the uninterrupted 1-device run does.
     want, got = adapter(runs["one"]), adapter(runs["resumed"])
     for key in want:
@@ -170,7 +172,8 @@ def test_non_writers_write_nothing(tmp_path, monkeypatch, capsys):
     (["--mesh=data=2,fsdp=2,tensor=2"], "on XLA:CPU a mesh with data, fsdp and tensor all > 1"),
     (["--method=hd_pissa", "--mesh=data=4,fsdp=2"], "runs on the data axis only"),
     (["--method=hd_pissa", '--method_options={"devices": 4}'], "devices=4: .* data axis, which has 8 devices"),
-    (["--method=hd_pissa", "--export_hf=x"], "--export_hf with --method=hd_pissa: HF PEFT export needs one of LoRA, DoRA"),
+    (["--method=hd_pissa", "--export_hf=x"],
+     "--export_hf with --method=hd_pissa: HF PEFT export needs one of LoRA, DoRA"),
 ])
 def test_bad_meshes_and_batches_are_refused_before_anything_loads(args, message, tmp_path, monkeypatch):
     monkeypatch.setattr(finetune, "load_model", lambda *a, **k: pytest.fail("the model was loaded"))

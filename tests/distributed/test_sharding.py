@@ -136,7 +136,8 @@ def test_jitted_train_step_on_a_2x4_mesh_keeps_the_derived_shardings():
     assert adam.mu["q"]["kernel"].train["a"].sharding == expect("fsdp")
     assert adam.nu["o"]["kernel"].train["m"].sharding == expect("fsdp")
     assert adam.count.sharding == expect()
-    assert f["q"]["kernel"].base.sharding == expect("fsdp", "tp") and f["v"]["kernel"].frozen["a"].sharding == expect("fsdp")
+    assert (f["q"]["kernel"].base.sharding == expect("fsdp", "tp")
+            and f["v"]["kernel"].frozen["a"].sharding == expect("fsdp"))
     # the same numbers as the unsharded step
     np.testing.assert_allclose(float(value), float(ref_value), rtol=1e-5)
     for got, want in zip(jax.tree.leaves(t), jax.tree.leaves(ref_t)):
@@ -190,7 +191,8 @@ def test_a_quantised_base_is_replicated_and_its_adapters_follow_its_logical_shap
     node = specs["q"]["kernel"]
     assert node.train == {"a": P("fsdp"), "b": P(None, "tp")}     # (512, r) over fsdp, (r, 256) over tp
     assert jpeft.quant.is_quantized(node.base) and all(s == P() for s in jax.tree.leaves(node.base))
-    assert jpeft.quant.is_quantized(specs["o"]["kernel"]) and all(s == P() for s in jax.tree.leaves(specs["o"]["kernel"]))
+    assert (jpeft.quant.is_quantized(specs["o"]["kernel"])
+            and all(s == P() for s in jax.tree.leaves(specs["o"]["kernel"])))
     train_sh, frozen_sh = jpeft.split(sharding.adapter_shardings(params, base_specs, mesh()))
     trainable, frozen = jpeft.split(params)
     x = jax.random.normal(jax.random.PRNGKey(3), (16, 512))

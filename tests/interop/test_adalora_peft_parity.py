@@ -86,7 +86,8 @@ def test_rank_allocation_matches_peft_rank_allocator():
         model.zero_grad()
         torch.sum(model(torch.from_numpy(x)) * torch.from_numpy(y)).backward()
         model.base_model.update_and_allocate(step)
-        grads = jax.grad(lambda t: jnp.sum(jax_forward(jpeft.apply(jpeft.combine(t, frozen), spec), x) * y))(trainable)
+        grads = jax.grad(lambda t, frozen=frozen, x=x, y=y:
+                         jnp.sum(jax_forward(jpeft.apply(jpeft.combine(t, frozen), spec), x) * y))(trainable)
         tree, _ = jpeft.after_step(jpeft.combine(trainable, frozen), {}, spec, step=step, key=jax.random.PRNGKey(0),
                                    grads=grads)
         trainable, frozen = jpeft.split(tree)

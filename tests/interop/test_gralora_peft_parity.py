@@ -73,7 +73,8 @@ def test_outputs_and_delta_match_peft(hybrid):
         with torch.no_grad():
             for name in NAMES:
                 node = tree[name]["kernel"]
-                np.testing.assert_allclose(node.method.delta(node).T, to_np(layer(model, name).get_delta_weight("default")),
+                np.testing.assert_allclose(node.method.delta(node).T,
+                                           to_np(layer(model, name).get_delta_weight("default")),
                                            rtol=1e-5, atol=1e-6)
                 xin = jax.random.normal(jax.random.PRNGKey(4), (8, node.base.shape[0]))  # factored path
                 np.testing.assert_allclose(node.method.matmul(node, xin), xin @ node.method.materialise(node),

@@ -27,7 +27,8 @@ X = np.random.default_rng(0).standard_normal((8, IN)).astype(np.float32)
 
 def trained_like(tree):
     keys = iter(jax.random.split(jax.random.PRNGKey(3), 64))
-    return jax.tree.map(lambda n: n.replace(train={k: v + 0.1 * jax.random.normal(next(keys), v.shape) for k, v in n.train.items()})
+    return jax.tree.map(lambda n: n.replace(train={k: v + 0.1 * jax.random.normal(next(keys), v.shape)
+                                                   for k, v in n.train.items()})
                         if isinstance(n, jpeft.Adapter) else n, tree, is_leaf=jpeft.is_adapter)
 
 
@@ -107,8 +108,10 @@ STACKED_VIEWS = {r"layers/q/kernel": jpeft.View(inputs=(1,), outputs=(2, 3), bat
 def _stacked_params(model: "StackedTorch") -> dict:
     """`model`'s weights in `_stacked_forward`'s layout (one `(3, ...)` stack per projection)."""
     return {"layers": {
-        "q": {"kernel": jnp.stack([jnp.asarray(l["q"].weight.detach().numpy().T).reshape(8, 2, 4) for l in model.layers])},
-        "o": {"kernel": jnp.stack([jnp.asarray(l["o"].weight.detach().numpy().T).reshape(2, 4, 8) for l in model.layers])}}}
+        "q": {"kernel": jnp.stack([jnp.asarray(layer["q"].weight.detach().numpy().T).reshape(8, 2, 4)
+                            for layer in model.layers])},
+        "o": {"kernel": jnp.stack([jnp.asarray(layer["o"].weight.detach().numpy().T).reshape(2, 4, 8)
+                            for layer in model.layers])}}}
 
 
 @pytest.mark.parametrize("name", ["lora", "dora", "pissa"])

@@ -31,16 +31,19 @@ def hf_bert():
 
 def hidden(model, ids):
     with torch.no_grad():
-        return model(input_ids=torch.from_numpy(ids), attention_mask=torch.ones_like(torch.from_numpy(ids))).last_hidden_state.numpy()
+        return model(input_ids=torch.from_numpy(ids),
+                     attention_mask=torch.ones_like(torch.from_numpy(ids))).last_hidden_state.numpy()
 
 
-@pytest.mark.parametrize("method", [jpeft.LoRA(rank=4, alpha=8), jpeft.DoRA(rank=4, alpha=8), jpeft.PiSSA(rank=4, alpha=4)],
+@pytest.mark.parametrize("method",
+                         [jpeft.LoRA(rank=4, alpha=8), jpeft.DoRA(rank=4, alpha=8), jpeft.PiSSA(rank=4, alpha=4)],
                          ids=["lora", "dora", "pissa"])
 def test_export_loads_in_peft_with_the_same_hidden_states(minilm, method, tmp_path):
     config, params, ids = minilm
     spec = jpeft.Spec({TARGET: method})
     keys = iter(jax.random.split(jax.random.PRNGKey(3), 256))
-    tree = jax.tree.map(lambda n: n.replace(train={k: v + 0.02 * jax.random.normal(next(keys), v.shape) for k, v in n.train.items()})
+    tree = jax.tree.map(lambda n: n.replace(train={k: v + 0.02 * jax.random.normal(next(keys), v.shape)
+                                                   for k, v in n.train.items()})
                         if isinstance(n, jpeft.Adapter) else n, jpeft.init(jax.random.PRNGKey(0), params, spec),
                         is_leaf=jpeft.is_adapter)
     export_peft(str(tmp_path / "adapter"), tree, spec, modules=hf_module_map(config))

@@ -31,7 +31,8 @@ def smollm2():
 
 def trained_like(tree):
     keys = iter(jax.random.split(jax.random.PRNGKey(3), 256))
-    return jax.tree.map(lambda n: n.replace(train={k: v + 0.02 * jax.random.normal(next(keys), v.shape) for k, v in n.train.items()})
+    return jax.tree.map(lambda n: n.replace(train={k: v + 0.02 * jax.random.normal(next(keys), v.shape)
+                                                   for k, v in n.train.items()})
                         if isinstance(n, jpeft.Adapter) else n, tree, is_leaf=jpeft.is_adapter)
 
 

@@ -28,8 +28,9 @@ from jpeft.paths import leaves_with_paths
 torch = pytest.importorskip("torch")
 peft = pytest.importorskip("peft")
 transformers = pytest.importorskip("transformers")
-from tests.models.test_llama import hf_config  # noqa: E402
 from transformers.initialization import no_init_weights  # noqa: E402
+
+from tests.models.test_llama import hf_config  # noqa: E402
 
 LL = LlamaConfig(vocab_size=64, hidden_size=16, intermediate_size=32, num_layers=2, num_heads=2, num_kv_heads=1,
                  tie_embeddings=False)
@@ -57,7 +58,8 @@ def numpy_state(model):
 def fresh(kind):
     like = {"llama": _LLAMA, "cls": _CLS, "bert": _CLS.bert}[kind]
     with no_init_weights():
-        model = (type(like)(like.config) if kind != "bert" else transformers.BertModel(like.config, add_pooling_layer=True))
+        model = (type(like)(like.config) if kind != "bert"
+                 else transformers.BertModel(like.config, add_pooling_layer=True))
     model.load_state_dict(like.state_dict())
     return model.eval()
 
@@ -246,9 +248,11 @@ ERROR_ROWS = {
     "wrong_r": (lambda d: _edit_config(d, lambda c: {**c, "r": 3}), "the factors have rank 4, the config says r=3"),
     "int_tensor": (lambda d: _edit_tensors(d, lambda t: {**t, f"{Q1}.lora_A.weight": t[f"{Q1}.lora_A.weight"].astype(
         np.int32)}), "lora_A.weight' has dtype int32"),
-    "renamed_module": (lambda d: _edit_tensors(d, lambda t: {k.replace("layers.1", "layers.7"): v for k, v in t.items()}),
+    "renamed_module": (lambda d: _edit_tensors(d, lambda t: {k.replace("layers.1", "layers.7"): v
+                                                             for k, v in t.items()}),
                        r"torch module 'model.layers.7.self_attn.(q|v)_proj' is not in this model"),
-    "stray_tensor": (lambda d: _edit_tensors(d, lambda t: {**t, "base_model.model.model.norm.extra": np.ones(2, np.float32)}),
+    "stray_tensor": (lambda d: _edit_tensors(
+                         d, lambda t: {**t, "base_model.model.model.norm.extra": np.ones(2, np.float32)}),
                      "'base_model.model.model.norm.extra' is not a PEFT LoRA tensor name"),
     "unknown_key": (lambda d: _edit_config(d, lambda c: {**c, "lora_frobnicate": 1}),
                     "key 'lora_frobnicate' is not in jpeft's LORA config table"),
@@ -279,7 +283,8 @@ def test_a_bfloat16_folder_imports_its_exact_values(folder, tmp_path):
     """PEFT saves adapters in the model's dtype; bfloat16 factors import exactly (widened)."""
     directory = tmp_path / "bf16"
     shutil.copytree(folder, directory)
-    from safetensors.torch import load_file as torch_load, save_file as torch_save
+    from safetensors.torch import load_file as torch_load
+    from safetensors.torch import save_file as torch_save
 
     original = torch_load(str(directory / "adapter_model.safetensors"))
     torch_save({k: v.to(torch.bfloat16) for k, v in original.items()}, str(directory / "adapter_model.safetensors"))
@@ -313,7 +318,8 @@ def test_exports_peft_would_load_without_effect_are_refused(tmp_path):
 def test_the_config_tables_cover_the_installed_peft(peft_type, config_class):
     fields = {f.name for f in dataclasses.fields(getattr(peft, config_class))}
     table = peft_rows.TABLES[peft_type]
-    assert set(table) == fields, f"keys PEFT has that the table lacks: {fields - set(table)}; stale: {set(table) - fields}"
+    assert set(table) == fields, (f"keys PEFT has that the table lacks: {fields - set(table)}; "
+                                  f"stale: {set(table) - fields}")
     for key, entry in table.items():
         assert entry.handling in ("honoured", "irrelevant", "refused") and entry.why, key
 
@@ -444,7 +450,8 @@ def test_gpt2_conv1d_layout_both_ways(tmp_path):
     torch.manual_seed(0)
     hf = transformers.GPT2LMHeadModel(hf_cfg).eval()
     state = {k: v.clone() for k, v in hf.state_dict().items()}
-    params, modules, forward = gpt2.params_from_hf(numpy_state(hf), gc), gpt2.hf_module_map(gc), jax.jit(gpt2.GPT2(gc).apply)
+    params, modules, forward = (gpt2.params_from_hf(numpy_state(hf), gc), gpt2.hf_module_map(gc),
+                                jax.jit(gpt2.GPT2(gc).apply))
 
     def torch_logits(model):
         with torch.no_grad():

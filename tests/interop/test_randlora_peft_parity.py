@@ -38,7 +38,8 @@ def load(params, model):
         frozen = {"shared": {"a": jnp.asarray(a[:, 0, :]), "b": jnp.asarray(b)}} if "shared" in node.frozen else {}
         train = {"lam": jnp.asarray(to_np(layer.randlora_lambda["default"])),
                  "gamma": jnp.asarray(to_np(layer.randlora_gamma["default"]))}
-        out[name] = {"kernel": node.replace(base=jnp.asarray(to_np(layer.base_layer.weight).T), train=train, frozen=frozen),
+        out[name] = {"kernel": node.replace(base=jnp.asarray(to_np(layer.base_layer.weight).T), train=train,
+                                            frozen=frozen),
                      "bias": jnp.asarray(to_np(layer.base_layer.bias))}
     return out
 
@@ -65,8 +66,10 @@ def test_randlora_outputs_match_peft_at_init_and_after_perturbation(extra):
             with torch.no_grad():
                 for name in ("q_proj", "v_proj"):
                     layer = getattr(model.base_model.model, name)
-                    layer.randlora_lambda["default"].add_(torch.randn(layer.randlora_lambda["default"].shape, generator=gen))
-                    layer.randlora_gamma["default"].mul_(1 + torch.randn(layer.randlora_gamma["default"].shape, generator=gen))
+                    layer.randlora_lambda["default"].add_(torch.randn(layer.randlora_lambda["default"].shape,
+                                                                      generator=gen))
+                    layer.randlora_gamma["default"].mul_(1 + torch.randn(layer.randlora_gamma["default"].shape,
+                                                                         generator=gen))
         with torch.no_grad():
             want = model(torch.from_numpy(x)).numpy()
         loaded = load(params, model)

@@ -44,7 +44,7 @@ def test_frozen_base_gets_zero_gradient(impl):
     """K is frozen in every impl: jax.grad w.r.t. K is exactly zero (not the autodiff x^T g)."""
     x, K, ct = normal(0, (T, N)), normal(5, (N, M)), normal(6, (T, M))
     fns = _calls(impl)
-    grads = jax.jit(lambda K: [jax.grad(linear_loss(lambda K: f(x, K), ct))(K)
+    grads = jax.jit(lambda K: [jax.grad(linear_loss(lambda K, f=f: f(x, K), ct))(K)
                                for f in fns.values()])(K)
     for name, dK in zip(fns, grads):
         assert dK.shape == K.shape, name

@@ -4,7 +4,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from pallas_kernels._plan import build_plan, bucket_values, num_chunks, unbucket_values
+from pallas_kernels._plan import bucket_values, build_plan, num_chunks, unbucket_values
 
 OUT_BLOCK, IN_BLOCK, N_OUT, N_IN, CHUNK = 8, 4, 3, 5, 4
 

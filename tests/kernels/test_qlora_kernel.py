@@ -80,7 +80,8 @@ def test_the_factored_path_dispatches_qlora_to_the_kernel():
     x = normal(5, (6, 64))
     base = MLP().init(jax.random.PRNGKey(0), x)["params"]
     spec = jpeft.Spec({r"(up|down)/kernel": jpeft.LoRA(rank=4, alpha=8)})
-    trainable, frozen = jpeft.split(jpeft.init(jax.random.PRNGKey(1), jpeft.quantize(base, {r"(up|down)/kernel": quant.nf4()}), spec))
+    trainable, frozen = jpeft.split(jpeft.init(jax.random.PRNGKey(1),
+                                               jpeft.quantize(base, {r"(up|down)/kernel": quant.nf4()}), spec))
     trainable = jax.tree.map(lambda t: t + 0.05, trainable)
 
     def loss(impl):

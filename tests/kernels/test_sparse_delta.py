@@ -6,8 +6,15 @@ import numpy as np
 import pytest
 
 import pallas_kernels as pk
-from tests.kernels._helpers import (SMALL, assert_close, assert_matches, float_outputs_of_shape,
-                                    normal, sparse_support, value_and_vjp)
+from tests.kernels._helpers import (
+    SMALL,
+    assert_close,
+    assert_matches,
+    float_outputs_of_shape,
+    normal,
+    sparse_support,
+    value_and_vjp,
+)
 
 # 24 tokens, n=48, m=80: padding on every axis of the 32-wide tiles.
 T, N, M = 24, 48, 80

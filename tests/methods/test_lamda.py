@@ -37,7 +37,8 @@ def test_a_gets_no_gradient_and_counts_before_and_after_the_freeze():
     method = LaMDA(rank=R)
     tree = jpeft.init(jax.random.PRNGKey(0), {"w": w}, jpeft.Spec({"w": method}))
     trainable, frozen = jpeft.split(tree)
-    g = jax.grad(lambda t: jnp.sum(jnp.sin(jpeft.apply(jpeft.combine(t, frozen), jpeft.Spec({"w": method}))["w"])))(trainable)
+    g = jax.grad(lambda t: jnp.sum(jnp.sin(jpeft.apply(jpeft.combine(t, frozen),
+                                                       jpeft.Spec({"w": method}))["w"])))(trainable)
     assert set(g["w"].train) == {"core", "b"} and "a" in tree["w"].frozen
     assert jpeft.count(tree).trainable == R * R + R * M_OUT
 

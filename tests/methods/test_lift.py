@@ -50,7 +50,8 @@ def test_refresh_carries_moments_bitwise_and_keeps_the_function():
     k = idx.shape[0]
     # a large trained delta moves the principal weights
     node = node.replace(train={"val": 3.0 * jax.random.normal(jax.random.PRNGKey(1), (k,))})
-    moments = [{"val": jax.random.normal(jax.random.PRNGKey(2), (k,))}, {"val": jax.random.uniform(jax.random.PRNGKey(3), (k,))}]
+    moments = [{"val": jax.random.normal(jax.random.PRNGKey(2), (k,))},
+               {"val": jax.random.uniform(jax.random.PRNGKey(3), (k,))}]
     same = method.step_hook([node], [moments], step=jnp.asarray(9), keys=[jax.random.PRNGKey(0)])
     jax.tree.map(np.testing.assert_array_equal, same.nodes[0], node)
     res = method.step_hook([node], [moments], step=jnp.asarray(10), keys=[jax.random.PRNGKey(0)])
@@ -91,5 +92,6 @@ def test_recovers_a_planted_target_on_the_principal_weights_in_200_steps():
             continue                                               # a refresh step
         moved = np.asarray(method.materialise(b) != method.materialise(a)).T.reshape(-1)
         assert np.all(np.isin(np.nonzero(moved)[0], np.asarray(a.frozen["idx"])))
-    refreshes = sum(not np.array_equal(a.frozen["idx"], b.frozen["idx"]) for (a, _), (b, _) in zip(history[:-1], history[1:]))
+    refreshes = sum(not np.array_equal(a.frozen["idx"], b.frozen["idx"])
+                    for (a, _), (b, _) in zip(history[:-1], history[1:]))
     assert 1 <= refreshes <= 3                                     # at steps 50, 100, 150 (if the mask moved)

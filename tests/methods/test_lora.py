@@ -79,10 +79,12 @@ def test_dropout_expectation_equals_delta_and_no_rng_means_no_dropout():
     np.testing.assert_array_equal(method.delta(node), method.delta(node, None))
     masked = jax.vmap(lambda k: method.delta(node, k))(jax.random.split(jax.random.PRNGKey(2), 4000))
     assert not np.allclose(masked[0], method.delta(node))
-    np.testing.assert_allclose(jnp.mean(masked, 0), method.delta(node), atol=0.05 * float(jnp.max(jnp.abs(method.delta(node)))))
+    np.testing.assert_allclose(jnp.mean(masked, 0), method.delta(node),
+                               atol=0.05 * float(jnp.max(jnp.abs(method.delta(node)))))
     x = jnp.ones((3, N_IN))
     ys = jax.vmap(lambda k: method.matmul(node, x, k))(jax.random.split(jax.random.PRNGKey(3), 4000))
-    np.testing.assert_allclose(jnp.mean(ys, 0), x @ method.materialise(node), atol=0.05 * float(jnp.max(jnp.abs(x @ method.delta(node)))))
+    np.testing.assert_allclose(jnp.mean(ys, 0), x @ method.materialise(node),
+                               atol=0.05 * float(jnp.max(jnp.abs(x @ method.delta(node)))))
 
 
 def test_olora_factors_are_qr_of_the_weight(x64):
@@ -109,7 +111,8 @@ def test_ffa_lora_aggregation_is_exact():
     method = jpeft.FFALoRA(rank=R, alpha=8)
     w = kernel()
     clients = [node_for(method, w, key=0) for _ in range(3)]
-    clients = [c.replace(train={"b": jax.random.normal(jax.random.PRNGKey(i), (R, M_OUT))}) for i, c in enumerate(clients)]
+    clients = [c.replace(train={"b": jax.random.normal(jax.random.PRNGKey(i), (R, M_OUT))})
+               for i, c in enumerate(clients)]
     for c in clients[1:]:
         np.testing.assert_array_equal(c.frozen["a"], clients[0].frozen["a"])
     avg = clients[0].replace(train={"b": sum(c.train["b"] for c in clients) / 3})

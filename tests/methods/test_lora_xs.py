@@ -68,7 +68,8 @@ def test_init_is_identity_up_to_the_tiny_core():
     assert 0 < float(jnp.std(core)) < 3e-5
     diff = jnp.abs(LoRAXS(rank=R).materialise(node) - w)
     assert 0 < float(jnp.max(diff)) < 1e-3 * float(jnp.max(jnp.abs(w)))
-    np.testing.assert_array_equal(LoRAXS(rank=R, init_std=0.0).materialise(node_for(LoRAXS(rank=R, init_std=0.0), w)), w)
+    np.testing.assert_array_equal(LoRAXS(rank=R, init_std=0.0).materialise(node_for(LoRAXS(rank=R, init_std=0.0), w)),
+                                  w)
 
 
 def test_randomized_svd_frames_match_the_exact_ones(x64):

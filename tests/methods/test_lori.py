@@ -71,8 +71,10 @@ def test_global_mask_keeps_the_largest_entries_jointly_and_masked_entries_stay_z
     assert kept == round(0.1 * total) and kept <= (1 - 0.9) * total + 0.5  # nnz ≤ (1−ρ)·total jointly
     per_layer = [float(jnp.mean(n.frozen["mask"])) for n in nodes_s]
     assert max(per_layer) != min(per_layer)  # a global (pooled) threshold, not per layer
-    kept_mag = np.concatenate([np.abs(np.asarray(d.train["b"]))[np.asarray(s.frozen["mask"]) > 0] for d, s in zip(nodes_d, nodes_s)])
-    dropped_mag = np.concatenate([np.abs(np.asarray(d.train["b"]))[np.asarray(s.frozen["mask"]) == 0] for d, s in zip(nodes_d, nodes_s)])
+    kept_mag = np.concatenate([np.abs(np.asarray(d.train["b"]))[np.asarray(s.frozen["mask"]) > 0]
+                               for d, s in zip(nodes_d, nodes_s)])
+    dropped_mag = np.concatenate([np.abs(np.asarray(d.train["b"]))[np.asarray(s.frozen["mask"]) == 0]
+                                  for d, s in zip(nodes_d, nodes_s)])
     assert kept_mag.min() >= dropped_mag.max()
     assert all(not np.any(n.train["b"]) for n in nodes_s)  # restarted
     for d, s in zip(nodes_d, nodes_s):  # same A
@@ -84,5 +86,6 @@ def test_global_mask_keeps_the_largest_entries_jointly_and_masked_entries_stay_z
         np.testing.assert_array_equal(np.asarray(t.train["b"])[off], 0.0)  # exactly 0: no gradient, no decay
         assert np.any(np.asarray(t.train["b"])[~off] != 0)
         delta = np.asarray(t.method.materialise(t) - t.base)
-        np.testing.assert_allclose(delta, t.method.scale * np.asarray(t.frozen["a"]) @ (np.asarray(t.train["b"]) * ~off),
+        np.testing.assert_allclose(delta,
+                                   t.method.scale * np.asarray(t.frozen["a"]) @ (np.asarray(t.train["b"]) * ~off),
                                    rtol=1e-5, atol=1e-6)

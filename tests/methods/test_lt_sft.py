@@ -62,7 +62,8 @@ def test_composition_and_subtraction_are_exact():
     # general float values: bitwise for disjoint supports, fp32-close otherwise
     x, y = delta(4, 100, dyadic=False), delta(5, 100, dyadic=False)
     disjoint = sp.SparseDelta(*[v[~np.isin(y.idx, x.idx)] for v in (y.idx, y.val)], y.shape)
-    np.testing.assert_array_equal(sp.subtract(sp.add(x, disjoint), disjoint).val[np.isin(sp.add(x, disjoint).idx, x.idx)], x.val)
+    np.testing.assert_array_equal(
+        sp.subtract(sp.add(x, disjoint), disjoint).val[np.isin(sp.add(x, disjoint).idx, x.idx)], x.val)
     np.testing.assert_allclose(sp.add(x, y).dense_kernel(), x.dense_kernel() + y.dense_kernel(), rtol=1e-6)
     # dict form: several deltas on several leaves
     d = sp.add({"w": a}, {"w": b, "v": c})

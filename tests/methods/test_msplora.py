@@ -21,7 +21,8 @@ def params():
 
 def perturbed(tree, seed=3):
     rng = np.random.default_rng(seed)  # numpy noise: no per-shape compilation
-    return jax.tree.map(lambda n: n.replace(train=jax.tree.map(lambda v: v + 0.3 * rng.standard_normal(v.shape).astype(v.dtype), n.train))
+    return jax.tree.map(lambda n: n.replace(train=jax.tree.map(
+                            lambda v: v + 0.3 * rng.standard_normal(v.shape).astype(v.dtype), n.train))
                         if isinstance(n, jpeft.Adapter) else n, tree, is_leaf=jpeft.is_adapter)
 
 
@@ -41,7 +42,7 @@ def test_slots_groups_identity_and_counts():
         np.testing.assert_array_equal(leaf, base)
     nodes = nodes_of(tree)
     # layers 0-1, 2-3, 4-5 share a mid-level LoRA per module (q and v separately); one global per module.
-    for (i, mod), node in nodes.items():
+    for (i, _mod), node in nodes.items():
         assert int(node.frozen["global"]) == 0  # one module per shape bucket
         assert int(node.frozen["mid"]) == i // 2
     shared = nodes[(0, "q")].train["shared"]

@@ -100,5 +100,6 @@ def test_bad_input_names_the_option_and_the_path():
         LRQAT(base_dtype="int8")
     with pytest.raises(jpeft.OptionError, match="bfloat16' with bits=8"):
         LRQAT(bits=8, base_dtype="bfloat16")
-    with pytest.raises(jpeft.AdapterError, match=r"k: leaf of shape \(64, 48\).*group 48 must divide the input dimension 64"):
+    with pytest.raises(jpeft.AdapterError,
+                       match=r"k: leaf of shape \(64, 48\).*group 48 must divide the input dimension 64"):
         adapted(L4Q(rank=4, group=48))

@@ -82,7 +82,9 @@ def test_counts_bases_stored_once_and_shared_by_all_layers():
     assert all(n.frozen["shared"]["a"] is nodes[0].frozen["shared"]["a"] for n in nodes)
     # Gradients flow to λ (γ has zero gradient while λ = 0), never to the bases.
     trainable_t, frozen_t = jpeft.split(tree)
-    g = jax.jit(jax.grad(lambda t: sum(jnp.sum(jnp.sin(k)) for k in jax.tree.leaves(jpeft.apply(jpeft.combine(t, frozen_t), spec)))))(trainable_t)
+    g = jax.jit(jax.grad(
+        lambda t: sum(jnp.sum(jnp.sin(k)) for k in jax.tree.leaves(jpeft.apply(jpeft.combine(t, frozen_t), spec)))
+    ))(trainable_t)
     assert float(jnp.max(jnp.abs(g["l0"]["kernel"].train["lam"]))) > 0
     assert "shared" not in g["l0"]["kernel"].train
 

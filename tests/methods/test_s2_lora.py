@@ -22,7 +22,8 @@ def tree_for(method, seed=0):
 
 def perturbed(tree):
     rng = np.random.default_rng(3)
-    return jax.tree.map(lambda n: n.replace(train=jax.tree.map(lambda v: v + rng.standard_normal(v.shape).astype(v.dtype), n.train))
+    return jax.tree.map(lambda n: n.replace(train=jax.tree.map(
+                            lambda v: v + rng.standard_normal(v.shape).astype(v.dtype), n.train))
                         if isinstance(n, jpeft.Adapter) else n, tree, is_leaf=jpeft.is_adapter)
 
 

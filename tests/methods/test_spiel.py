@@ -150,7 +150,8 @@ def test_first_reselection_replaces_everything_and_no_samples_changes_nothing():
                              keys=[jax.random.PRNGKey(0)]).nodes[0]
     assert len(np.setdiff1d(node.frozen["idx"], first.frozen["idx"])) == 60  # p = 1: min(k, #valid)
     empty = node.replace(state={**node.state, "samples": jnp.asarray(0.0)})
-    res = method.step_hook([empty], [moments], step=jnp.asarray(method.accumulation_steps), keys=[jax.random.PRNGKey(0)])
+    res = method.step_hook([empty], [moments], step=jnp.asarray(method.accumulation_steps),
+                           keys=[jax.random.PRNGKey(0)])
     np.testing.assert_array_equal(res.nodes[0].frozen["idx"], node.frozen["idx"])
     assert k == res.nodes[0].frozen["idx"].shape[0]
     # outside the reselection step the hook is the identity
@@ -164,7 +165,8 @@ def test_rigl_accumulates_the_dense_gradient_over_the_window():
     k = node.frozen["idx"].shape[0]
     mom = [{"val": jnp.zeros((k,))}, {"val": jnp.zeros((k,))}]
     gs = [kernel(seed=10 + t) for t in range(3)]
-    assert [method.wants_dense_grads(s) for s in (0, 1, 3, 4, 11, 13, 14)] == [False, True, True, False, True, True, False]
+    assert ([method.wants_dense_grads(s) for s in (0, 1, 3, 4, 11, 13, 14)]
+            == [False, True, True, False, True, True, False])
     n = node
     for t, g in zip((1, 2), gs):
         n = method.step_hook([n], [mom], step=jnp.asarray(t), keys=[jax.random.PRNGKey(0)],
@@ -173,7 +175,8 @@ def test_rigl_accumulates_the_dense_gradient_over_the_window():
     top = np.sort(np.asarray(sp.select_topk(jnp.abs(gs[0]), k)))
     np.testing.assert_array_equal(cand, top)
     np.testing.assert_allclose(n.state["cand_sum"], sp.gather_kernel(gs[0] + gs[1], n.state["cand"]), rtol=1e-6)
-    np.testing.assert_allclose(n.state["cand_sq"], sp.gather_kernel(gs[0] ** 2 + gs[1] ** 2, n.state["cand"]), rtol=1e-6)
+    np.testing.assert_allclose(n.state["cand_sq"], sp.gather_kernel(gs[0] ** 2 + gs[1] ** 2, n.state["cand"]),
+                               rtol=1e-6)
     assert float(n.state["samples"]) == 2.0
     outside = method.step_hook([n], [mom], step=jnp.asarray(5), keys=[jax.random.PRNGKey(0)],
                                grads=[{"val": jnp.zeros((k,)), "dense": gs[2]}]).nodes[0]
@@ -192,7 +195,8 @@ def test_value_and_hook_grads_gives_the_dense_kernel_gradient_on_both_paths():
                  lambda p: jnp.sum(jnp.sin(x @ jpeft.apply(p, spec)["w"]))):
         value, g, hg = sp.value_and_hook_grads(loss, t, f)
         np.testing.assert_allclose(hg["w"].train["dense"], want, rtol=1e-5, atol=1e-5)
-        np.testing.assert_allclose(hg["w"].train["val"], sp.gather_kernel(want, params["w"].frozen["idx"]), rtol=1e-5, atol=1e-6)
+        np.testing.assert_allclose(hg["w"].train["val"], sp.gather_kernel(want, params["w"].frozen["idx"]),
+                                   rtol=1e-5, atol=1e-6)
         assert set(g["w"].train) == {"val"}
     built = sp.hook_grads(g, {"w": want})
     np.testing.assert_array_equal(built["w"].train["dense"], want)
@@ -225,7 +229,8 @@ def test_sm3_accumulators_and_reselection():
     score = np.outer(new.state["row_acc"], new.state["col_acc"]).reshape(-1)
     score[np.asarray(idx)] = -np.inf
     assert np.min(score[added]) >= np.sort(score)[-len(added)] - 1e-12
-    assert np.all(np.isin(np.asarray(idx)[: len(added)], np.setdiff1d(idx, new.frozen["idx"])))  # smallest |val| dropped
+    # smallest |val| dropped
+    assert np.all(np.isin(np.asarray(idx)[: len(added)], np.setdiff1d(idx, new.frozen["idx"])))
     is_new = np.isin(np.asarray(new.frozen["idx"]), added)
     assert np.all(np.asarray(res.moments[0][0]["val"])[is_new] == 0)
     assert np.all(np.asarray(res.moments[0][0]["val"])[~is_new] == 1)

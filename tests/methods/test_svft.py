@@ -43,7 +43,8 @@ def test_default_init_is_not_the_identity():
 def test_trainable_count(sparsity, d, rank):
     """(b) plain: k + 1; banded / random / top-k: k(2d+1) − d(d+1) + 1 (the gate)."""
     params = {"q": kernel(), "v": kernel(1, (M_OUT, N_IN))}
-    tree = jpeft.init(jax.random.PRNGKey(0), params, jpeft.Spec({"q|v": SVFT(rank=rank, sparsity=sparsity, off_diag=d)}))
+    tree = jpeft.init(jax.random.PRNGKey(0), params,
+                      jpeft.Spec({"q|v": SVFT(rank=rank, sparsity=sparsity, off_diag=d)}))
     k = K if rank is None else rank
     assert jpeft.count(tree).trainable == 2 * (k * (2 * d + 1) - d * (d + 1) + 1)
 

@@ -16,7 +16,8 @@ METHOD = VBLoRA(rank=R, num_vectors=H, vector_length=B, topk=K)
 
 def tree_of_layers(shapes, seed=0):
     keys = jax.random.split(jax.random.PRNGKey(seed), len(shapes))
-    return {f"layer{i}": {"kernel": jax.random.normal(k, s) / s[0] ** 0.5} for i, (k, s) in enumerate(zip(keys, shapes))}
+    return {f"layer{i}": {"kernel": jax.random.normal(k, s) / s[0] ** 0.5}
+            for i, (k, s) in enumerate(zip(keys, shapes))}
 
 
 SPEC = jpeft.Spec({r"layer\d+/kernel": METHOD})

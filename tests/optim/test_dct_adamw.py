@@ -94,7 +94,7 @@ def _reference_dct_adamw(w0, grads, *, lr, wd, rank, b1=0.9, b2=0.999, eps=1e-8)
             prev, idx = s["idx"], np.argsort(-norms, kind="stable")[:rank]
             s["idx"] = idx
             a = sim[:, idx] if right else sim[idx, :]
-            back = (lambda x: x @ q[:, idx].T) if right else (lambda x: q[:, idx] @ x)
+            back = (lambda x, q=q, idx=idx: x @ q[:, idx].T) if right else (lambda x, q=q, idx=idx: q[:, idx] @ x)
             s["ef"] = acc - back(a)
             if t > 1:
                 rot = q[:, prev].T @ q[:, idx] if right else q[:, idx].T @ q[:, prev]

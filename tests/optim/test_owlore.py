@@ -61,7 +61,7 @@ def test_inactive_layers_get_zero_updates_and_keep_their_state():
     state, update = tx.init(p), jax.jit(tx.update)
     prev_active = None
     for t in range(4 * interval):
-        g = jax.tree.map(lambda x: jax.random.normal(jax.random.PRNGKey(t), x.shape), p)
+        g = jax.tree.map(lambda x, t=t: jax.random.normal(jax.random.PRNGKey(t), x.shape), p)
         before = state[0].galore.leaves
         u, state = update(g, state, p)
         owl = state[0]
@@ -86,7 +86,7 @@ def test_projector_refresh_follows_the_leaf_own_step_count():
     p = {"layers_0": {"w": jnp.zeros((24, 16))}, "layers_1": {"w": jnp.zeros((24, 16))}}
     state, update = tx.init(p), jax.jit(tx.update)
     for t in range(10):
-        g = jax.tree.map(lambda x: jax.random.normal(jax.random.PRNGKey(t), x.shape), p)
+        g = jax.tree.map(lambda x, t=t: jax.random.normal(jax.random.PRNGKey(t), x.shape), p)
         _, state = update(g, state, p)
     counts = [int(state.galore.leaves[f"layers_{i}/w"].count) for i in range(2)]
     assert sum(counts) == 10

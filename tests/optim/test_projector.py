@@ -8,8 +8,17 @@ import numpy as np
 import pytest
 import scipy.fft
 
-from jpeft.optim.projector import (DCTBasis, DCTProjector, MatrixView, SVDProjector, apply_rotation,
-                                   canonical_signs, dct_matrix, dct_rows, resolve_side)
+from jpeft.optim.projector import (
+    DCTBasis,
+    DCTProjector,
+    MatrixView,
+    SVDProjector,
+    apply_rotation,
+    canonical_signs,
+    dct_matrix,
+    dct_rows,
+    resolve_side,
+)
 
 M, N, R = 48, 32, 4  # METHODS.md §4.4: non-square on purpose
 
