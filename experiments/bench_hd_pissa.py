@@ -1,4 +1,4 @@
-"""HD-PiSSA vs data-parallel LoRA / PiSSA on simulated devices (DESIGN.md §8, METHODS.md §2.5).
+"""HD-PiSSA vs data-parallel LoRA / PiSSA on simulated devices (docs/design.md §8).
 
     python -m experiments.bench_hd_pissa --dim=256 --layers=4 --rank=8 --steps=20
 

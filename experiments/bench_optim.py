@@ -9,7 +9,7 @@
 2. refresh: projector refresh time at 4096×4096 and 4096×11008 — exact SVD, randomised SVD, DCT
             select (FFT and matmul paths) — as ratios to the exact SVD, measured in one run.
 3. step:    steady-state training-step time (forward + backward + update) of each optimizer on the
-            reference Llama workload (DESIGN.md §8: vocab 4096, hidden 512, MLP 1376, 4 layers,
+            reference Llama workload (docs/design.md §8: vocab 4096, hidden 512, MLP 1376, 4 layers,
             batch 8×128, fp32) relative to `optax.adamw` in the same run. Refresh-based optimizers are
             timed twice — never refreshing and refreshing every step — and amortised over their gap:
             `t = t_steady + (t_refresh − t_steady) / gap`.
@@ -46,7 +46,7 @@ def define_flags() -> None:
     flags.DEFINE_integer("refresh_reps", 2, "timed repetitions per refresh method")
     flags.DEFINE_integer("model_rank", 128, "projection rank on the reference model (GaLore 60M, hidden 512: 128)")
     flags.DEFINE_integer("gap", 200, "update_proj_gap for the amortised step time (GaLore default)")
-    flags.DEFINE_integer("lora_rank", 16, "LoRA rank for the LoRA-Pro row (DESIGN.md §8)")
+    flags.DEFINE_integer("lora_rank", 16, "LoRA rank for the LoRA-Pro row (docs/design.md §8)")
     flags.DEFINE_integer("rounds", 5, "interleaved timing rounds for the step section")
     flags.DEFINE_string("step_only", "", "regex: time only the step rows whose name it matches "
                         "(the optax.adamw baselines always run)")

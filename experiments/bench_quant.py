@@ -3,7 +3,7 @@ qwix's NF4 LoRA, one table (issue "QLoRA and quantisation-aware adapters").
 
     python -m experiments.bench_quant [--batch=8] [--seq=128] [--rank=16] [--out_dir=out/bench_quant]
 
-The reference Llama (DESIGN.md §8: vocab 4096, hidden 512, MLP 1376, 4 layers, fp32), r=16 on all
+The reference Llama (docs/design.md §8: vocab 4096, hidden 512, MLP 1376, 4 layers, fp32), r=16 on all
 seven projections of every layer, AdamW, one donating training step. Per row, from the arrays and
 the compiled step (deterministic figures):
 
@@ -15,7 +15,7 @@ the compiled step (deterministic figures):
 The projections are quantised (QLoRA's choice); embeddings and norms stay fp32. qwix's row uses its
 own `LoraProvider(weight_qtype="nf4", tile_size=32)` (blocks of 32 along the contraction: qwix tiles
 only evenly and 64 does not divide the MLP's 1376; fp32 scales, no double
-quantisation; METHODS_MULTI_QUANT.md K.5), run through its interception of the model's `Dense`s.
+quantisation; docs/quant.md, "Against qwix"), run through its interception of the model's `Dense`s.
 """
 
 from __future__ import annotations

@@ -1,5 +1,5 @@
 """Sparse fine-tuning with O(k) memory: trainable and optimizer bytes, step FLOPs and peak bytes of
-LIFT, SpIEL and SLTrain against LoRA with the same trainable count (DESIGN.md §8).
+LIFT, SpIEL and SLTrain against LoRA with the same trainable count (docs/design.md §8).
 
     python -m experiments.bench_sparse [--steps=3] [--out_dir=out/bench_sparse]
 

@@ -1,4 +1,4 @@
-"""Training-step cost on the reference workload (DESIGN.md §8): XLA FLOPs, bytes, wall time.
+"""Training-step cost on the reference workload (docs/design.md §8): XLA FLOPs, bytes, wall time.
 
     python -m experiments.bench_step [--steps=10] [--hf=true] [--views=true] [--out_dir=out/bench_step]
 

@@ -5,7 +5,7 @@
 
 (also run by `python -m experiments.bench_step`, after its own table).
 
-The reference workload's shapes (DESIGN.md §8: vocab 4096, hidden 512, MLP 1376, 4 layers, 8
+The reference workload's shapes (docs/design.md §8: vocab 4096, hidden 512, MLP 1376, 4 layers, 8
 heads, batch 8×128, fp32, r=16 on all seven projections, AdamW), written with Flax's own layers:
 q/k/v `DenseGeneral` kernels `(512, 8, 64)`, o `(8, 64, 512)`, Dense MLP; variant `dg` loops over
 the layers, variant `scan` stacks them with `nn.scan` (kernels `(4, ...)`). Per row: XLA FLOPs

@@ -1,4 +1,4 @@
-"""Every registered method on the reference workload (DESIGN.md §8), one row each.
+"""Every registered method on the reference workload (docs/design.md §8), one row each.
 
     python -m experiments.bench_zoo [--methods=lora,dora] [--rank=16] [--fit_steps=100]
 

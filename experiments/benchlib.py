@@ -1,4 +1,4 @@
-"""Shared pieces of the benchmarks: the reference workload (DESIGN.md §8), XLA figures, tables."""
+"""Shared pieces of the benchmarks: the reference workload (docs/design.md §8), XLA figures, tables."""
 
 from __future__ import annotations
 

@@ -5,14 +5,15 @@
     trainable, frozen = jpeft.split(params)
     effective = jpeft.apply(jpeft.combine(trainable, frozen), spec)   # inside the loss
 
-See docs/DESIGN.md for the contract and docs/METHODS.md for the formulas.
+See docs/design.md for the contract and docs/methods.md for the per-method reference (formulas,
+papers).
 """
 
 from jpeft import optim as optim  # `import jpeft` makes `jpeft.optim` available, as optax.contrib
 from jpeft import quant  # configs nf4 / fp4 / int8 / int4, NF4_CODE, QTensor
 from jpeft.adapter import Adapter, is_adapter
 from jpeft.compact import compact  # the function; the module stays importable as jpeft.compact
-from jpeft.core import ParamCount, apply, check_fits, combine, count, init, labels, merge, split
+from jpeft.core import ParamCount, apply, check_fits, combine, count, init, labels, merge, penalty, split
 from jpeft.errors import AdapterError, OptionError, SpecError
 from jpeft.factored import factored, factored_nnx, infer_views
 from jpeft.hooks import HookResult, after_step
@@ -26,5 +27,5 @@ __all__ = [
     "Adapter", "AdapterError", "DoRA", "FFALoRA", "Full", "HookResult", "LoRA", "LoRAGA", "Method",
     "OptionError", "ParamCount", "PeriodicLoRA", "PiSSA", "Spec", "SpecError", "View", "after_step", "apply",
     "check_fits", "combine", "compact", "count", "dequantize", "factored", "factored_nnx", "infer_views", "init",
-    "is_adapter", "labels", "merge", "method", "methods", "quant", "quantize", "split",
+    "is_adapter", "labels", "merge", "method", "methods", "penalty", "quant", "quantize", "split",
 ]

@@ -1,4 +1,4 @@
-"""Orbax checkpoints (DESIGN.md §7).
+"""Orbax checkpoints (docs/design.md §7).
 
 - `save_adapters` / `load_adapters`: adapter-only export (the adapters' trainable arrays, buffers
   and state — not the frozen base, which `Method.rebuild_base` recreates from the original

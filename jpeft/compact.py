@@ -1,8 +1,8 @@
-"""`jpeft.compact(params, spec)`: slice masked components away at export (METHODS.md §1.3 J).
+"""`jpeft.compact(params, spec)`: slice masked components away at export.
 
 Step hooks never change shapes: adaptive-rank methods (AdaLoRA, SoRA) zero a component instead of
-removing it. `compact` drops those components for export or inference. A method opts in with an
-optional `compact(node) -> node` method; for methods without it, compact is the identity. The
+removing it. `compact` drops those components for export or inference. A method opts in by
+overriding `Method.compact(node) -> node`; for methods without one, compact is the identity. The
 merged weights do not change (`merge(compact(p)) == merge(p)`), only the shapes shrink.
 
 Compaction is eager (the new shapes depend on the values), so call it outside `jit`; a compacted
@@ -28,9 +28,9 @@ def compact_node(node: Adapter) -> Adapter:
 
     A viewed node is compacted slice by slice; where slices keep different numbers of components,
     each is zero-padded to the largest (padded components are zero, so the merge is unchanged)."""
-    fn = getattr(node.method, "compact", None)
-    if fn is None:
+    if not node.method.compacts:
         return node
+    fn = node.method.compact
     if node.view is None:
         return fn(node)
     shape = node.view.batch_shape(node.base.shape)

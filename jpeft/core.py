@@ -1,4 +1,5 @@
-"""The engine: `init`, `apply`, `merge`, `split`, `combine`, `count`, `labels` (DESIGN.md §1–2).
+"""The engine: `init`, `apply`, `merge`, `split`, `combine`, `count`, `labels`
+(docs/design.md sections 1–2).
 
 All are pure functions of pytrees and jit-able (pass the `Spec` as a static argument).
 """
@@ -18,7 +19,7 @@ from jpeft.paths import leaf_key, leaves_with_paths, path_str
 from jpeft.quant import dequantize_array, is_leaf_node, is_quantized, logical_size, quantize_array
 from jpeft.shared import SHARED, attach_shared
 from jpeft.spec import Spec
-from jpeft.views import check_leaf, create_node, materialise_node, missing_view_error
+from jpeft.views import check_leaf, create_node, materialise_node, matrix_slices, missing_view_error
 
 
 def init(key: jax.Array, params: Any, spec: Spec, *, calib: Any = None) -> Any:
@@ -194,7 +195,7 @@ def check_node_arrays(path: str, node: Adapter, adapter_dtype=None) -> None:
                                 None if adapter_dtype is None else jnp.dtype(adapter_dtype))
     if expected is None:
         return
-    may_shrink = getattr(node.method, "compact", None) is not None
+    may_shrink = node.method.compacts
     per_device = node.method.per_device_leading
     # A hook may move an entry between the parts (LaMDA freezes `b`): look each up in all three.
     have = {**node.state, **node.frozen, **node.train}
@@ -259,7 +260,7 @@ _remat_materialise = jax.checkpoint(materialise_node)
 
 
 def apply(params: Any, spec: Spec, *, rng: jax.Array | None = None, check_finite: bool = False) -> Any:
-    """Effective plain parameters for the model (the materialised path, DESIGN.md §2).
+    """Effective plain parameters for the model (the materialised path, docs/design.md section 2).
 
     Each adapter becomes its effective weight `K' = f(K, θ)` under `jax.checkpoint`, so the
     method's own m×n temporaries (e.g. `s·a@b`, DoRA's direction) are recomputed in the backward
@@ -391,3 +392,17 @@ def count(params: Any) -> ParamCount:
     quantised leaf counts the parameters it stands for (`jpeft.quant.stored_bytes`: its bytes)."""
     trainable, frozen = split(params)
     return ParamCount(logical_size(trainable), logical_size(frozen))
+
+
+def penalty(params: Any) -> jax.Array:
+    """The loss regularisers of every method config in `params` (a combined tree or the trainable
+    half of `jpeft.split`), summed: each config's `Method.penalty` over its nodes, a viewed node
+    as its matrix slices. Add it to the training loss; 0 when no config has one (AdaLoRA's
+    orthogonality term, KaSA's and SALT's regularisers, SoRA's gate L1 and LT-SFT's L1 pull with
+    their weights set)."""
+    groups: dict[Any, list[Adapter]] = {}
+    for node in jax.tree.leaves(params, is_leaf=lambda x: isinstance(x, Adapter)):
+        if isinstance(node, Adapter):
+            groups.setdefault(node.method, []).extend(matrix_slices(node))
+    terms = [t for t in (method.penalty(nodes) for method, nodes in groups.items()) if t is not None]
+    return sum(terms[1:], terms[0]) if terms else jnp.zeros((), jnp.float32)

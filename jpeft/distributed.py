@@ -1,4 +1,4 @@
-"""Distributed training steps (DESIGN.md §6, METHODS.md §2.5, §4.2).
+"""Distributed training steps (docs/design.md §6, docs/scale.md).
 
 `hd_pissa_step` is HD-PiSSA's step with `jax.shard_map` over a data-parallel mesh axis: device `d`
 holds the adapter frames of principal components `[d·r, (d+1)·r)` (slice `d` of every HD-PiSSA
@@ -9,7 +9,7 @@ updates and folds the same rank-`≤2·K·r` increment into the replicated weigh
     ΔK = s·Σ_d [(a_d + δa_d)(b_d + δb_d) − a_d b_d] = s·(δA·(B + δB) + A·δB)
 
 with `A = [a_1 … a_K]`, `δA`, `B = [b_1; …; b_K]`, `δB` concatenated (two rank-`K·r` GEMMs; kernel
-layout, so this is the transpose of METHODS.md's `ΔW`). One all-gather per step carries every
+layout, so this is the transpose of the papers' `(out, in)` `ΔW`). One all-gather per step carries every
 node's updates. Trainable leaves of other methods in the same tree are plain data-parallel
 (gradients averaged over the axis).
 

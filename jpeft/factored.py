@@ -1,4 +1,4 @@
-"""The factored execution path (DESIGN.md §2, §11), for Flax Linen, NNX and custom layers.
+"""The factored execution path (docs/design.md §2, docs/any_model.md), for Flax Linen, NNX and custom layers.
 
 `jpeft.factored(model.apply, spec)` returns a function with `model.apply`'s signature that takes
 the *adapted* tree. Wherever the model multiplies an adapted kernel, the method's factored form

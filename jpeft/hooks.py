@@ -1,5 +1,6 @@
 """Step hooks: pure, jit-able rewrites of adapters and optimizer state after an optimizer step
-(METHODS.md §1.3 J, §4.3).
+(family J, schedules and step hooks). Optimizer-state surgery is always explicit: a hook returns the
+new moments of its nodes, and a `restarted` flag when optax's step counts must be reset too.
 
 A method's `step_hook(nodes, moments, *, step, keys, grads)` sees every adapter node that uses
 that method config (in tree order), for each node the optimizer moments of its trainable leaves

@@ -1,4 +1,4 @@
-"""Linear algebra shared by SVD/QR-based inits and projectors (always fp32; METHODS.md §0)."""
+"""Linear algebra shared by SVD/QR-based inits and projectors (always fp32)."""
 
 from __future__ import annotations
 

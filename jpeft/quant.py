@@ -1,4 +1,4 @@
-"""Quantised frozen weights (METHODS_MULTI_QUANT.md family K): NF4 / FP4 blockwise 4-bit codes with
+"""Quantised frozen weights (family K, docs/quant.md): NF4 / FP4 blockwise 4-bit codes with
 optional double quantisation of the block scales (QLoRA), and symmetric absmax int8 / int4 per
 output channel or per group.
 

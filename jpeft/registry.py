@@ -16,7 +16,7 @@ if TYPE_CHECKING:
 
 _M = TypeVar("_M", bound="type[Method]")
 
-_CLASSES: dict[str, type] = {}
+_CLASSES: dict[str, type[Method]] = {}
 _ALIASES: dict[str, tuple[str, dict[str, Any]]] = {}
 _ALIAS_PAPERS: dict[str, str] = {}
 
@@ -47,7 +47,7 @@ def methods() -> list[str]:
     return sorted([*_CLASSES, *_ALIASES])
 
 
-def resolve(name: str) -> tuple[type, dict[str, Any], str]:
+def resolve(name: str) -> tuple[type[Method], dict[str, Any], str]:
     """`(method class, options the name fixes, paper)` of a registry name."""
     cls = _class_of(name)
     if name in _ALIASES:
@@ -55,7 +55,7 @@ def resolve(name: str) -> tuple[type, dict[str, Any], str]:
     return cls, {}, cls.paper
 
 
-def _class_of(name: str) -> type:
+def _class_of(name: str) -> type[Method]:
     target = _ALIASES[name][0] if name in _ALIASES else name
     if target not in _CLASSES:
         raise UnknownMethodError(f"unknown method {name!r}; known methods: {', '.join(methods())}")

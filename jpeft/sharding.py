@@ -1,5 +1,5 @@
-"""Shardings of adapted trees, derived from the base weights' shardings (DESIGN.md §6, METHODS.md
-§4.2).
+"""Shardings of adapted trees, derived from the base weights' shardings (docs/design.md section 6,
+"Scale-out"; docs/scale.md).
 
 Given how the base parameters are sharded (FSDP on one mesh axis, tensor parallel on another, ...),
 every adapter array gets the sharding its role implies:
@@ -8,7 +8,7 @@ every adapter array gets the sharding its role implies:
   axis, the rank axis is replicated; arrays shaped like the base take the base's sharding; vectors
   over `out` (DoRA's magnitude) or `in` follow that axis;
 - shared banks (`train["shared"]` / `frozen["shared"]`, `jpeft.shared`) and scalars are replicated;
-- a method may state its arrays' roles itself with `sharding_layout(node) -> {part: {key: roles}}`,
+- a method may state its arrays' roles itself with `Method.sharding_layout(node) -> {part: {key: roles}}`,
   roles being `"in"`, `"out"`, `"stack"` (a leading data-parallel device axis, HD-PiSSA) or None;
 - a mesh axis is used at most once per array (the stack axis wins), and a dimension that the mesh
   axis size does not divide is replicated instead;
@@ -210,7 +210,7 @@ def node_partition_specs(node: Adapter, base_spec: PartitionSpec, mesh: Mesh | A
     ref_ndim = len(base_shape) if base_shape is not None else max(
         (len(np.shape(x)) for x in jax.tree.leaves(node.train)), default=0)
     base_entries = _entries(base_spec, ref_ndim)
-    layout = node.method.sharding_layout(node) if hasattr(node.method, "sharding_layout") else {}
+    layout = node.method.sharding_layout(node)
 
     def part(name, d):
         roles_for = layout.get(name, {})

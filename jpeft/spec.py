@@ -1,4 +1,4 @@
-"""`jpeft.Spec`: ordered `{regex: method}` rules over `/`-joined leaf paths (DESIGN.md §1)."""
+"""`jpeft.Spec`: ordered `{regex: method}` rules over `/`-joined leaf paths (docs/design.md §1)."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""Matrix views of N-D kernels (DESIGN.md §11).
+"""Matrix views of N-D kernels (docs/any_model.md).
 
 A method adapts a matrix. A kernel of any rank is adapted through a `View`: which of its axes form
 the matrix's input side, which its output side, and which are independent batch axes (the layer

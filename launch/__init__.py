@@ -1,4 +1,4 @@
-"""Launching experiments (DESIGN.md §6): run any experiment module
+"""Launching experiments (docs/design.md §6, docs/scale.md): run any experiment module
 
 - locally (`run_local`: `python -m <module> <args>`),
 - as N local processes joined by `jax.distributed.initialize` on localhost (`run_multiprocess`;

@@ -1,4 +1,4 @@
-"""Pallas kernels for jpeft (METHODS.md §4.1; DESIGN.md §5).
+"""Pallas kernels for jpeft (docs/design.md §5).
 
 Each kernel has a pure-jnp reference, a Pallas kernel wrapped in `jax.custom_vjp`, and a
 dispatcher (`impl="auto"|"kernel"|"reference"`: kernel on GPU/TPU, reference on CPU; a kernel

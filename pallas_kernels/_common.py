@@ -1,6 +1,6 @@
 """Helpers shared by every kernel: backend dispatch, token flattening, padding, block sizes.
 
-METHODS.md §4.1. Nothing here is kernel-specific; the kernels import these so that dispatch,
+See docs/design.md §5. Nothing here is kernel-specific; the kernels import these so that dispatch,
 tiling and padding rules are identical across `fused_lora_matmul`, `linear_sparse_delta` and
 `fused_lr_sparse_matmul`.
 """
@@ -14,7 +14,7 @@ import jax.numpy as jnp
 
 IMPLS = ("auto", "kernel", "reference")
 PATHS = ("sparse", "dense", "auto")
-# METHODS.md §1.3 C: above ~1% density the dense scatter-then-GEMM fallback is the better default.
+# Above ~1% density the dense scatter-then-GEMM fallback is the better default.
 DENSE_DENSITY_THRESHOLD = 0.01
 MIN_BLOCK = 16  # Triton's dot needs every operand dimension >= 16
 
@@ -131,7 +131,7 @@ def unflatten_tokens(y, lead):
 
 
 def split_flat_index(idx, n: int):
-    """Paper-layout flat indices -> (row = output unit, col = input unit) (METHODS.md §4.1)."""
+    """Paper-layout flat indices -> (row = output unit, col = input unit); paper layout is `(out, in)`."""
     return idx // n, idx % n
 
 
@@ -152,7 +152,7 @@ def check_lowrank(n: int, m: int, a, b, core, gate) -> int:
 
 
 def check_sparse(idx, val) -> None:
-    """idx: int[k] flat paper-layout indices; val: [k] (METHODS.md §1.3 C)."""
+    """idx: int[k] flat paper-layout indices; val: [k] (family C)."""
     if idx.ndim != 1 or not jnp.issubdtype(idx.dtype, jnp.integer):
         raise ValueError(f"idx must be a 1-D integer array, got {idx.dtype}{tuple(idx.shape)}")
     check_shape("val", val, idx.shape)

@@ -1,4 +1,4 @@
-"""Dispatcher shared by the public kernels: kernel on GPU/TPU, reference on CPU (METHODS.md §4.1).
+"""Dispatcher shared by the public kernels: kernel on GPU/TPU, reference on CPU (docs/design.md §5).
 
 Every impl treats K as frozen (`lax.stop_gradient` on the reference path, a None cotangent in the
 custom VJP), so `jax.grad` w.r.t. K is zero whichever impl runs. path="dense" (the scatter-then-GEMM

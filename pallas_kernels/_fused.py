@@ -1,4 +1,4 @@
-"""One differentiable op behind all three public kernels (METHODS.md §4.1).
+"""One differentiable op behind all three public kernels (docs/design.md §5).
 
     fused_apply(x, K, a, b, core, gate, s, idx, val)
         = x @ K + s·((x @ a) [@ core] [* gate]) @ b + x @ scatter(idx, val)ᵀ

@@ -1,4 +1,4 @@
-"""The two Pallas kernels every public op is built from (METHODS.md §4.1).
+"""The two Pallas kernels every public op is built from (docs/design.md §5).
 
 `fused_linear_call` computes, per (token tile i, output tile j) program,
 

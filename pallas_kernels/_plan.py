@@ -1,4 +1,4 @@
-"""Bucketing of sparse entries by output/input tile for the gather-based kernels (§4.1).
+"""Bucketing of sparse entries by output/input tile for the gather-based kernels (docs/design.md §5).
 
 A sparse delta is a list of entries (out_id, in_id, val). The kernels tile the matrix into
 (out_block x in_block) blocks; the entries of each block are laid out contiguously in fixed-size

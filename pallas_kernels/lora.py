@@ -1,4 +1,4 @@
-"""Fused base + LoRA matmul (METHODS.md §1.3 A, §4.1 item 1)."""
+"""Fused base + LoRA matmul (family A; docs/design.md §5)."""
 
 from __future__ import annotations
 
@@ -9,10 +9,10 @@ from pallas_kernels._dispatch import dispatch
 def fused_lora_matmul(x, K, a, b, s, core=None, gate=None, *, impl: str = "auto", blocks=None):
     """y = x @ K + s·((x @ a) [@ core] [* gate]) @ b in one pass over the output tiles.
 
-    Kernel layout (METHODS.md §0): x (..., n), K (n, m) frozen, a = Aᵀ (n, r), b = Bᵀ (r, m).
+    Kernel layout (Flax, y = x @ K): x (..., n), K (n, m) frozen, a = Aᵀ (n, r), b = Bᵀ (r, m).
     The optional r x r `core` multiplies the (tokens, r) panel t = x @ a on the right, t @ core,
-    so ΔK = s·a @ core @ diag(gate) @ b; it is the transpose of the paper-layout core of
-    METHODS.md §1.3 A, which writes (x @ Aᵀ) @ coreᵀ. The optional diagonal `gate` (r,) scales
+    so ΔK = s·a @ core @ diag(gate) @ b; it is the transpose of the paper-layout core
+    (`W` is `(out, in)`), which writes (x @ Aᵀ) @ coreᵀ. The optional diagonal `gate` (r,) scales
     the panel's columns after the core (SoRA/KaSA/AdaLoRA). `s`: Python float or traced scalar.
 
     The kernel computes t = x @ a once per token tile (a projection call), then one fused call per

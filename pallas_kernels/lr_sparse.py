@@ -1,4 +1,4 @@
-"""Fused low-rank + sparse matmul, SLTrain-style (METHODS.md §1.3 D, §2.17, §4.1 item 3)."""
+"""Fused low-rank + sparse matmul, SLTrain-style (family D; docs/design.md §5)."""
 
 from __future__ import annotations
 

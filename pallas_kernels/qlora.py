@@ -1,5 +1,5 @@
 """Fused dequantise + matmul (+ LoRA) for a 4-bit blockwise-quantised frozen weight (QLoRA;
-METHODS_MULTI_QUANT.md K.1): `y = x @ deq(K) + s·(x @ a) @ b` without an `(n, m)` float weight.
+docs/quant.md): `y = x @ deq(K) + s·(x @ a) @ b` without an `(n, m)` float weight.
 
 Layout (bitsandbytes' on the torch weight `W = Kᵀ`): `codes (m, n/2)` uint8, row `o` holding the
 `n` input features of output `o` two per byte, the even feature in the high nibble; `absmax

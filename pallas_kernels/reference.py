@@ -1,4 +1,4 @@
-"""Pure-jnp references for every kernel (METHODS.md §1.3 A/C/D, §4.1).
+"""Pure-jnp references for every kernel (docs/design.md §5; families A, C, D).
 
 These are the ground truth for the tests and what the dispatchers run on CPU; JAX autodiff
 differentiates them. Kernel layout throughout: K (n, m), a (n, r), b (r, m), y = x @ K.
@@ -31,7 +31,7 @@ def _core_gate(t, core=None, gate=None):
 
 
 def lowrank_term(x2d, a, b, s, core=None, gate=None):
-    """s·((x @ a) [@ core] [* gate]) @ b (METHODS.md §1.3 A; core applied as t @ core)."""
+    """s·((x @ a) [@ core] [* gate]) @ b (family A; core applied as t @ core)."""
     return s * (_core_gate(x2d @ a, core, gate) @ b)
 
 
@@ -41,7 +41,7 @@ def lowrank_weight(a, b, s, core=None, gate=None):
 
 
 def sparse_term(x2d, idx, val, m: int, n: int):
-    """Gather-based x @ scatter(idx, val)ᵀ: y[:, row] += val·x[:, col] (METHODS.md §1.3 C).
+    """Gather-based x @ scatter(idx, val)ᵀ: y[:, row] += val·x[:, col] (family C).
 
     Memory: a (tokens, k) panel, never an (m, n) array (nor in its autodiff gradient).
     """
@@ -94,7 +94,7 @@ def linear_sparse_delta_reference(x, K, idx, val, path: str = "sparse"):
 
 
 def fused_lr_sparse_matmul_reference(x, a, b, idx, val, s, K=None, path: str = "sparse"):
-    """Reference for `fused_lr_sparse_matmul`: x @ (s·a @ b + Sᵀ) [+ x @ K] (SLTrain, §2.17)."""
+    """Reference for `fused_lr_sparse_matmul`: x @ (s·a @ b + Sᵀ) [+ x @ K] (SLTrain)."""
     n, m = a.shape[0], b.shape[1]
     check_lowrank(n, m, a, b, None, None)
     check_shape("K", K, (n, m))

@@ -1,4 +1,4 @@
-"""Linear layer plus a sparse delta (METHODS.md §1.3 C, §4.1 item 2)."""
+"""Linear layer plus a sparse delta (family C; docs/design.md §5)."""
 
 from __future__ import annotations
 
@@ -17,7 +17,7 @@ def linear_sparse_delta(x, K, idx, val, *, path: str = "sparse", impl: str = "au
     forward or backward. Backward: dval = Σ_tokens g[:, row]·x[:, col] (sampled product), dx
     includes the sparse term. In the kernel the in-tile gather/scatter are one-hot matmuls, so the
     sparse term costs about density·(out + inner) times the dense tile GEMM: prefer the dense path
-    above ~1% density (METHODS.md §1.3 C) unless memory matters more.
+    above ~1% density unless memory matters more.
     path="dense": scatter into a zero (m, n) then one GEMM (XLA on every backend; dval = G[idx]
     of the dense gradient). path="auto": dense above DENSE_DENSITY_THRESHOLD.
     K is frozen in every impl (zero gradient); gradients flow to x and val.

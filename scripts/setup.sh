@@ -3,7 +3,7 @@
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
 PY="${PYTHON:-python3}"
-# The fortunes topic-classification task reads Debian's `fortunes` package (see OFFLINE.md).
+# The fortunes topic-classification task reads Debian's `fortunes` package (installed below if missing).
 if [ ! -d /usr/share/games/fortunes ] && command -v apt-get >/dev/null; then
   SUDO=$([ "$(id -u)" = 0 ] || echo sudo)
   $SUDO apt-get install -y -qq fortunes >/dev/null \

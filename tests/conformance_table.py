@@ -1,5 +1,5 @@
 """The conformance table: one row per method configuration, run through the shared properties in
-`test_conformance.py` (DESIGN.md §3). A new method adds one row here (and its oracle tests)."""
+`test_conformance.py` (docs/design.md §3). A new method adds one row here (and its oracle tests)."""
 
 from __future__ import annotations
 
@@ -57,7 +57,7 @@ def _family_rows() -> list[Case]:
 CASES = CORE_CASES + _family_rows()
 
 # ---------------------------------------------------------------------------------------------
-# The shared toy model: two adapted kernels of non-square shapes (METHODS.md §4.4: 48×32, r=4),
+# The shared toy model: two adapted kernels of non-square shapes (48×32, r=4),
 # one plain bias and one untargeted kernel.
 
 TARGET = r"blk/(q_proj|v_proj)/kernel"

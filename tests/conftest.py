@@ -9,6 +9,6 @@ import pytest  # noqa: E402
 
 @pytest.fixture
 def x64():
-    """float64 for exact linear-algebra oracles (METHODS.md §4.4)."""
+    """float64 for exact linear-algebra oracles."""
     with jax.enable_x64(True):
         yield

@@ -1,5 +1,5 @@
 """Orbax checkpoints: adapter-only export/import for every conformance case, full training state
-resume (bit-identical), and the clear errors (DESIGN.md §7)."""
+resume (bit-identical), and the clear errors (docs/design.md §7, docs/robustness.md)."""
 
 import json
 import os

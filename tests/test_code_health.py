@@ -74,3 +74,14 @@ def test_pyproject_declares_exactly_the_allowed_dependencies():
     assert {name(r) for r in project["optional-dependencies"]["models"]} == check_imports.MODELS
     packages = tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["setuptools"]["packages"]["find"]
     assert packages["include"] == ["jpeft*", "pallas_kernels*"]
+
+
+def test_nothing_points_outside_the_repository():
+    """Docs, docstrings and comments cite the repo's own `docs/`, never a spec file beside it."""
+    outside = re.compile("(" + r"\.\./shared" + "|" + r"\b(METHODS[A-Z_0-9]*|DESIGN|OFFLINE)" + r"\.md\b)")
+    suffixes = {".py", ".md", ".toml", ".sh", ".txt", ".cfg"}
+    files = [p for p in ROOT.rglob("*") if p.suffix in suffixes and p.is_file()
+             and not {".venv", ".git", "out", "runs", ".mypy_cache", ".ruff_cache"} & set(p.relative_to(ROOT).parts)]
+    found = [f"{p.relative_to(ROOT)}:{i}: {line.strip()[:80]}" for p in files
+             for i, line in enumerate(p.read_text(errors="replace").splitlines(), 1) if outside.search(line)]
+    assert found == []

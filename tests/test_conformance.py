@@ -195,3 +195,33 @@ def test_bad_input_missing_or_misshapen_calibration(case):
     bad = jax.tree.map(lambda g: g[:-1], calib_grads(params))
     with pytest.raises(jpeft.AdapterError, match=r"blk/(q|v)_proj/kernel.*calibration gradient has shape"):
         jpeft.init(jax.random.PRNGKey(0), params, spec_for(case), calib=bad)
+
+
+HOOKED = [c for c in CASES if c.method.step_hook is not None]
+
+
+@pytest.mark.parametrize("case", HOOKED, ids=[c.id for c in HOOKED])
+def test_step_hooks_are_jittable_and_keep_every_shape(case):
+    """`jpeft.after_step` with the row's hook, under `jax.jit` (the step a traced array, so one
+    compile serves every step): the same values as eagerly, and the adapted tree and optimizer
+    state keep their structure, shapes and dtypes (hooks mask, never resize)."""
+    _, spec, ad = adapted(case)
+    trainable, frozen = jpeft.split(ad)
+    tx = optax.adam(1e-2)
+    opt_state = tx.init(trainable)
+    x, y = inputs(), targets()
+    grads = jax.grad(lambda t: loss(jpeft.apply(jpeft.combine(t, frozen), spec), x, y))(trainable)
+    updates, opt_state = tx.update(grads, opt_state, trainable)
+    params = jpeft.combine(optax.apply_updates(trainable, updates), frozen)
+    hook = jax.jit(lambda p, s, step, key: jpeft.after_step(p, s, spec, step=step, key=key, grads=grads))
+    shapes = lambda tree: jax.tree.map(lambda v: (np.shape(v), jnp.result_type(v)), tree)  # noqa: E731
+    want_shapes = shapes((params, opt_state))
+    for step in range(1, 5):
+        key = jax.random.PRNGKey(step)
+        got = hook(params, opt_state, jnp.asarray(step), key)
+        assert jax.tree.structure(got) == jax.tree.structure((params, opt_state))
+        assert shapes(got) == want_shapes, f"step {step}: the hook changed a shape or dtype"
+        eager = jpeft.after_step(params, opt_state, spec, step=step, key=key, grads=grads)
+        jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6), got, eager)
+        params, opt_state = got
+    assert all(bool(jnp.all(jnp.isfinite(v))) for v in jax.tree.leaves(params) if jnp.issubdtype(v.dtype, jnp.inexact))

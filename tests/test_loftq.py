@@ -1,4 +1,4 @@
-"""LoftQ (`jpeft.LoRA(init="loftq")`, METHODS_MULTI_QUANT.md K.3): the oracles (a)–(e), parity with
+"""LoftQ (`jpeft.LoRA(init="loftq")`, docs/quant.md): the oracles (a)–(e), parity with
 PEFT's `loftq_init` run on this CPU, and the quantised base it leaves through init, views,
 checkpoints and the factored path."""
 

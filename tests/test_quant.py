@@ -1,5 +1,5 @@
-"""Quantised frozen bases (METHODS_MULTI_QUANT.md family K): the NF4 / FP4 / DYN8 tables and the
-blockwise 4-bit quantiser equal bitsandbytes' (codes bit for bit, on its CPU backend), the spec's
+"""Quantised frozen bases (family K, docs/quant.md): the NF4 / FP4 / DYN8 tables and the
+blockwise 4-bit quantiser equal bitsandbytes' (codes bit for bit, on its CPU backend), the
 worked oracles, int8 / int4 round-trip bounds, stored bytes, and LoRA / PiSSA / DoRA over a
 quantised base through init / apply / factored / split / count."""
 
@@ -351,7 +351,7 @@ def test_qlora_matmul_values_and_gradients_equal_the_dense_form(tokens):
 
 
 def test_side_by_side_with_qwix_nf4_and_int8_lora(mlp):
-    """qwix's `LoraRule(weight_qtype=...)` on the same MLP and weights (K.5). NF4 with
+    """qwix's `LoraRule(weight_qtype=...)` on the same MLP and weights. NF4 with
     `tile_size=64` (blocks of 64 along the contraction, as bitsandbytes' on `Kᵀ`): the same
     dequantised weights bit for bit as `nf4(double_quant=False)`, and with qwix's own LoRA factors
     (b moved off zero) the same outputs. int8: qwix rounds to [-128, 127] with bound 127.5, jpeft to

@@ -1,4 +1,4 @@
-"""Spec matching, registry and the bad-input errors of the engine (DESIGN.md §1)."""
+"""Spec matching, registry and the bad-input errors of the engine (docs/design.md §1)."""
 
 from __future__ import annotations
 

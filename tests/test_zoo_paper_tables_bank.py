@@ -10,7 +10,7 @@ stored parameters". No per-model table values are asserted (not verified here).
 
 Computed here (printed by the test; `-s` to see it):
 
-| model      | LoRA r=64   | bank + full logits  | top-k, PEFT fp32-equiv. (/LoRA) | top-k, §2.10 (d) (/LoRA) | paper  |
+| model      | LoRA r=64   | bank + full logits  | top-k, PEFT fp32-equiv. (/LoRA) | top-k, as params (/LoRA) | paper  |
 |------------|-------------|---------------------|---------------------------------|--------------------------|--------|
 | LLaMA-2-7B | 159,907,840 | 80,478,208          | 602,368 (0.377%)                | 680,448 (0.426%)         | —      |
 | LLaMA-2-13B| 250,347,520 | 251,396,096         | 1,170,816 (0.468%)              | 1,293,056 (0.517%)       | 0.4%   |
@@ -18,7 +18,8 @@ Computed here (printed by the test; `-s` to see it):
 PEFT's fp32-equivalent count (k−1 weights + k int16 indices at half a float each, plus the bank) gives
 0.468% for 13B, consistent with the paper's "0.4%" read as truncated to one decimal (the paper's own
 counting convention is not verified here); counting k weights + k indices as whole parameters
-(METHODS.md §2.10 (d)) gives 0.52%. The training form (full logits) is no smaller than LoRA's.
+(`vblora_storage(...).topk`, as in tests/methods/test_vb_lora.py) gives 0.52%. The training form (full
+logits) is no smaller than LoRA's.
 """
 
 import jax
@@ -62,7 +63,7 @@ def test_vblora_stored_fraction_of_lora(model):
     frac = storage.topk_fp32 / lora
     print(f"\nLLaMA-2-{model.upper()}: LoRA(r=64) {lora:,}; VB-LoRA full {storage.bank + storage.logits:,}, "
           f"top-k fp32-equiv {storage.topk_fp32:,} ({100 * frac:.3f}% of LoRA), "
-          f"top-k §2.10(d) {storage.topk:,} ({100 * storage.topk / lora:.3f}%)")
+          f"top-k, as params {storage.topk:,} ({100 * storage.topk / lora:.3f}%)")
     expected = {"7b": (159_907_840, 602_368, 680_448), "13b": (250_347_520, 1_170_816, 1_293_056)}[model]
     assert (lora, storage.topk_fp32, storage.topk) == expected
     if model == "13b":  # the paper's headline: 0.4% of LoRA's stored parameters

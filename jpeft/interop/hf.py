@@ -1,4 +1,4 @@
-"""HuggingFace PEFT adapter folders, both ways (DESIGN.md §7): `adapter_config.json` +
+"""HuggingFace PEFT adapter folders, both ways (docs/interop.md): `adapter_config.json` +
 `adapter_model.safetensors`, torch `(out, in)` layout, keys `base_model.model.<module>.<tensor>`.
 
 What maps to what (the config keys: `jpeft.interop.peft_config.LORA_KEYS`):
@@ -12,7 +12,7 @@ What maps to what (the config keys: `jpeft.interop.peft_config.LORA_KEYS`):
   same outputs; it exports as that trained bias).
 - `init_lora_weights="pissa"|"olora"`: PEFT reloads such a save by re-running the init on the
   original base; so does the import. Adapters whose init rewrote the base export as a plain LoRA of
-  rank 2r on the *unmodified* base, `s·(a@b − a₀@b₀) = s·[a | a₀] @ [b ; −b₀]` (METHODS.md §2.4).
+  rank 2r on the *unmodified* base, `s·(a@b − a₀@b₀) = s·[a | a₀] @ [b ; −b₀]`.
 - GPT-2-style `Conv1D` modules (`fan_in_fan_out`): the LoRA factors are the same as for a
   `Linear`; only whole weights (`modules_to_save`) keep their `(in, out)` layout. Which modules
   are `Conv1D` is the ModuleMap's `conv1d` (PEFT itself corrects the flag per module type).

@@ -1,4 +1,4 @@
-"""Adapter methods, one module per family (METHODS.md §1.2). Every module in this package is
+"""Adapter methods, one module per family (each module's docstring names its family). Every module in this package is
 imported here, which registers its methods: adding a method is one file (plus its conformance
 row in tests/)."""
 

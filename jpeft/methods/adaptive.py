@@ -1,10 +1,10 @@
-"""Families B + J: adaptive-rank adapters (METHODS.md §2.12 SoRA, §2.13 AdaLoRA).
+"""Families B + J (SVD-core, step hooks): adaptive-rank adapters, SoRA and AdaLoRA.
 
 Both keep an explicit per-component scalar between two factors and learn *which* components
 survive: AdaLoRA by masking the least important singular values to a global budget, SoRA by a
 proximal (soft-threshold) step on a gate. The step hooks mask (set entries to zero, shapes never
-change; optimizer moments are left untouched, METHODS.md §4.3); `jpeft.compact` slices the dead
-components away at export.
+change; the hooks explicitly leave the optimizer moments untouched); `jpeft.compact` slices the
+dead components away at export.
 
 Kernel layout (Flax `K ∈ R^{in×out}`): `a ∈ R^{in×r}` is the paper's right factor transposed
 (AdaLoRA's `Qᵀ`, PEFT `lora_A.T`), `b ∈ R^{r×out}` the left factor transposed (AdaLoRA's `Pᵀ`,
@@ -69,7 +69,7 @@ def _safe_fro(m: jax.Array) -> jax.Array:
 @register
 @dataclasses.dataclass(frozen=True)
 class AdaLoRA(Method):
-    """AdaLoRA (Zhang et al. 2023; METHODS.md §2.13): `K' = K + (α/r₀)·a·diag(e)·b`, all of `a`
+    """AdaLoRA (Zhang et al. 2023): `K' = K + (α/r₀)·a·diag(e)·b`, all of `a`
     (`Qᵀ`), `e` (`λ`) and `b` (`Pᵀ`) trainable; init `e = 0`, `a, b ~ N(0, 0.02²)` (PEFT).
 
     The step hook (`jpeft.after_step(..., grads=g)`; it needs the gradients) keeps per entry the
@@ -82,8 +82,10 @@ class AdaLoRA(Method):
     step. Moments are not touched. `step` is PEFT's `global_step` (updates applied so far).
 
     The scale follows PEFT: `(alpha if alpha > 0 else r₀) / r₀` (PEFT divides by `r₀ + 1e-5`; the
-    difference is a relative 1e-5/r₀). Add `orthogonality_loss(params)` (γ = `orth_reg_weight`)
-    to the training loss.
+    difference is a relative 1e-5/r₀). The regulariser `(1/L)·Σ γ·(‖PᵀP − I‖_F + ‖QQᵀ − I‖_F)` with
+    `P = bᵀ`, `Q = aᵀ`, γ = `orth_reg_weight`, over the config's L matrices is its `penalty`
+    (`jpeft.penalty(params)`; add it to the training loss); `orth_reg_per_matrix=True` divides by
+    the number of factors `2L` instead, as HF PEFT's `regu_loss / num_param` does.
     """
 
     name = "adalora"
@@ -100,6 +102,7 @@ class AdaLoRA(Method):
     beta2: float = 0.85
     orth_reg_weight: float = 0.5
     init_std: float = 0.02
+    orth_reg_per_matrix: bool = False
 
     def validate(self) -> None:
         n = self.name
@@ -220,22 +223,18 @@ class AdaLoRA(Method):
         axes = {"ipt_a": 1, "unc_a": 1, "ipt_e": 0, "unc_e": 0, "ipt_b": 0, "unc_b": 0, "keep": 0}
         return _keep_components(node, keep, "e", axes)
 
-
-def orthogonality_loss(params, *, per_matrix: bool = False) -> jax.Array:
-    """AdaLoRA's regulariser, weighted by each config's `orth_reg_weight` γ, over every AdaLoRA
-    node of `params` (a combined or a trainable tree): `(1/L)·Σ γ·(‖PᵀP − I‖_F + ‖QQᵀ − I‖_F)`
-    (METHODS.md §2.13) with `P = bᵀ`, `Q = aᵀ`. `per_matrix=True` divides by the number of
-    matrices `2L` instead (HF PEFT's `regu_loss / num_param`). Add it to the training loss."""
-    nodes = _adapter_nodes(params, AdaLoRA)
-    if not nodes:
-        return jnp.zeros((), jnp.float32)
-    total: float | jax.Array = 0.0
-    for node in nodes:
-        a, b = linalg.upcast(node.train["a"]), linalg.upcast(node.train["b"])
-        r = a.shape[1]
-        eye = jnp.eye(r, dtype=a.dtype)
-        total = total + node.method.orth_reg_weight * (_safe_fro(a.T @ a - eye) + _safe_fro(b @ b.T - eye))
-    return cast(jax.Array, total / (2 * len(nodes) if per_matrix else len(nodes)))  # an array: `nodes` is not empty
+    # ------------------------------------------------------------------ loss
+    def penalty(self, nodes: list[Adapter]) -> jax.Array | None:
+        """`γ·(1/L)·Σ (‖PᵀP − I‖_F + ‖QQᵀ − I‖_F)` over the L matrices (`1/(2L)` with
+        `orth_reg_per_matrix`, PEFT's `regu_loss / num_param`)."""
+        if not nodes or self.orth_reg_weight == 0.0:
+            return None
+        total = jnp.zeros((), jnp.float32)
+        for node in nodes:
+            a, b = linalg.upcast(node.train["a"]), linalg.upcast(node.train["b"])
+            eye = jnp.eye(a.shape[1], dtype=a.dtype)
+            total = total + _safe_fro(a.T @ a - eye) + _safe_fro(b @ b.T - eye)
+        return self.orth_reg_weight * total / (2 * len(nodes) if self.orth_reg_per_matrix else len(nodes))
 
 
 def rank_pattern(params) -> dict[str, list[bool]]:
@@ -258,7 +257,7 @@ THRESHOLDS = ("paper", "reference")
 @register
 @dataclasses.dataclass(frozen=True)
 class SoRA(Method):
-    """SoRA (Ding et al. 2023; METHODS.md §2.12): `K' = K + s·a·diag(g)·b`, `s = α/r`; init `a`
+    """SoRA (Ding et al. 2023): `K' = K + s·a·diag(g)·b`, `s = α/r`; init `a`
     Kaiming-uniform (bound 1/√in), `b = 0`, gate `g ~ N(0, 1)`; all trainable.
 
     The step hook applies the proximal step of the L1 penalty to the gate after each optimizer
@@ -267,7 +266,9 @@ class SoRA(Method):
     are not touched. `λ(t)` is `sparse_lambda`, or with a `lambda_schedule` ("linear",
     "log_linear", "exp_linear" from `sparse_lambda` to `max_lambda` in `lambda_num` stages, as the
     reference `SparseAdamW._build_lambda_list`) stage `clip((t − lambda_start) // lambda_every,
-    0, lambda_num − 1)`. The reference also adds `λ₁·mean|g|` to the loss: `gate_l1(params, λ₁)`.
+    0, lambda_num − 1)`. The reference also adds `λ₁·mean|g|` (over the config's gate entries) to the
+    loss: `gate_l1_weight` = λ₁ (0, the default, adds nothing) makes it this config's `penalty`
+    (`jpeft.penalty(params)`).
     """
 
     name = "sora"
@@ -283,11 +284,13 @@ class SoRA(Method):
     lambda_num: int | None = None
     lambda_every: int | None = None
     lambda_start: int = 0
+    gate_l1_weight: float = 0.0
 
     def validate(self) -> None:
         n = self.name
         require(isinstance(self.rank, int) and self.rank >= 1, f"{n}: rank must be a positive int, got {self.rank!r}")
         require(self.sparse_lambda >= 0.0, f"{n}: sparse_lambda must be >= 0, got {self.sparse_lambda}")
+        require(self.gate_l1_weight >= 0.0, f"{n}: gate_l1_weight must be >= 0, got {self.gate_l1_weight}")
         require(self.threshold in THRESHOLDS, f"{n}: threshold must be one of {THRESHOLDS}, got {self.threshold!r}")
         require(self.gate_lr > 0.0, f"{n}: gate_lr must be > 0, got {self.gate_lr}")
         require(self.lambda_schedule in LAMBDA_SCHEDULES,
@@ -366,10 +369,12 @@ class SoRA(Method):
         """Drop the components with `g_i == 0` (rank = nnz(g)). Eager only."""
         return _keep_components(node, np.asarray(node.train["g"]) != 0, "g", {})
 
+    def penalty(self, nodes: list[Adapter]) -> jax.Array | None:
+        """The reference's `λ₁·mean|g|` over every gate entry of the config's nodes
+        (`gate_l1_weight` = λ₁), or None when λ₁ = 0."""
+        if not nodes or self.gate_l1_weight == 0.0:
+            return None
+        gates = jnp.concatenate([jnp.ravel(linalg.upcast(n.train["g"])) for n in nodes])
+        return self.gate_l1_weight * jnp.mean(jnp.abs(gates))
 
-def gate_l1(params, coefficient: float) -> jax.Array:
-    """The SoRA reference's extra loss term `λ₁·mean|g|` over all gate entries of every SoRA node."""
-    gates = [jnp.ravel(linalg.upcast(n.train["g"])) for n in _adapter_nodes(params, SoRA)]
-    if not gates:
-        return jnp.zeros((), jnp.float32)
-    return coefficient * jnp.mean(jnp.abs(jnp.concatenate(gates)))
+

@@ -1,4 +1,4 @@
-"""Family G: shared bank / random bases (METHODS.md §1.2 G, §2.10, §3.1, §3.3, §3.25–§3.27).
+"""Family G: shared bank / random bases.
 
 Every method here is an additive low-rank update in kernel layout, `K' = K_base + L @ R`, whose
 factors `L ∈ R^{in×k}`, `R ∈ R^{k×out}` (the scale folded in) are built from per-layer parameters
@@ -87,7 +87,7 @@ def _shape_key(shape) -> str:
 @register
 @dataclasses.dataclass(frozen=True)
 class VBLoRA(BankMethod):
-    """VB-LoRA (METHODS.md §2.10; PEFT `tuners/vblora`). One trainable vector bank `𝔅 ∈ R^{h×b}`
+    """VB-LoRA (PEFT `tuners/vblora`). One trainable vector bank `𝔅 ∈ R^{h×b}`
     for the whole model; every length-`b` sub-vector of every LoRA factor is
     `Σ_{j∈TopK(ℓ)} softmax(ℓ_TopK)_j 𝔅_j` with its own logits `ℓ ∈ R^h`. `W' = W + B A` (no scale).
 
@@ -167,7 +167,7 @@ class VBStorage(NamedTuple):
     bank: int            # h·b, once
     subvectors: int      # number of sub-vectors over all layers
     logits: int          # full logits (training form): subvectors·h
-    topk: int            # METHODS.md §2.10 (d): bank + subvectors·k·(index + weight)
+    topk: int            # top-k, as params: bank + subvectors·k·(index + weight)
     topk_fp32: int       # PEFT `get_nb_savable_parameters`: bank + subvectors·((k−1) + k·index_bytes/4)
 
 
@@ -191,7 +191,7 @@ def vblora_storage(params: Any) -> VBStorage:
 
 
 def vblora_topk_export(params: Any) -> dict[str, dict[str, np.ndarray]]:
-    """The compact stored form (METHODS.md §2.10 defaults, PEFT `save_only_topk_weights`):
+    """The compact stored form (top-k indices and weights only, PEFT `save_only_topk_weights`):
     `{path: {"<logits>_indices": int, "<logits>_weights": float}}` with the top-k indices and their
     softmax weights per sub-vector. The bank is stored as usual."""
     out = {}
@@ -237,7 +237,7 @@ BASES = ("dense", "sparse", "very_sparse")
 @register
 @dataclasses.dataclass(frozen=True)
 class RandLoRA(BankMethod):
-    """RandLoRA (METHODS.md §3.1; PEFT `tuners/randlora`). Paper layout, `d = min(m, n)`,
+    """RandLoRA (PEFT `tuners/randlora`). Paper layout, `d = min(m, n)`,
     `D = max(m, n)`, `N = ⌈d/r⌉`: `ΔW = s · Σ_j B_j Λ_j A Γ_j` (transposed when `in > out`, so the
     random side with `N` bases is the larger dimension), `s = α/r`, one frozen `A` shared by the `N`
     terms (PEFT). Model-level frozen bases, sized for the largest adapted layer as PEFT does
@@ -331,12 +331,12 @@ def ternary(key, shape, sparsity: float, dtype) -> jax.Array:
 @register
 @dataclasses.dataclass(frozen=True)
 class S2LoRA(BankMethod):
-    """S2-LoRA (METHODS.md §3.25): one trainable pair `a (in, r)`, `b (r, out)` per kernel shape,
+    """S2-LoRA: one trainable pair `a (in, r)`, `b (r, out)` per kernel shape,
     shared by every adapted layer of that shape; each layer trains only its rank gates `λ_l ∈ R^r`:
     `ΔK_l = s · a·diag(λ_l)·b` (paper `ΔW_l = s·B·diag(λ_l)·A`), `s = α/r`. Init: `a` kaiming
     uniform, `b = 0` (identity at init), `λ = 1`. Sparsity of `λ` **[UNVERIFIED regulariser]**: with
     `threshold > 0` a step hook soft-thresholds every `λ_l` by `threshold` after each optimizer step
-    (SoRA-style proximal step; moments untouched, METHODS.md §4.3 "masking without reset").
+    (SoRA-style proximal step; masking without reset: the optimizer moments are left untouched).
     """
 
     name = "s2_lora"
@@ -406,7 +406,7 @@ def layer_and_module(path: str) -> tuple[int, str]:
 @register
 @dataclasses.dataclass(frozen=True)
 class MSPLoRA(BankMethod):
-    """MSPLoRA (METHODS.md §3.26; reference `msplora.py` in the authors' PEFT fork):
+    """MSPLoRA (reference `msplora.py` in the authors' PEFT fork):
     `ΔW_l = s_G B_G A_G + s_M B_{g(l)} A_{g(l)} + s_L B_l A_l`, `s_x = α/r_x`.
 
     - global LoRA (rank `rank`) shared by the same module in every layer (the reference shares
@@ -515,7 +515,7 @@ class MSPLoRA(BankMethod):
 @register
 @dataclasses.dataclass(frozen=True)
 class BlockLoRA(BankMethod):
-    """Block-LoRA (METHODS.md §3.27): the rank-r LoRA split into `blocks` blocks of rank `r/n`
+    """Block-LoRA: the rank-r LoRA split into `blocks` blocks of rank `r/n`
     whose down-projections are one shared matrix `A_s`: `ΔW = Σ_i B_i A_s = (Σ_i B_i) A_s`, so the
     product becomes a sum of up-projection blocks followed by one rank-`r/n` down-projection.
     Kernel layout: `a_s (in, r/n)`, `b (n, r/n, out)`; `ΔK = s·a_s@(Σ_i b_i)`, `s = α/r`
@@ -562,7 +562,7 @@ class BlockLoRA(BankMethod):
 @register
 @dataclasses.dataclass(frozen=True)
 class LoRI(BankMethod):
-    """LoRI (METHODS.md §3.3; `juzhengz/LoRI`): `W' = W + s·(M ⊙ B)·A` with `A` a frozen random
+    """LoRI (`juzhengz/LoRI`): `W' = W + s·(M ⊙ B)·A` with `A` a frozen random
     projection (PEFT kaiming uniform) and `B` trained (init 0, identity at init) under a fixed
     binary mask `M`, `s = α/r`. Kernel layout: `a (in, r)` frozen, `b (r, out)`, `mask (r, out)`.
 

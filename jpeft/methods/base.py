@@ -1,7 +1,7 @@
 """The method protocol every adapter method implements.
 
 A method is a frozen dataclass of options (hashable, static under `jit`). In Flax kernel layout
-(`K ∈ R^{in×out}`, `y = x @ K`; METHODS.md §0) it provides:
+(`K ∈ R^{in×out}`, `y = x @ K`; papers write `(out, in)`) it provides:
 
 - `check(path, w)`: raise `AdapterError` naming the path, shape and constraint if `w` cannot be
   adapted;
@@ -132,6 +132,30 @@ class Method:
     def merged_quantized(self, node: Adapter) -> QTensor:
         """The merged weight as a `QTensor` whose dequantisation is `materialise(node)` exactly."""
         raise NotImplementedError
+
+    def compact(self, node: Adapter) -> Adapter:
+        """The node with the components its step hook masked off sliced away (AdaLoRA, SoRA), for
+        export (`jpeft.compact`; eager: the shapes depend on the values). The merged weight must
+        not change. The default keeps the node as it is."""
+        return node
+
+    @property
+    def compacts(self) -> bool:
+        """Whether `compact` may shrink this method's arrays (it is overridden)."""
+        return type(self).compact is not Method.compact
+
+    def sharding_layout(self, node: Adapter) -> dict[str, dict[str, tuple[str | None, ...]]]:
+        """`{part: {key: roles}}` for the arrays whose sharding does not follow the default rule
+        (`a` follows the base's input axis, `b` its output axis; `jpeft.sharding`), one role per
+        dimension: "in", "out", "stack" (a leading data-parallel device axis) or None
+        (replicated). Empty by default."""
+        return {}
+
+    def penalty(self, nodes: list[Adapter]) -> jax.Array | None:
+        """The loss regulariser of this config over all of its nodes (each a 2-D matrix slice),
+        or None when it has none (the default). `jpeft.penalty(params)` sums it over every config
+        of a tree; the training loss adds that."""
+        return None
 
     def create_shared(self, key: jax.Array, leaves: list[tuple[str, jax.Array]]) -> tuple[dict, dict] | None:
         """Model-level state for all leaves using this config, as `(train, frozen)` dicts, or None.

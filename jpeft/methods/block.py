@@ -1,4 +1,4 @@
-"""Family A, block-grid variant: GraLoRA, Granular LoRA (METHODS.md §3.2; HF PEFT
+"""Family A, block-grid variant: GraLoRA, Granular LoRA (HF PEFT
 `tuners/gralora`).
 
 The kernel is cut into a `k×k` grid of blocks (input block i, output block j), each with its own

@@ -1,4 +1,4 @@
-"""Family E: DoRA, weight-decomposed LoRA (Liu et al. 2024; METHODS.md §2.3).
+"""Family E: DoRA, weight-decomposed LoRA (Liu et al. 2024).
 
 `K' = (K_base + s·a@b) · diag(mag / ‖K_base + s·a@b‖_col)`: one magnitude per output unit (a
 column of the Flax kernel, a row of the paper's `W`). The norm is a constant for autodiff
@@ -22,8 +22,8 @@ def column_norms(k: jax.Array) -> jax.Array:
 
 
 def factored_column_norms(base, a, b, s) -> jax.Array:
-    """`‖base + s·a@b‖_col` in O(in·out·r) flops and O(out·r) memory, never forming the sum
-    (METHODS.md §2.3): `‖base_j‖² + 2s·(baseᵀa)_j·b_j + s²·b_jᵀ(aᵀa)b_j`."""
+    """`‖base + s·a@b‖_col` in O(in·out·r) flops and O(out·r) memory, never forming the sum:
+    `‖base_j‖² + 2s·(baseᵀa)_j·b_j + s²·b_jᵀ(aᵀa)b_j`."""
     base, a, b = (upcast(t) for t in (base, a, b))
     cross = jnp.sum((base.T @ a) * b.T, axis=1)
     quad = jnp.sum((b.T @ (a.T @ a)) * b.T, axis=1)

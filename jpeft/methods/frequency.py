@@ -1,4 +1,4 @@
-"""Family F: frequency-domain adapters, LoCA (Du et al., ICLR 2025; METHODS.md §2.11).
+"""Family F: frequency-domain adapters, LoCA (Du et al., ICLR 2025).
 
 `W' = W + α·C_mᵀ S C_n` with `S ∈ R^{m×n}` zero except `S[ρ_k, κ_k] += a_k` (k = 1..K; DCT-II,
 orthonormal). Trainable: the coefficients `a ∈ R^K` (init 0, so `W' = W` exactly) and the
@@ -17,7 +17,7 @@ Factored path (`matmul`): `u = C_n x` (DCT over features), `v = scatter_add(0_m,
 `Δy = α·C_mᵀ v`: O(n log n + m log m + K) per token, never a dense `ΔW`. Its VJP computes the
 needed entries of `Kmat` as `Σ_tokens (C_m δy)[ρ] · u[κ]` (O(tokens·K)).
 
-Alternating schedule (paper §4.4, reference `layer.py`): update 0 trains the coefficients; for
+Alternating schedule (the paper's Section 4.4, reference `layer.py`): update 0 trains the coefficients; for
 `0 < t < loc_until`, `t mod (coeff_steps + loc_steps) < coeff_steps` trains the coefficients,
 otherwise the locations; from `loc_until` on the coefficients only. `state["phase"]` (0 = coeffs,
 1 = locations) gates the gradients (the inactive group gets an exact zero gradient) and the step

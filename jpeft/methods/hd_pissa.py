@@ -1,4 +1,4 @@
-"""HD-PiSSA, high-rank distributed PiSSA (Wang et al., EMNLP 2025; METHODS.md §2.5, §4.2).
+"""HD-PiSSA, high-rank distributed PiSSA (Wang et al., EMNLP 2025; sharding: docs/scale.md).
 
 Each of `K` data-parallel devices owns a different slice `J_d = [d·r, (d+1)·r)` of the principal
 subspace of `K`: its adapter is the PiSSA factor pair of those singular triplets. Every step each

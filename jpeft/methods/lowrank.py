@@ -1,5 +1,4 @@
-"""Family A: additive low-rank adapters `K' = K_base + s·a@b` (METHODS.md §1.2, §2.1–2.4, §2.8,
-§3.9, §3.24; LoftQ: METHODS_MULTI_QUANT.md K.3).
+"""Family A: additive low-rank adapters `K' = K_base + s·a@b` (LoftQ: docs/quant.md).
 
 Kernel layout: `a ∈ R^{in×r}` is the paper's `Aᵀ`, `b ∈ R^{r×out}` is the paper's `Bᵀ`, so
 `ΔK = s·a@b = (s·B A)ᵀ`. The inits differ (LoRA, gaussian, PiSSA, OLoRA, orthogonal, LoRA-GA,
@@ -46,7 +45,7 @@ GA_SCALES = ("stable", "gd", "unit", "weightS")
 
 
 def lora_scale(rank: int, alpha: float, rslora: bool) -> float:
-    """`α/r`, or rsLoRA's `α/√r` (METHODS.md §2.2)."""
+    """`α/r`, or rsLoRA's `α/√r`."""
     return alpha / math.sqrt(rank) if rslora else alpha / rank
 
 
@@ -172,9 +171,9 @@ class LoRA(Method):
     """LoRA (Hu et al. 2021) and its inits. `K' = K_base + s·a@b`.
 
     init:       "kaiming" (a ~ U(±1/√in), b = 0; PEFT default), "gaussian" (a ~ N(0, 1/r²)),
-                "pissa" (principal SVD part, residual base; §2.4), "olora" (QR; PEFT `olora`),
-                "orthogonal" (PEFT `orthogonal`; rank even), "lora_ga" (needs `calib`; §2.8),
-                "loftq" (METHODS_MULTI_QUANT.md K.3: the base becomes a quantised `Q` chosen with
+                "pissa" (principal SVD part, residual base), "olora" (QR; PEFT `olora`),
+                "orthogonal" (PEFT `orthogonal`; rank even), "lora_ga" (needs `calib`),
+                "loftq" (docs/quant.md: the base becomes a quantised `Q` chosen with
                 the factors so that `Q + s·a@b ≈ K`; `jpeft.init` returns it as a `QTensor`).
     loftq_bits: 4 (NF4, blocks of 64, no double quantisation, as PEFT) or 8 (`jpeft.quant.int8()`
                 per output channel; PEFT casts the weight to fp16 first, jpeft does not).
@@ -187,7 +186,7 @@ class LoRA(Method):
     dropout:    adapter-branch dropout. The factored path drops inputs of the adapter branch per
                 token (PEFT); the materialised path drops input rows of `a`, one mask per step
                 (only when an `rng` is given to `jpeft.apply`).
-    freeze_a:   keep `a` frozen at its init (FFA-LoRA, §3.24).
+    freeze_a:   keep `a` frozen at its init (FFA-LoRA).
     """
 
     name = "lora"
@@ -321,7 +320,7 @@ class LoRA(Method):
         return q.astype(w.dtype), u * root, root[:, None] * vh
 
     def lora_ga_factors(self, key, w, grad):
-        """LoRA-GA (METHODS.md §2.8, official repo): factors from the SVD of the gradient."""
+        """LoRA-GA (official repo): factors from the SVD of the gradient."""
         r, s = self.rank, self.scale
         n, m = w.shape
         svd_key, split_key = jax.random.split(key)
@@ -390,14 +389,14 @@ class LoRA(Method):
 
 
 def residual_base(w, a, b, s):
-    """`K − s·a@b` computed in fp32 from the factors as stored (METHODS.md §2.4, §2.8)."""
+    """`K − s·a@b` computed in fp32 from the factors as stored (PiSSA, LoRA-GA)."""
     a_up = linalg.upcast(a.astype(w.dtype))
     b_up = linalg.upcast(b.astype(w.dtype))
     return (linalg.upcast(w) - s * (a_up @ b_up)).astype(w.dtype)
 
 
 def pissa_factors(key, w, r, s, niter):
-    """PiSSA (§2.4, PEFT convention): `s·a@b` is the best rank-r part of `K`."""
+    """PiSSA (PEFT convention): `s·a@b` is the best rank-r part of `K`."""
     u, sig, vh = linalg.leading_svd(key, w, r, niter)
     root = jnp.sqrt(sig / s)
     return u * root, root[:, None] * vh
@@ -435,7 +434,7 @@ def ga_split(direction, r, key):
 @register
 @dataclasses.dataclass(frozen=True)
 class PeriodicLoRA(LoRA):
-    """PeriodicLoRA (METHODS.md §3.9): LoRA whose adapter is unloaded into the base every `period`
+    """PeriodicLoRA: LoRA whose adapter is unloaded into the base every `period`
     optimizer steps: `K ← K + μ·s·a@b`, `b ← (1−μ)·b`; with `μ = 1` the adapter restarts from a
     fresh init (`a` re-drawn, `b = 0`). The adapter's optimizer moments are zeroed at each unload.
     """
@@ -475,17 +474,17 @@ class PeriodicLoRA(LoRA):
 
 
 def PiSSA(**cfg) -> LoRA:
-    """PiSSA (§2.4) = `LoRA(init="pissa")`."""
+    """PiSSA = `LoRA(init="pissa")`."""
     return LoRA(**{**cfg, "init": "pissa"})
 
 
 def LoRAGA(**cfg) -> LoRA:
-    """LoRA-GA (§2.8) = `LoRA(init="lora_ga")`; pass the gradient tree as `jpeft.init(..., calib=)`."""
+    """LoRA-GA = `LoRA(init="lora_ga")`; pass the gradient tree as `jpeft.init(..., calib=)`."""
     return LoRA(**{**cfg, "init": "lora_ga"})
 
 
 def FFALoRA(**cfg) -> LoRA:
-    """FFA-LoRA (§3.24) = `LoRA(freeze_a=True)`."""
+    """FFA-LoRA = `LoRA(freeze_a=True)`."""
     return LoRA(**{**cfg, "freeze_a": True})
 
 

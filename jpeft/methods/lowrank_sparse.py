@@ -1,5 +1,4 @@
-"""Family D: low-rank plus sparse re-parameterisation of the weight (METHODS.md §1.2, §1.3 D,
-§2.17).
+"""Family D: low-rank plus sparse re-parameterisation of the weight.
 
 SLTrain: `W = s·B A + S` with a fixed random sparse support `S = scatter(idx, val)`; in kernel
 layout `K' = [K] + s·a@b + scatter(idx, val)ᵀ` with `a ∈ R^{in×r}` (= `Aᵀ`), `b ∈ R^{r×out}`
@@ -37,7 +36,7 @@ MODES = ("finetune", "pretrain")
 @register
 @dataclasses.dataclass(frozen=True)
 class SLTrain(Method):
-    """SLTrain (Han et al., NeurIPS 2024; METHODS.md §2.17): `W = s·BA + S`, `s = α/r`, the
+    """SLTrain (Han et al., NeurIPS 2024): `W = s·BA + S`, `s = α/r`, the
     support of `S` (`⌊δ·m·n⌋` entries, or `min((m+n)·lora_rank, m·n)` when `lora_rank` is set) uniformly random
     and fixed for the whole run (no step hook). Trainable: `a`, `b`, `val`; count `r(m+n) + |idx|`.
 

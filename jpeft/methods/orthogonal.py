@@ -1,5 +1,4 @@
-"""Family E: multiplicative / orthogonal adapters, ETHER and ETHER+ (Bini et al. 2024; METHODS.md
-§3.4).
+"""Family E: multiplicative / orthogonal adapters, ETHER and ETHER+ (Bini et al. 2024).
 
 Paper layout `W' = H_out · W · H_in` with block-diagonal `H = blockdiag(H_1..H_nb)`:
 ETHER `H_b = I − 2·û_b û_bᵀ` (a Householder reflection), ETHER+ `H_b = I − û_b û_bᵀ + v̂_b v̂_bᵀ`.

@@ -1,10 +1,10 @@
-"""Family K + A: quantisation-aware low-rank adapters (METHODS_MULTI_QUANT.md K.4). Training sees
+"""Family K + A: quantisation-aware low-rank adapters (docs/quant.md). Training sees
 the weight on an integer grid, so the merged model is itself quantised: `jpeft.merge(...,
 requantize=True)` gives it as a `jpeft.quant.QTensor` (int4 / int8 codes with the learned scales)
 whose dequantisation is, bit for bit, the weight the model was trained with.
 
-Both are jpeft's documented reading of the spec's formulas (their papers' details beyond the
-abstracts are marked [UNVERIFIED] there): a symmetric grid (zero point 0), one step size per
+Both are jpeft's own documented reading of the formulas (docs/quant.md; their papers' details
+beyond the abstracts are [UNVERIFIED]): a symmetric grid (zero point 0), one step size per
 output channel or per `group` input features of it, `round` with a straight-through gradient, and
 the step sizes trained with the gradient autodiff gives through that (LSQ's: clip, then round;
 without its gradient-scale factor).

@@ -1,5 +1,4 @@
-"""Family C: sparse deltas `K' = K + scatter(idx, val)` (METHODS.md §1.2, §1.3 C, §2.15, §2.16,
-§3.11, §3.12, §3.31, §4.3).
+"""Family C: sparse deltas `K' = K + scatter(idx, val)`.
 
 The shared skeleton: `frozen["idx"] ∈ int32[k]` are sorted, unique flat indices into the
 paper-layout `(m, n)` matrix (`(row, col) = divmod(idx, n)`, row = output, col = input), and
@@ -33,7 +32,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from typing import Any, ClassVar, cast
+from typing import Any, ClassVar
 
 import jax
 import jax.numpy as jnp
@@ -47,7 +46,6 @@ from jpeft.hooks import HookResult
 from jpeft.methods.base import Method, exclusive_options, require, require_float_matrix, require_rank
 from jpeft.paths import leaves_with_paths
 from jpeft.registry import register
-from jpeft.views import matrix_slices
 
 PATHS = ("sparse", "dense")
 PROBE = "probe"  # frozen key of the zero probe that `value_and_hook_grads` differentiates
@@ -58,7 +56,7 @@ INT32_MAX = 2 ** 31 - 1
 # ============================================================================ index helpers
 def budget(m: int, n: int, density: float | None, lora_rank: int | None) -> int:
     """Number of tunable entries of an `(m, n)` matrix: `⌊density·m·n⌋`, or LoRA-matched
-    `min((m+n)·lora_rank, m·n)` (METHODS.md §2.15); at least 1."""
+    `min((m+n)·lora_rank, m·n)` (LIFT's budget); at least 1."""
     if lora_rank is not None:
         return max(1, min((m + n) * lora_rank, m * n))
     if density is None:
@@ -116,9 +114,9 @@ def lookup(sorted_keys: jax.Array, queries: jax.Array) -> tuple[jax.Array, jax.A
 
 def remap_moments(old_idx: jax.Array, new_idx: jax.Array, moments, seed=None):
     """Move per-index arrays (optimizer moments, values) from one sorted index set to another
-    (METHODS.md §4.3): entries whose index is in both sets are carried bit for bit; entries of
-    new indices get `seed` (an array aligned with `new_idx`; only its new entries are read) or
-    zero; entries of removed indices are dropped.
+    (explicit optimizer-state surgery): entries whose index is in both sets are carried bit for
+    bit; entries of new indices get `seed` (an array aligned with `new_idx`; only its new entries
+    are read) or zero; entries of removed indices are dropped.
 
     `moments` is an array with leading dimension `len(old_idx)` or a list of them; `seed` is then
     None, one array, or a list (with None for "zero") of the same length. Returns the same kind.
@@ -137,7 +135,7 @@ def remap_moments(old_idx: jax.Array, new_idx: jax.Array, moments, seed=None):
 
 
 def regrow(idx: jax.Array, val: jax.Array, cand: jax.Array, score: jax.Array, n_drop) -> jax.Array:
-    """Drop-and-grow (RigL; SpIEL reference semantics, METHODS.md §2.16): the `n_drop` entries of
+    """Drop-and-grow (RigL; SpIEL reference semantics): the `n_drop` entries of
     smallest `|val|` are outgoing; the candidates not among the remaining entries compete by
     `score` (`-inf` = invalid) for `n_drop` slots. An outgoing index that wins a slot stays (with
     its value); the other winners replace the smallest-`|val|` outgoing entries, so exactly
@@ -431,7 +429,7 @@ SELECTIONS = ("rigl", "sm3")
 @register
 @dataclasses.dataclass(frozen=True)
 class SpIEL(SparseMethod):
-    """SpIEL (Ansell et al. 2024; METHODS.md §2.16): `K' = K + scatter(η, φ)`, η random at init,
+    """SpIEL (Ansell et al. 2024): `K' = K + scatter(η, φ)`, η random at init,
     φ = 0 (identity). Every `reselection_steps` S the `⌊p·k⌋` entries of smallest `|φ|` are dropped
     and as many new indices grown; dropped values are discarded (the weight returns to `K`), new
     values start at 0.
@@ -602,7 +600,7 @@ def remap_node_moments(old_idx, new_idx, node_moments, seeds=None):
 @register
 @dataclasses.dataclass(frozen=True)
 class LIFT(SparseMethod):
-    """LIFT (Liu et al., ICML 2025; METHODS.md §2.15): fine-tune the principal weights, the top-k
+    """LIFT (Liu et al., ICML 2025): fine-tune the principal weights, the top-k
     entries of `|best_rank_r(W)|` with `r` = `rank` (r_f) and `k = min((m+n)·lora_rank, m·n)`
     (or `⌊density·m·n⌋`). `K' = K + scatter(idx, val)`, `val = 0` at init (identity).
 
@@ -668,7 +666,7 @@ class LIFT(SparseMethod):
 @register
 @dataclasses.dataclass(frozen=True)
 class SMT(SparseMethod):
-    """SMT, Sparse Matrix Tuning (He et al. 2024; METHODS.md §3.12, [UNVERIFIED details]): train
+    """SMT, Sparse Matrix Tuning (He et al. 2024, [UNVERIFIED details]): train
     the `n_blocks` `block×block` sub-matrices with the largest warm-up gradient mass
     `Σ_t Σ_block |G_t|`, dense within each block. Pass the warm-up gradients as
     `jpeft.init(..., calib=g)` with `g` one gradient tree or `abs_grad_sum([G_1, ..., G_T])`.
@@ -773,7 +771,7 @@ S2_SELECTIONS = ("random", "weight", "grad")
 @register
 @dataclasses.dataclass(frozen=True)
 class S2FT(SparseMethod):
-    """S2FT, Structured Sparse Fine-Tuning (Yang et al., NeurIPS 2024; METHODS.md §3.11): train
+    """S2FT, Structured Sparse Fine-Tuning (Yang et al., NeurIPS 2024): train
     whole channels, selected sparsely and computed densely.
 
     axis="in":  input channels (paper columns `W[:, c]`, kernel rows `K[c, :]`): `o_proj` over
@@ -909,18 +907,31 @@ def contiguous_permutation(sel: jax.Array, size: int) -> jax.Array:
 @register
 @dataclasses.dataclass(frozen=True)
 class LTSFT(SparseMethod):
-    """LT-SFT, composable sparse fine-tuning (Ansell et al., ACL 2022; METHODS.md §3.31,
+    """LT-SFT, composable sparse fine-tuning (Ansell et al., ACL 2022,
     [UNVERIFIED details]): (1) full fine-tuning `θ₀ → θ₁`; (2) the mask μ = top-k of `|θ₁ − θ₀|`;
     (3) from `θ₀`, train only μ: `K' = K + scatter(idx, val)`, `val = 0` at init.
 
     Pass `θ₁ − θ₀` as `jpeft.init(..., calib=diff)` (a tree shaped like the params). The optional
-    L1 pull toward θ₀ is `l1_penalty(params)`. Trained deltas compose: `deltas(params)` extracts
-    `{path: SparseDelta}`, `add` / `subtract` combine them, `apply_deltas` adds several to one base.
+    L1 pull toward θ₀, `l1_weight·Σ|val|` over the config's nodes, is its `penalty`
+    (`jpeft.penalty(params)`; `l1_weight = 0`, the default, adds nothing). Trained deltas compose:
+    `deltas(params)` extracts `{path: SparseDelta}`, `add` / `subtract` combine them,
+    `apply_deltas` adds several to one base.
     """
 
     name = "lt_sft"
     paper = "LT-SFT: Composable Sparse Fine-Tuning, Ansell et al., ACL 2022"
     needs_calib = True
+
+    l1_weight: float = 0.0
+
+    def validate(self) -> None:
+        super().validate()
+        require(self.l1_weight >= 0.0, f"{self.name}: l1_weight must be >= 0, got {self.l1_weight}")
+
+    def penalty(self, nodes: list[Adapter]) -> jax.Array | None:
+        if not nodes or self.l1_weight == 0.0:
+            return None
+        return self.l1_weight * jnp.sum(jnp.stack([jnp.sum(jnp.abs(self.sparse_delta(n).val)) for n in nodes]))
 
     def select(self, key, w, calib, k):
         return select_topk(jnp.abs(linalg.upcast(calib)), k)
@@ -1024,12 +1035,3 @@ def difference(new: jax.Array, old: jax.Array, k: int | None = None) -> SparseDe
     else:
         flat = select_topk(jnp.abs(d), k)
     return SparseDelta(flat, gather_kernel(d, flat).astype(new.dtype), (m, n))
-
-
-def l1_penalty(params: Any) -> jax.Array:
-    """`Σ |val|` over the sparse-family nodes of `params` (LT-SFT's optional pull toward θ₀)."""
-    terms = [jnp.sum(jnp.abs(node.method.sparse_delta(piece).val))
-             for node in jax.tree.leaves(params, is_leaf=is_adapter)
-             if isinstance(node, Adapter) and isinstance(node.method, SparseMethod)
-             for piece in matrix_slices(node)]
-    return cast(jax.Array, sum(terms)) if terms else jnp.zeros(())  # a sum of arrays: `terms` is not empty

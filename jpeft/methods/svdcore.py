@@ -1,4 +1,4 @@
-"""Family B: SVD-core adapters (METHODS.md §1.2 B, §1.3 B).
+"""Family B: SVD-core adapters.
 
 One skeleton: a frozen (possibly rewritten) base plus one or more *terms*
 
@@ -18,7 +18,7 @@ factored path never builds `ΔK`: `x@K' = x@K_base + Σ_t s_t · core(x@a_t) @ b
 `O(in·r_in + core + r_out·out)` per token and term.
 
 `frames(w, r)` computes the SVD frames in kernel layout: the SVD of `K = V Σ Uᵀ` gives
-`a = V_r` and `b = U_rᵀ` directly (`W = U Σ Vᵀ`, METHODS.md §0).
+`a = V_r` and `b = U_rᵀ` directly (`W = U Σ Vᵀ` in the papers' `(out, in)` layout).
 
 Registry names: `lora_xs`, `lora_sb`, `svft`, `svfit`, `salt`, `kasa`, `slora`, `nlora`,
 `inttune` (alias: `nlora` with `train_factors=False`), `lamda`, `lamda_pp`.
@@ -35,12 +35,11 @@ import jax.numpy as jnp
 import numpy as np
 
 from jpeft import linalg
-from jpeft.adapter import Adapter, is_adapter, is_adapter_or_hole
+from jpeft.adapter import Adapter, is_adapter_or_hole
 from jpeft.errors import leaf_error
 from jpeft.hooks import HookResult
 from jpeft.methods.base import Method, require, require_float_matrix, require_rank
 from jpeft.registry import register, register_alias
-from jpeft.views import matrix_slices
 
 CORE_KINDS = ("dense", "diag", "sparse", "lowrank", "identity")
 
@@ -100,7 +99,7 @@ def delta(terms: list[Term]) -> jax.Array:
 
 
 def apply(x: jax.Array, base: jax.Array, terms: list[Term]) -> jax.Array:
-    """`x @ (K_base + ΔK)` without building `ΔK` (METHODS.md §1.3 B `svdcore.apply`)."""
+    """`x @ (K_base + ΔK)` without building `ΔK` (the family's factored form)."""
     y = x @ base
     for term in terms:
         y = y + term.scale * (core_apply(term, x @ term.a) @ term.b)
@@ -184,8 +183,13 @@ class SVDCore(Method):
             return w
         return self.create(jax.random.PRNGKey(0), w).base
 
-    def penalty(self, node: Adapter) -> jax.Array | None:
-        """A loss regulariser of this node (KaSA, SALT), or None."""
+    def penalty(self, nodes: list[Adapter]) -> jax.Array | None:
+        """The sum of `node_penalty` over the config's nodes (KaSA, SALT), or None."""
+        terms = [t for t in (self.node_penalty(n) for n in nodes) if t is not None]
+        return sum(terms[1:], terms[0]) if terms else None
+
+    def node_penalty(self, node: Adapter) -> jax.Array | None:
+        """A loss regulariser of one node (a 2-D matrix slice), or None."""
         return None
 
 
@@ -198,7 +202,7 @@ def _scale(alpha: float | None, rank: int) -> float:
 @register
 @dataclasses.dataclass(frozen=True)
 class LoRAXS(SVDCore):
-    """LoRA-XS (METHODS.md §2.6): `W' = W + s·U_r R Σ_r V_rᵀ`; only `R ∈ R^{r×r}` trains.
+    """LoRA-XS: `W' = W + s·U_r R Σ_r V_rᵀ`; only `R ∈ R^{r×r}` trains.
 
     Frames: `a = V_rΣ_r` (singular values folded into the input side), `b = U_rᵀ`, frozen; the
     base is not modified. `R ~ N(0, init_std²)` (reference 1e-5, so `W' ≈ W` at init; 0 gives
@@ -242,7 +246,7 @@ class LoRAXS(SVDCore):
 @register
 @dataclasses.dataclass(frozen=True)
 class LoRASB(SVDCore):
-    """LoRA-SB (METHODS.md §2.7): LoRA-XS's architecture initialised from a gradient estimate.
+    """LoRA-SB: LoRA-XS's architecture initialised from a gradient estimate.
 
     `calib` is the accumulated gradient `Ĝ` (kernel layout, shaped like the weight). The simulated
     first update `ΔK₁ = −step_size · sign(Ĝ)` (`sign=False`: `−step_size · Ĝ`, a plain SGD step) is
@@ -316,7 +320,7 @@ def banded_positions(k: int, d: int) -> tuple[np.ndarray, np.ndarray]:
 @register
 @dataclasses.dataclass(frozen=True)
 class SVFT(SVDCore):
-    """SVFT (METHODS.md §2.9): `W' = U(Σ + σ(g)·M)Vᵀ` with a sparse trainable `M` on a fixed
+    """SVFT: `W' = U(Σ + σ(g)·M)Vᵀ` with a sparse trainable `M` on a fixed
     pattern Ω and a scalar gate `g` (init 0, σ(g) = ½).
 
     sparsity:  "plain" (diagonal, k values), "banded" (|i−j| <= off_diag), "random" (the same
@@ -427,7 +431,7 @@ class SVFT(SVDCore):
 @register
 @dataclasses.dataclass(frozen=True)
 class SVFit(SVDCore):
-    """SVFit (METHODS.md §3.7, **[UNVERIFIED details]**): train only the top-r singular values,
+    """SVFit (**[UNVERIFIED details]**): train only the top-r singular values,
     `W' = U_r diag(σ_r + δ) V_rᵀ + W_tail = W + U_r diag(δ) V_rᵀ`, `δ = 0` at init (r parameters)."""
 
     name = "svfit"
@@ -453,7 +457,7 @@ class SVFit(SVDCore):
 @register
 @dataclasses.dataclass(frozen=True)
 class SALT(SVDCore):
-    """SALT (METHODS.md §3.6): trainable scale `α` and shift `β` on the top-r singular values and
+    """SALT: trainable scale `α` and shift `β` on the top-r singular values and
     a LoRA on the remaining subspace:
 
         W' = U_r diag(σ_r ⊙ α + β) V_rᵀ + W_tail + ΔW_lora,   ΔW_lora = s·U_tail X Y V_tailᵀ
@@ -464,7 +468,8 @@ class SALT(SVDCore):
     `reference=True` is the reference code's form **[CODE≠PAPER?]**: `X, Y ~ 0.01·N(0, 1)` (not
     identity at init) and `W' = U·relu(S_new)·Vᵀ` with the ReLU over the whole modified
     singular-value matrix (a dense k×k core); it needs `tail_projected=True`.
-    `penalty` is the reference regulariser `‖diag(σ_r⊙α+β) − diag(σ_r)‖_F + ‖s·XY‖_F`.
+    `node_penalty` is the reference regulariser `‖diag(σ_r⊙α+β) − diag(σ_r)‖_F + ‖s·XY‖_F`
+    (`jpeft.penalty(params)` sums it).
     """
 
     name = "salt"
@@ -541,7 +546,7 @@ class SALT(SVDCore):
         s_new = s_new.at[r:, r:].add(self.lora_scale * (x @ y))
         return jax.nn.relu(s_new) - jnp.diag(sig)
 
-    def penalty(self, node):
+    def node_penalty(self, node):
         lora = self.lora_scale * (node.train["x"] @ node.train["y"]) if self.tail_projected else \
             self.lora_scale * (node.train["lora_a"] @ node.train["lora_b"])
         return jnp.linalg.norm(self.head_core(node)) + jnp.linalg.norm(lora)
@@ -551,13 +556,14 @@ class SALT(SVDCore):
 @register
 @dataclasses.dataclass(frozen=True)
 class KaSA(SVDCore):
-    """KaSA (METHODS.md §3.5): drop the r smallest singular components of `W` ("noisy
+    """KaSA: drop the r smallest singular components of `W` ("noisy
     knowledge") from the frozen base, `W_world = U_{[:k−r]} Σ V_{[:k−r]}ᵀ`, and train
     `W' = W_world + s·B diag(d) A` (`A` Kaiming-uniform, `B = 0`, `d ~ N(0, 1)`), so `W' = W_world`
     at init (not `W`).
 
-    `penalty(node) = β‖d‖² + γ(‖BᵀB − I_r‖_F + ‖AAᵀ − I_r‖_F)` (add it to the loss; see
-    `regularizer`). `reference=True` is the reference code **[CODE≠PAPER]**: keep `in − r`
+    `node_penalty(node) = β‖d‖² + γ(‖BᵀB − I_r‖_F + ‖AAᵀ − I_r‖_F)`, summed over the nodes by
+    `jpeft.penalty(params)` (add it to the loss). `reference=True` is the reference code
+    **[CODE≠PAPER]**: keep `in − r`
     components (not `min(in, out) − r`) and penalise `AᵀA` (in×in), `BBᵀ` (out×out).
     """
 
@@ -604,7 +610,7 @@ class KaSA(SVDCore):
     def terms(self, node):
         return [Term(node.train["a"], node.train["d"], node.train["b"], "diag", self.scale)]
 
-    def penalty(self, node):
+    def node_penalty(self, node):
         a, b, d = (linalg.upcast(node.train[k]) for k in ("a", "b", "d"))
         if self.reference:
             orth = jnp.linalg.norm(b.T @ b - jnp.eye(b.shape[1])) + jnp.linalg.norm(a @ a.T - jnp.eye(a.shape[0]))
@@ -613,24 +619,11 @@ class KaSA(SVDCore):
         return self.beta * jnp.sum(d * d) + self.gamma * orth
 
 
-def regularizer(params: Any) -> jax.Array:
-    """Sum of `method.penalty(node)` over the adapter nodes of `params` that define one (KaSA,
-    SALT); add it to the loss. 0 when there are none."""
-    total = jnp.zeros(())
-    for node in jax.tree.leaves(params, is_leaf=is_adapter):
-        if isinstance(node, Adapter) and isinstance(node.method, SVDCore):
-            for piece in matrix_slices(node):   # a viewed node: one penalty per slice
-                p = node.method.penalty(piece)
-                if p is not None:
-                    total = total + p
-    return total
-
-
 # ============================================================================ SLoRA / NLoRA / IntTune
 @register
 @dataclasses.dataclass(frozen=True)
 class SLoRA(SVDCore):
-    """SLoRA (METHODS.md §3.8): three-factor LoRA `W' = W + s·B N A`, all trainable; `A`, `N`
+    """SLoRA: three-factor LoRA `W' = W + s·B N A`, all trainable; `A`, `N`
     Kaiming-uniform, `B = 0` (so `W' = W`)."""
 
     name = "slora"
@@ -661,7 +654,7 @@ class SLoRA(SVDCore):
 @register
 @dataclasses.dataclass(frozen=True)
 class NLoRA(SLoRA):
-    """NLoRA (METHODS.md §3.8): Nyström-style init of the three factors from the weight itself,
+    """NLoRA: Nyström-style init of the three factors from the weight itself,
     `A = W[:r, :]`, `B = W[:, :r]`, `N = W[:r, :r]⁺` (paper: `B N A` is the Nyström approximation of
     `W`), with the residual `W − s·BNA` as base so `W' = W` at init.
 
@@ -721,7 +714,7 @@ LAMDA_INITS = ("svd", "kaiming")
 @register
 @dataclasses.dataclass(frozen=True)
 class LaMDA(SVDCore):
-    """LaMDA (METHODS.md §2.14): `W' = W_base + s·B S A` with `A` (PMA) frozen, `S ∈ R^{r×r}`
+    """LaMDA: `W' = W_base + s·B S A` with `A` (PMA) frozen, `S ∈ R^{r×r}`
     trainable and `B` (PMB) trainable early, then frozen progressively by the step hook.
 
     init:         "svd" (the paper's spectral init, **[UNVERIFIED details]**): `A = V_rᵀ`,
@@ -736,13 +729,14 @@ class LaMDA(SVDCore):
     Freezing (a pure, jit-able `step_hook`): the hook records each frozen column of `b` in
     `state["b_snap"]` (the forward reads frozen columns from there, so neither the gradient nor
     any optimizer update — weight decay included — reaches them) and zeroes their optimizer moments
-    (METHODS.md §4.3: the dropped state, so Adam's update of that column is exactly 0). Once all of
-    `B` is frozen, `lamda_compact(params, opt_state)` moves `b` to the frozen buffers and removes
-    its moments (trainable count `r² + r·out → r²`).
+    (explicit optimizer-state surgery: the dropped state, so Adam's update of that column is
+    exactly 0). Once all of `B` is frozen, `lamda_compact(params, opt_state)` moves `b` to the frozen
+    buffers and removes its moments (trainable count `r² + r·out → r²`).
     """
 
     name = "lamda"
-    paper = "LaMDA: Large Model Fine-Tuning via Spectrally Decomposed Low-Dimensional Adaptation, Azizi, Kundu and Pedram, EMNLP Findings 2024"
+    paper = ("LaMDA: Large Model Fine-Tuning via Spectrally Decomposed Low-Dimensional Adaptation, "
+             "Azizi, Kundu and Pedram, EMNLP Findings 2024")
 
     rank: int = 8
     alpha: float = 8.0
@@ -830,7 +824,7 @@ class LaMDA(SVDCore):
 @register
 @dataclasses.dataclass(frozen=True)
 class LaMDAPP(LaMDA):
-    """LaMDA++ (METHODS.md §2.14, rank allocation **[UNVERIFIED formula]**): LaMDA with the
+    """LaMDA++ (rank allocation **[UNVERIFIED formula]**): LaMDA with the
     spectral init whose per-layer rank comes from the *normalised* spectrum of the weight,
     `σ̂_i = σ_i / Σ_j σ_j`: component `i < rank` is used iff `σ̂_i >= threshold` (component 0
     always). Shapes stay at `rank` (static, jit-able); unused components are masked out of the core
@@ -889,7 +883,7 @@ def lamda_pp_threshold(kernels: list, rank: int, budget: int) -> float:
 
 def lamda_compact(params: Any, opt_state: Any) -> tuple[Any, Any]:
     """Move `B` of every LaMDA node whose columns are all frozen into its frozen buffers and drop
-    `B`'s optimizer moments (METHODS.md §2.14 oracle (b)/(c)). Not jit-able (changes the tree
+    `B`'s optimizer moments (tested in `tests/methods/test_lamda.py`). Not jit-able (changes the tree
     structure); call once after the hook has frozen `B`, then keep using `opt_state` with the new
     trainable tree. Adapter-only checkpoints of a compacted tree are not supported (save before)."""
     from jpeft.core import split

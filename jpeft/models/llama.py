@@ -53,7 +53,7 @@ class LlamaConfig:
 
     @classmethod
     def reference(cls) -> LlamaConfig:
-        """The shared benchmark workload of DESIGN.md §8 (random init)."""
+        """The shared benchmark workload of docs/design.md §8 (random init)."""
         return cls(vocab_size=4096, hidden_size=512, intermediate_size=1376, num_layers=4,
                    num_heads=8, num_kv_heads=8)
 

@@ -1,4 +1,4 @@
-"""Optimizer-side methods as optax transformations (DESIGN.md §4, METHODS.md §1.3 family I).
+"""Optimizer-side methods as optax transformations (docs/design.md §4, docs/optim.md; family I).
 
 Each method is a `scale_by_x(...)` transformation plus an `x(learning_rate, ...)` alias:
 

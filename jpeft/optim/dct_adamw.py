@@ -1,4 +1,4 @@
-"""DCT-AdamW — SVD-free low-rank adaptive gradient optimisation (Modoranu et al., 2025; METHODS.md §2.19).
+"""DCT-AdamW — SVD-free low-rank adaptive gradient optimisation (Modoranu et al., 2025).
 
 GaLore's per-layer SVD is replaced by one fixed orthonormal basis per size (DCT-II) and, at each
 refresh, the `r` basis vectors best aligned with the gradient (largest ℓ_p norm of `G Q[:, j]`).

@@ -1,4 +1,4 @@
-"""GaLore — Gradient Low-Rank projection (Zhao et al., ICML 2024; METHODS.md §2.18).
+"""GaLore — Gradient Low-Rank projection (Zhao et al., ICML 2024).
 
 Each matrix gradient is projected on the leading singular vectors of a recent gradient (refreshed
 every `update_proj_gap` steps, at t = 0, T, 2T, …); the inner optimizer (Adam) keeps its moments

@@ -1,4 +1,4 @@
-"""LoRA-Pro — LoRA gradients adjusted towards the full gradient (Wang et al., ICLR 2025; METHODS.md §3.10).
+"""LoRA-Pro — LoRA gradients adjusted towards the full gradient (Wang et al., ICLR 2025).
 
 For an adapter pair the LoRA update is equivalent to a full-weight step along the low-rank
 "equivalent gradient" `g̃ = s(B g_A + g_B A)` (paper layout, `W ∈ R^{m×n}`, `A ∈ R^{r×n}`,

@@ -1,4 +1,4 @@
-"""Natural GaLore (Das, 2024; METHODS.md §2.20).
+"""Natural GaLore (Das, 2024).
 
 GaLore whose low-rank gradient is preconditioned by the inverse of an empirical Fisher built from a
 window of the last `s` low-rank gradients (the current one included), applied through the Woodbury

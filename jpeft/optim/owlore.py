@@ -1,11 +1,11 @@
-"""OwLore — outlier-weighted layer sampling with GaLore (Li et al., 2024; METHODS.md §3.15).
+"""OwLore — outlier-weighted layer sampling with GaLore (Li et al., 2024).
 
 Every `interval` steps (K, including step 0) `n_active` (γ) of the model's `L` transformer layers are
 drawn without replacement with probabilities `p_l ∝ score_l` (OWL's layer-wise outlier ratio,
 precomputed: `outlier_ratio`); only those layers train, with GaLore, until the next draw. Leaves
 outside any layer (embeddings, head, final norm) always train (LISA's convention).
 
-Optimizer-state surgery (METHODS.md §4.3, "Freeze"): a leaf of an inactive layer gets a zero update
+Optimizer-state surgery, explicit ("freeze"): a leaf of an inactive layer gets a zero update
 and its state is kept as it is — moments, projector and step count — as in the reference, where a
 frozen layer has no gradient and the torch optimizer skips it. Its projector refresh therefore
 follows its own step count. The draw is `jax.random.choice(..., replace=False, p=p)` (successive

@@ -1,4 +1,4 @@
-"""The projected-optimizer combinator (METHODS.md §1.3 family I) behind `galore`, `dct_adamw`,
+"""The projected-optimizer combinator (family I, `jpeft.optim`) behind `galore`, `dct_adamw`,
 `natural_galore` and `owlore`.
 
 For every leaf the plan decides, from static shapes only, whether it is *projected* (seen as a
@@ -15,8 +15,8 @@ optimizer unchanged. A projected leaf's step:
     U = scale · up(u, basis)
 
 Every leaf has its own `LeafState` (its own step count and inner-optimizer state), so moments can be
-reset, rotated or frozen leaf by leaf (OwLore's layer sampling, METHODS.md §4.3). The consequence: the
-inner transformation sees one leaf at a time; put cross-leaf transforms such as
+reset, rotated or frozen leaf by leaf (OwLore's layer sampling; such state surgery is always explicit).
+The consequence: the inner transformation sees one leaf at a time; put cross-leaf transforms such as
 `optax.clip_by_global_norm` *before* the projected transform in an `optax.chain`, not inside `inner`.
 """
 

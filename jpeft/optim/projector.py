@@ -1,4 +1,4 @@
-"""Gradient projectors shared by the optimizer-side low-rank methods (METHODS.md §1.3, family I).
+"""Gradient projectors shared by the optimizer-side low-rank methods (family I, `jpeft.optim`).
 
 A projector maps one matrix-shaped gradient `G ∈ R^{m×n}` to a small representation and back:
 
@@ -251,7 +251,7 @@ MAX_DCT_SIZE = 46340  # k·(2j+1) < 2·d² must fit in uint32
 
 
 def dct_rows(d: int, idx: jax.Array, dtype=jnp.float32) -> jax.Array:
-    """Rows `idx` of the orthonormal DCT-II matrix `C_d` (METHODS.md §0): `C[k, j] = c_k cos(π k (2j+1) / 2d)`.
+    """Rows `idx` of the orthonormal DCT-II matrix `C_d`: `C[k, j] = c_k cos(π k (2j+1) / 2d)`.
 
     Built on the fly (no `d×d` constant in the program); the angle is reduced modulo `2π` in
     integer arithmetic so it stays exact in float32 for every `d ≤ 46340`.

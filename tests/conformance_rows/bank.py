@@ -4,7 +4,7 @@ from jpeft.methods.bank import BlockLoRA, LoRI, MSPLoRA, RandLoRA, S2LoRA, VBLoR
 from tests.conformance_table import Case
 
 ROWS = [
-    # VB-LoRA is intentionally not the identity at init (BA ≠ 0; METHODS.md §2.10, §4.4): its
+    # VB-LoRA is intentionally not the identity at init (BA ≠ 0; `identity_at_init = False`): its
     # non-identity is asserted in tests/methods/test_vb_lora.py. vector_length 8 divides every
     # adapted dimension of the conformance / factored toy models (24, 32, 40, 48).
     Case("vb_lora", "vb_lora", VBLoRA(rank=4, num_vectors=16, vector_length=8, topk=2)),

@@ -1,4 +1,4 @@
-"""HD-PiSSA (METHODS.md §2.5) on one device: PiSSA on the `devices·rank` principal components it
+"""HD-PiSSA on one device: PiSSA on the `devices·rank` principal components it
 stacks, with the weight itself as the base (no residual), so the identity at init is exact. The
 distributed step and its oracles are in tests/distributed/."""
 

@@ -1,4 +1,4 @@
-"""Conformance rows of the SVD-core family (`jpeft/methods/svdcore.py`, METHODS.md §1.3 B).
+"""Conformance rows of the SVD-core family (family B, `jpeft/methods/svdcore.py`).
 
 SVFT rows use `rank=16`: the shared rank-too-large test needs an explicit rank, and the factored
 tests adapt kernels as narrow as 24. Rows whose method claims no `identity_at_init` are intentionally not the

@@ -1,4 +1,4 @@
-"""HD-PiSSA oracles (METHODS.md §2.5 (9), §4.4) on 8 simulated CPU devices."""
+"""HD-PiSSA oracles (the step of `jpeft.distributed.hd_pissa_step`) on 8 simulated CPU devices."""
 
 import jax
 import jax.numpy as jnp

@@ -1,4 +1,5 @@
-"""Adapter shardings derived from the base's (DESIGN.md §6, METHODS.md §4.2) on a 2×4 mesh."""
+"""Adapter shardings derived from the base's (docs/design.md §6: A follows the input axis, B the output axis)
+on a 2×4 mesh."""
 
 import dataclasses
 

@@ -1,4 +1,4 @@
-"""HF PEFT format on the real SmolLM2-135M (DESIGN.md §7): jpeft adapters load with
+"""HF PEFT format on the real SmolLM2-135M (docs/interop.md): jpeft adapters load with
 `PeftModel.from_pretrained` onto transformers' Llama with the same weights and give the same
 logits; PEFT adapters import into jpeft likewise; the merged export loads with
 `LlamaForCausalLM.from_pretrained`. Tolerance: 2e-4 absolute (+1e-4 relative) on logits of

@@ -1,4 +1,4 @@
-"""fused_lora_matmul: interpret-mode kernel vs reference, forward and gradients (§4.1)."""
+"""fused_lora_matmul: interpret-mode kernel vs reference, forward and gradients."""
 
 import jax
 import jax.numpy as jnp

@@ -1,4 +1,4 @@
-"""fused_lr_sparse_matmul (SLTrain W = s·BA + S): kernel vs reference (§2.17, §4.1)."""
+"""fused_lr_sparse_matmul (SLTrain W = s·BA + S): kernel vs reference."""
 
 import jax.numpy as jnp
 import pytest
@@ -18,7 +18,7 @@ def operands():
 @pytest.mark.parametrize("with_base", [False, True])
 def test_forward_and_grads_match_reference(with_base):
     """Values and jax.grad w.r.t. x, a, b, val and s; the optional base K is frozen. Also the
-    factored output equals x @ (s·a@b + Sᵀ [+ K]) with the merged weight (§1.1 invariant 1)."""
+    factored output equals x @ (s·a@b + Sᵀ [+ K]) with the merged weight (factored == materialised)."""
     x, a, b, idx, val, K = operands()
     K = K if with_base else None
     s = jnp.float32(1.5)

@@ -1,4 +1,4 @@
-"""linear_sparse_delta: gather-based kernel vs references, forward and gradients (§4.1 item 2)."""
+"""linear_sparse_delta: gather-based kernel vs references, forward and gradients."""
 
 import jax
 import jax.numpy as jnp
@@ -66,7 +66,7 @@ def test_dense_fallback_matches_sparse_path():
 
 
 def test_dval_is_the_dense_gradient_at_the_support(kernel_vjp):
-    """dL/dval == G[idx] with G = δyᵀ x the paper-layout (m, n) dense gradient (§2.17 oracle c),
+    """dL/dval == G[idx] with G = δyᵀ x the paper-layout (m, n) dense gradient,
     and the kernel's dx includes the sparse term."""
     x, K, idx, val = operands()
     ct, _, (dx, dval) = kernel_vjp

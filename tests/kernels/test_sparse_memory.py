@@ -1,4 +1,4 @@
-"""The sparse backward never forms an (m, n) float array; the dense fallback does (§4.1 item 2)."""
+"""The sparse backward never forms an (m, n) float array; the dense fallback does."""
 
 import jax
 import jax.numpy as jnp

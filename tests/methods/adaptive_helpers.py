@@ -1,4 +1,4 @@
-"""A planted-rank regression toy shared by the AdaLoRA / SoRA oracles (METHODS.md §4.4 iv)."""
+"""A planted-rank regression toy shared by the AdaLoRA / SoRA oracles."""
 
 import jax
 import jax.numpy as jnp

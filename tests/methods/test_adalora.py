@@ -1,6 +1,8 @@
-"""AdaLoRA oracles (METHODS.md §2.13): budget schedule, global masking to the budget, importance
+"""AdaLoRA oracles: budget schedule, global masking to the budget, importance
 EMA, final-phase freezing, orthogonality regulariser, identity at init, parameter count, and
 recovery of the true ranks of planted targets."""
+
+import dataclasses
 
 import jax
 import jax.numpy as jnp
@@ -8,7 +10,7 @@ import numpy as np
 import pytest
 
 import jpeft
-from jpeft.methods.adaptive import AdaLoRA, orthogonality_loss, rank_pattern
+from jpeft.methods.adaptive import AdaLoRA, rank_pattern
 from tests.methods.adaptive_helpers import train_planted
 from tests.methods.helpers import M_OUT, N_IN, kernel, node_for
 
@@ -134,19 +136,21 @@ def test_orthogonality_regulariser(x64):
         q = jnp.linalg.qr(jax.random.normal(jax.random.PRNGKey(i), (n, 4)))[0]
         p = jnp.linalg.qr(jax.random.normal(jax.random.PRNGKey(10 + i), (m, 4)))[0]
         ortho[name] = node.replace(train={**node.train, "a": q, "b": p.T})
-    assert float(orthogonality_loss(ortho)) < 1e-7
+    assert float(jpeft.penalty(ortho)) < 1e-7
     # Otherwise (1/L) Σ γ (‖PᵀP − I‖_F + ‖QQᵀ − I‖_F); PEFT's per-matrix mean is half of it.
     want = sum(0.5 * (np.linalg.norm(n.train["a"].T @ n.train["a"] - np.eye(4))
                       + np.linalg.norm(n.train["b"] @ n.train["b"].T - np.eye(4))) for n in params.values()) / 2
-    np.testing.assert_allclose(orthogonality_loss(params), want, rtol=1e-10)
-    np.testing.assert_allclose(orthogonality_loss(params, per_matrix=True), want / 2, rtol=1e-10)
-    grads = jax.grad(lambda p: orthogonality_loss(p))(jpeft.split(ortho)[0])
+    np.testing.assert_allclose(jpeft.penalty(params), want, rtol=1e-10)
+    np.testing.assert_allclose(jpeft.penalty(jpeft.split(params)[0]), want, rtol=1e-10)  # the trainable half
+    per_matrix = {k: v.replace(method=dataclasses.replace(method, orth_reg_per_matrix=True)) for k, v in params.items()}
+    np.testing.assert_allclose(jpeft.penalty(per_matrix), want / 2, rtol=1e-10)
+    grads = jax.grad(lambda p: jpeft.penalty(p))(jpeft.split(ortho)[0])
     assert all(np.all(np.isfinite(g)) for g in jax.tree.leaves(grads))
 
 
 def test_recovers_the_true_ranks_of_planted_targets():
     """Ranks 3 and 1 planted, r₀ = 6 each, average target 2 (budget 4): the global budget is
-    redistributed to (3, 1) and the fit is near exact (METHODS.md §4.4)."""
+    redistributed to (3, 1) and the fit is near exact."""
     method = AdaLoRA(init_r=6, target_r=2, alpha=6.0, total_step=200, tinit=20, tfinal=50, delta_t=5)
     params, spec, losses = train_planted(method, ranks=(3, 1), steps=200)
     assert [sum(v) for v in rank_pattern(params).values()] == [3, 1]

@@ -1,4 +1,4 @@
-"""Block-LoRA oracles (METHODS.md §3.27): ΔW = Σ_i B_i A_s = (Σ_i B_i) A_s."""
+"""Block-LoRA oracles: ΔW = Σ_i B_i A_s = (Σ_i B_i) A_s."""
 
 import jax
 import jax.numpy as jnp

@@ -1,4 +1,4 @@
-"""DoRA oracles (METHODS.md §2.3)."""
+"""DoRA oracles."""
 
 import jax
 import jax.numpy as jnp

@@ -1,4 +1,4 @@
-"""ETHER / ETHER+ oracles (METHODS.md §3.4): orthogonality of the reflection, ETHER's explicit
+"""ETHER / ETHER+ oracles: orthogonality of the reflection, ETHER's explicit
 non-identity at init, ETHER+ identity at init and bounded distance, the block-diagonal form on
 the right sides, the factored path, parameter counts and a 200-step toy regression."""
 
@@ -116,7 +116,7 @@ def test_blocks_must_divide_the_dimension():
 @pytest.mark.parametrize("method", [ETHER(n_blocks=2), ETHERPlus(n_blocks=2, side="both")])
 def test_toy_regression_fits_a_planted_transform(method):
     """200 Adam steps on `y = x·K*` with `K*` from the same family (other init): the loss falls
-    by two orders of magnitude (METHODS.md §4.4)."""
+    by two orders of magnitude."""
     w = kernel()
     spec = jpeft.Spec({"w": method})
     target = perturbed(method, w, seed=4)

@@ -1,4 +1,4 @@
-"""GraLoRA oracles (METHODS.md §3.2): block locality, the rank `min(k·r, m, n)`, the parameter
+"""GraLoRA oracles: block locality, the rank `min(k·r, m, n)`, the parameter
 count of LoRA(r), the hybrid branch, the scale, validation, and a toy where GraLoRA fits a
 block-structured target of rank k·r that LoRA of the same budget cannot."""
 
@@ -89,7 +89,7 @@ def test_validation():
 
 def test_toy_fits_a_block_structured_target_lora_of_equal_budget_cannot():
     """Target: each of the 2×2 blocks a random rank-2 matrix (total rank 8). GraLoRA(r=4, k=2) has
-    rank 2 per block and fits it; LoRA(r=4), same parameter count, cannot (METHODS.md §4.4)."""
+    rank 2 per block and fits it; LoRA(r=4), same parameter count, cannot."""
     w = kernel()
     keys = jax.random.split(jax.random.PRNGKey(11), 8)
     blocks = [[jax.random.normal(keys[2 * (2 * i + j)], (N_IN // 2, 2))

@@ -1,4 +1,4 @@
-"""IntTune oracles (METHODS.md §3.8): the NLoRA init, only the r×r core `N` trains."""
+"""IntTune oracles: the NLoRA init, only the r×r core `N` trains."""
 
 import jax
 import jax.numpy as jnp

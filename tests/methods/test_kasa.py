@@ -1,11 +1,11 @@
-"""KaSA oracles (METHODS.md §3.5): truncated base `W_world` + `s·B diag(d) A`, and its penalty."""
+"""KaSA oracles: truncated base `W_world` + `s·B diag(d) A`, and its penalty."""
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
 import jpeft
-from jpeft.methods.svdcore import KaSA, regularizer
+from jpeft.methods.svdcore import KaSA
 from tests.methods.helpers import M_OUT, N_IN, R, kernel, node_for
 
 K = min(N_IN, M_OUT)
@@ -42,14 +42,15 @@ def test_penalty(x64):
     q_b = jnp.linalg.qr(jax.random.normal(jax.random.PRNGKey(2), (M_OUT, R)))[0].T
     d = jnp.asarray([1.0, 2.0, -1.0, 0.5])
     ortho = node.replace(train={"a": q_a, "b": q_b, "d": d})
-    np.testing.assert_allclose(method.penalty(ortho), 0.1 * jnp.sum(d ** 2), rtol=1e-12)
+    np.testing.assert_allclose(method.node_penalty(ortho), 0.1 * jnp.sum(d ** 2), rtol=1e-12)
     scaled = ortho.replace(train={"a": 2 * q_a, "b": q_b, "d": d})
-    np.testing.assert_allclose(method.penalty(scaled), 0.1 * jnp.sum(d ** 2) + 0.01 * 3 * 2, rtol=1e-12)  # ‖4I−I‖_F = 6
-    np.testing.assert_allclose(regularizer({"w": scaled}), method.penalty(scaled), rtol=1e-12)
+    # ‖4I−I‖_F = 6
+    np.testing.assert_allclose(method.node_penalty(scaled), 0.1 * jnp.sum(d ** 2) + 0.01 * 3 * 2, rtol=1e-12)
+    np.testing.assert_allclose(jpeft.penalty({"w": scaled}), method.node_penalty(scaled), rtol=1e-12)
     # reference orientation: AᵀA (in×in), BBᵀ (out×out) against identity — never 0 for r < in, out
     ref = KaSA(rank=R, beta=0.1, gamma=0.01, reference=True)
     want = 0.1 * jnp.sum(d ** 2) + 0.01 * ((M_OUT - R) ** 0.5 + (N_IN - R) ** 0.5)
-    np.testing.assert_allclose(ref.penalty(ortho), want, rtol=1e-12)
+    np.testing.assert_allclose(ref.node_penalty(ortho), want, rtol=1e-12)
 
 
 def test_reference_truncation_uses_in_features_minus_r(x64):

@@ -1,4 +1,4 @@
-"""LaMDA oracles and its progressive freezing of B (METHODS.md §2.14, §4.3)."""
+"""LaMDA oracles and its progressive freezing of B (explicit optimizer-state surgery)."""
 
 import jax
 import jax.numpy as jnp

@@ -1,4 +1,4 @@
-"""LaMDA++ (METHODS.md §2.14, rank allocation [UNVERIFIED formula]): per-layer ranks from the
+"""LaMDA++ (rank allocation [UNVERIFIED formula]): per-layer ranks from the
 normalised spectrum `σ_i / Σσ`, under a global budget of rank components."""
 
 import jax

@@ -1,5 +1,5 @@
-"""LIFT oracles (METHODS.md §2.15): principal-weight mask, mask refresh with explicit moment
-carry-over (§4.3), and a 200-step planted-target toy (§4.4)."""
+"""LIFT oracles: principal-weight mask, mask refresh with explicit moment
+carry-over, and a 200-step planted-target toy."""
 
 import jax
 import jax.numpy as jnp
@@ -77,7 +77,7 @@ def test_refresh_carries_moments_bitwise_and_keeps_the_function():
 
 
 def test_recovers_a_planted_target_on_the_principal_weights_in_200_steps():
-    """§4.4: a sparse target supported on LIFT's principal weights is fitted; between refreshes
+    """A sparse target supported on LIFT's principal weights is fitted; between refreshes
     no entry outside the mask moves."""
     w = kernel() / N_IN ** 0.5
     method = sp.LIFT(rank=R, lora_rank=1, update_interval=50)

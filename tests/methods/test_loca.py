@@ -1,4 +1,4 @@
-"""LoCA oracles (METHODS.md §2.11): identity at init, the iDCT-of-a-sparse-spectrum formula, the
+"""LoCA oracles: identity at init, the iDCT-of-a-sparse-spectrum formula, the
 factored DCT → sparse → iDCT path, the coefficient gradient, the finite-difference location
 gradient (value and sign), the alternating schedule run by the step hook, the parameter count,
 and a toy where learning the locations beats training the coefficients alone."""
@@ -16,7 +16,7 @@ from tests.methods.helpers import M_OUT, N_IN, kernel, node_for
 
 
 def dct_matrix(n):
-    """Orthonormal DCT-II `C[k, j] = c_k cos(π k (2j+1) / 2n)` (METHODS.md §0)."""
+    """Orthonormal DCT-II `C[k, j] = c_k cos(π k (2j+1) / 2n)`."""
     k, j = np.meshgrid(np.arange(n), np.arange(n), indexing="ij")
     c = np.where(k == 0, np.sqrt(1.0 / n), np.sqrt(2.0 / n))
     return c * np.cos(np.pi * k * (2 * j + 1) / (2 * n))
@@ -180,7 +180,7 @@ def test_hook_alternates_coefficients_and_locations():
 def test_learning_locations_beats_fixed_locations():
     """Target energy one frequency step above each coefficient's start (plus a small leak at the
     start, so the coefficients become non-zero): coefficients alone cannot reach it, the
-    alternating schedule moves most locations there (METHODS.md §4.4 toy)."""
+    alternating schedule moves most locations there."""
     w = kernel()
     n, m = w.shape
     probe = jpeft.init(jax.random.PRNGKey(1), {"w": w}, jpeft.Spec({"w": LoCA(n_coeffs=8)}))["w"]

@@ -1,4 +1,4 @@
-"""LoRA / rsLoRA / dropout / OLoRA / orthogonal / FFA-LoRA oracles (METHODS.md §2.1, §2.2, §3.19, §3.24)."""
+"""LoRA / rsLoRA / dropout / OLoRA / orthogonal / FFA-LoRA oracles."""
 
 import jax
 import jax.numpy as jnp
@@ -46,7 +46,7 @@ def test_rslora_scale():
 
 
 def _first_step_update_size(rank, rslora, n=4, m=64, eta=1e-2, draws=16):
-    """E‖ΔK x‖² after one SGD step from b = 0 with unit-variance a (METHODS.md §2.2 oracle).
+    """E‖ΔK x‖² after one SGD step from b = 0 with unit-variance a (the rsLoRA oracle).
 
     ΔK = −η s²·a aᵀ G_K and E[a aᵀ] = r·I; the oracle's premise a aᵀ ≈ r·I needs r ≫ n, hence a
     narrow input (n = 4) and ranks 4, 64, 256 (built directly: `check` would cap r at min(n, m)).

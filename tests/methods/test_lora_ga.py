@@ -1,4 +1,4 @@
-"""LoRA-GA oracles (METHODS.md §2.8)."""
+"""LoRA-GA oracles."""
 
 import jax
 import jax.numpy as jnp

@@ -1,4 +1,4 @@
-"""LoRA-SB oracles (METHODS.md §2.7): LoRA-XS frames from the simulated first update."""
+"""LoRA-SB oracles: LoRA-XS frames from the simulated first update."""
 
 import jax
 import jax.numpy as jnp

@@ -1,4 +1,4 @@
-"""LoRA-XS oracles (METHODS.md §2.6): `W' = W + s·U_r R Σ_r V_rᵀ`, only `R` trains."""
+"""LoRA-XS oracles: `W' = W + s·U_r R Σ_r V_rᵀ`, only `R` trains."""
 
 import jax
 import jax.numpy as jnp

@@ -1,4 +1,4 @@
-"""LoRI oracles (METHODS.md §3.3): frozen random A, B under a global magnitude mask."""
+"""LoRI oracles: frozen random A, B under a global magnitude mask."""
 
 import jax
 import jax.numpy as jnp

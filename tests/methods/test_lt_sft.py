@@ -1,11 +1,14 @@
-"""LT-SFT oracles (METHODS.md §3.31, [UNVERIFIED details]): the mask is the top-K of |θ₁ − θ₀|,
+"""LT-SFT oracles ([UNVERIFIED details]): the mask is the top-K of |θ₁ − θ₀|,
 nnz(φ) ≤ K, and sparse deltas compose and subtract exactly (pure functions)."""
+
+import dataclasses
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
 import jpeft
+from jpeft.adapter import is_adapter
 from jpeft.methods import sparse as sp
 from tests.methods.helpers import M_OUT, N_IN, kernel
 
@@ -30,7 +33,11 @@ def test_mask_is_the_topk_of_the_full_finetuning_difference():
     phi = sp.deltas(params)
     assert set(phi) == {"w", "v"} and all(int(jnp.sum(d.val != 0)) <= k for d in phi.values())
     np.testing.assert_allclose(phi["w"].dense_kernel(), jpeft.merge(params, spec)["w"] - theta0["w"], atol=1e-5)
-    np.testing.assert_allclose(sp.l1_penalty(params), np.sum(np.abs(np.arange(k) - 3.0)))
+    # the L1 pull toward θ₀ is a penalty only with its weight set
+    assert float(jpeft.penalty(params)) == 0.0
+    weighted = jax.tree.map(lambda x: x.replace(method=dataclasses.replace(x.method, l1_weight=0.5)) if is_adapter(x)
+                            else x, params, is_leaf=is_adapter)
+    np.testing.assert_allclose(jpeft.penalty(weighted), 0.5 * np.sum(np.abs(np.arange(k) - 3.0)))
 
 
 def delta(seed, k, dyadic=True):

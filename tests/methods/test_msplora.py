@@ -1,4 +1,4 @@
-"""MSPLoRA oracles (METHODS.md §3.26): global + mid-level (layer groups) + layer-specific LoRA."""
+"""MSPLoRA oracles: global + mid-level (layer groups) + layer-specific LoRA."""
 
 import jax
 import jax.numpy as jnp

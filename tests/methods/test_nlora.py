@@ -1,4 +1,4 @@
-"""NLoRA oracles (METHODS.md §3.8): Nyström init `A = W[:r,:]`, `B = W[:,:r]`, `N = W[:r,:r]⁺`."""
+"""NLoRA oracles: Nyström init `A = W[:r,:]`, `B = W[:,:r]`, `N = W[:r,:r]⁺`."""
 
 import jax
 import jax.numpy as jnp

@@ -1,4 +1,4 @@
-"""PeriodicLoRA oracles and its optimizer-state surgery (METHODS.md §3.9, §4.3)."""
+"""PeriodicLoRA oracles and its explicit optimizer-state surgery."""
 
 import jax
 import jax.numpy as jnp

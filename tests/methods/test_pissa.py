@@ -1,4 +1,4 @@
-"""PiSSA oracles (METHODS.md §2.4), exact and randomised SVD."""
+"""PiSSA oracles, exact and randomised SVD."""
 
 import jax.numpy as jnp
 import numpy as np

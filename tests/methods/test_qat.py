@@ -1,4 +1,4 @@
-"""L4Q and LR-QAT (METHODS_MULTI_QUANT.md K.4): the spec's oracles (B = 0 is round-to-nearest;
+"""L4Q and LR-QAT (docs/quant.md): the oracles (B = 0 is round-to-nearest;
 the merged integer model reproduces the training forward bit for bit) and closed-form gradients
 of the straight-through / LSQ reading."""
 

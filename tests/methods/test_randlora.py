@@ -1,4 +1,4 @@
-"""RandLoRA oracles (METHODS.md §3.1): frozen shared random bases, trainable diagonals, full rank."""
+"""RandLoRA oracles: frozen shared random bases, trainable diagonals, full rank."""
 
 import jax
 import jax.numpy as jnp
@@ -55,7 +55,7 @@ def test_delta_is_the_sum_over_bases_in_both_orientations(x64, shape):
 
 
 def test_generic_update_is_full_rank(x64):
-    """METHODS.md §3.1 (b): 48×80, r = 8 ⇒ N = 6 bases, rank(ΔW) = min(m, n) = 48."""
+    """48×80, r = 8 ⇒ N = 6 bases, rank(ΔW) = min(m, n) = 48."""
     node = generic(node_for(RandLoRA(rank=8, alpha=16.0), kernel(shape=(80, 48), dtype=jnp.float64)))
     delta = np.asarray(node.method.materialise(node) - node.base)
     assert node.train["lam"].shape == (8, 6)

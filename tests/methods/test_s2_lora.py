@@ -1,4 +1,4 @@
-"""S2-LoRA oracles (METHODS.md §3.25): factors shared per shape, per-layer rank gates."""
+"""S2-LoRA oracles: factors shared per shape, per-layer rank gates."""
 
 import jax
 import jax.numpy as jnp

@@ -1,4 +1,4 @@
-"""S2FT oracles (METHODS.md §3.11): gradients and changes only on the selected slices,
+"""S2FT oracles: gradients and changes only on the selected slices,
 co-permutation leaves the network unchanged, structured selection."""
 
 import jax

@@ -1,11 +1,11 @@
-"""SALT oracles (METHODS.md §3.6): scale/shift of the top-r singular values + a tail LoRA."""
+"""SALT oracles: scale/shift of the top-r singular values + a tail LoRA."""
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
 import jpeft
-from jpeft.methods.svdcore import SALT, regularizer
+from jpeft.methods.svdcore import SALT
 from tests.methods.helpers import M_OUT, N_IN, R, kernel, node_for
 
 K, Q = min(N_IN, M_OUT), 3
@@ -64,7 +64,7 @@ def test_penalty_is_the_reference_regulariser(x64):
     w = kernel()
     method = SALT(rank=R, lora_rank=Q)
     node = node_for(method, w)
-    assert float(regularizer({"w": node})) == 0.0
+    assert float(jpeft.penalty({"w": node})) == 0.0
     node = node.replace(train={**node.train, "shift": jnp.full((R,), 0.5), "x": jnp.ones((K - R, Q))})
     want = jnp.linalg.norm(jnp.full((R,), 0.5)) + jnp.linalg.norm(jnp.ones((K - R, Q)) @ node.train["y"])
-    np.testing.assert_allclose(regularizer({"w": node, "other": jnp.ones(3)}), want, rtol=1e-12)
+    np.testing.assert_allclose(jpeft.penalty({"w": node, "other": jnp.ones(3)}), want, rtol=1e-12)

@@ -1,4 +1,4 @@
-"""SLoRA oracles (METHODS.md §3.8): three-factor LoRA `W + s·B N A`, all trainable, `B = 0`."""
+"""SLoRA oracles: three-factor LoRA `W + s·B N A`, all trainable, `B = 0`."""
 
 import jax
 import jax.numpy as jnp

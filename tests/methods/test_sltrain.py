@@ -1,4 +1,4 @@
-"""SLTrain oracles (METHODS.md §2.17): fixed random support, fused forward == dense, `∂val = G[idx]`,
+"""SLTrain oracles: fixed random support, fused forward == dense, `∂val = G[idx]`,
 parameter count `r(m+n) + ⌊δmn⌋`, and the pre-training mode without a base."""
 
 import math

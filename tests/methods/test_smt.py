@@ -1,4 +1,4 @@
-"""SMT oracles (METHODS.md §3.12, [UNVERIFIED details]): block scores are sums of |G| over the
+"""SMT oracles ([UNVERIFIED details]): block scores are sums of |G| over the
 warm-up steps, the top blocks are selected, only they change, block-dense factored form."""
 
 import jax

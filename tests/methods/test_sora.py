@@ -1,4 +1,4 @@
-"""SoRA oracles (METHODS.md §2.12): the proximal soft-threshold step, zero-gated components, the
+"""SoRA oracles: the proximal soft-threshold step, zero-gated components, the
 rank bound, the λ schedules, identity at init, parameter count, and recovery of the true ranks
 of planted targets."""
 
@@ -9,7 +9,7 @@ import optax
 import pytest
 
 import jpeft
-from jpeft.methods.adaptive import SoRA, gate_l1, rank_pattern
+from jpeft.methods.adaptive import SoRA, rank_pattern
 from tests.methods.adaptive_helpers import train_planted
 from tests.methods.helpers import M_OUT, N_IN, R, kernel, node_for
 
@@ -90,16 +90,21 @@ def test_lambda_schedules_match_the_reference():
         SoRA(lambda_schedule="linear")
 
 
-def test_gate_l1_term():
-    spec = jpeft.Spec({r"w\d": SoRA(rank=R)})
+def test_gate_l1_term_is_the_penalty_with_its_weight():
+    leaves = {"w0": kernel(), "w1": kernel(seed=1)}
+    params = jpeft.init(jax.random.PRNGKey(0), leaves, jpeft.Spec({r"w\d": SoRA(rank=R)}))
+    assert float(jpeft.penalty(params)) == 0.0   # gate_l1_weight = 0: no term
+    spec = jpeft.Spec({r"w\d": SoRA(rank=R, gate_l1_weight=0.3)})
     params = jpeft.init(jax.random.PRNGKey(0), {"w0": kernel(), "w1": kernel(seed=1)}, spec)
     gates = np.concatenate([params["w0"].train["g"], params["w1"].train["g"]])
-    np.testing.assert_allclose(gate_l1(params, 0.3), 0.3 * np.mean(np.abs(gates)), rtol=1e-6)
+    np.testing.assert_allclose(jpeft.penalty(params), 0.3 * np.mean(np.abs(gates)), rtol=1e-6)
+    with pytest.raises(jpeft.OptionError, match="gate_l1_weight"):
+        SoRA(gate_l1_weight=-1.0)
 
 
 def test_recovers_the_true_ranks_of_planted_targets():
     """Ranks 3 and 1 planted, SoRA rank 6 on both: the proximal step zeroes every surplus gate
-    (nnz(g) = true rank) while the fit stays good (METHODS.md §4.4)."""
+    (nnz(g) = true rank) while the fit stays good."""
     method = SoRA(rank=6, alpha=6.0, sparse_lambda=1.0, gate_lr=0.03)  # ξ = 0.03 per step
     params, spec, losses = train_planted(method, ranks=(3, 1), steps=200)
     assert [sum(v) for v in rank_pattern(params).values()] == [3, 1]

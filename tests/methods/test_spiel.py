@@ -1,6 +1,6 @@
-"""SpIEL oracles (METHODS.md §2.16) and the Family C skeleton it shares (`jpeft.methods.sparse`):
-drop-and-regrow, explicit optimizer-state surgery (§4.3), dense-gradient plumbing, the factored
-sparse-delta matmul, and a 200-step planted-sparse-target toy (§4.4)."""
+"""SpIEL oracles and the Family C skeleton it shares (`jpeft.methods.sparse`):
+drop-and-regrow, explicit optimizer-state surgery, dense-gradient plumbing, the factored
+sparse-delta matmul, and a 200-step planted-sparse-target toy."""
 
 import jax
 import jax.numpy as jnp
@@ -269,7 +269,7 @@ def test_linear_sparse_delta_equals_dense_with_gradients(x64, chunk):
 
 
 def test_recovers_a_planted_sparse_target_in_200_steps():
-    """§4.4: starting from random indices, drop/regrow by accumulated gradient finds the planted
+    """Starting from random indices, drop/regrow by accumulated gradient finds the planted
     support and fits it; entries outside the support never move."""
     w = kernel() / N_IN ** 0.5
     support = sp.random_indices(jax.random.PRNGKey(9), M_OUT, N_IN, 40)

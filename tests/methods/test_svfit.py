@@ -1,4 +1,4 @@
-"""SVFit oracles (METHODS.md §3.7): only the top-r singular values train."""
+"""SVFit oracles: only the top-r singular values train."""
 
 import jax
 import jax.numpy as jnp

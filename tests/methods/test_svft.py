@@ -1,4 +1,4 @@
-"""SVFT oracles (METHODS.md §2.9): `W' = U(Σ + σ(g)M)Vᵀ`, `M` sparse on a fixed pattern Ω."""
+"""SVFT oracles: `W' = U(Σ + σ(g)M)Vᵀ`, `M` sparse on a fixed pattern Ω."""
 
 import jax
 import jax.numpy as jnp

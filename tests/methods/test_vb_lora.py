@@ -1,4 +1,4 @@
-"""VB-LoRA oracles (METHODS.md §2.10): top-k admixture of one shared bank, not identity at init."""
+"""VB-LoRA oracles: top-k admixture of one shared bank, not identity at init."""
 
 import jax
 import jax.numpy as jnp
@@ -47,7 +47,7 @@ def test_delta_is_b_at_a_without_scale_and_not_identity_at_init(x64):
     a, b = METHOD.lora_factors(node)
     delta = node.method.materialise(node) - w
     np.testing.assert_allclose(delta, (b @ a).T, rtol=1e-12, atol=1e-15)  # W' = W + BA, no α/r
-    # Intentionally not the identity (METHODS.md §4.4): small but non-zero at init.
+    # Intentionally not the identity (`identity_at_init = False`): small but non-zero at init.
     assert float(jnp.max(jnp.abs(delta))) > 1e-6
     assert float(jnp.linalg.norm(delta)) < 1e-2 * float(jnp.linalg.norm(w))
     assert np.linalg.matrix_rank(np.asarray(delta), tol=1e-12) == R
@@ -102,7 +102,7 @@ def test_trainable_and_stored_counts_match_the_formula():
                        int(H * B + subvectors * ((K - 1) + K * 0.25)))
     exported = vblora_topk_export(tree)
     stored = H * B + sum(np.size(v) for entry in exported.values() for v in entry.values())
-    assert stored == storage.topk  # §2.10 (d): #subvectors·k·(index + weight) + h·b
+    assert stored == storage.topk  # top-k storage: #subvectors·k·(index + weight) + h·b
 
 
 def test_topk_export_reproduces_the_model():

@@ -1,5 +1,6 @@
-"""DCT-AdamW oracles (METHODS.md §2.19 (c)–(e)) and a step-by-step check against a NumPy transcription
-of the reference `DCTAdamW.dct_low_rank_step` (rotation, error feedback, weight decay)."""
+"""DCT-AdamW oracles (labelled below; the DCT basis and its selection are in test_projector.py) and a
+step-by-step check against a NumPy transcription of the reference `DCTAdamW.dct_low_rank_step`
+(rotation, error feedback, weight decay)."""
 
 import jax
 import jax.numpy as jnp

@@ -1,4 +1,4 @@
-"""GaLore oracles (METHODS.md §2.18 (a)–(e)) and parity with `optax.contrib.galore` and the PyTorch
+"""GaLore oracles (a)–(e) (labelled below) and parity with `optax.contrib.galore` and the PyTorch
 reference `galore_torch.GaLoreAdamW`."""
 
 import warnings

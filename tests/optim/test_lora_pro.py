@@ -1,4 +1,4 @@
-"""LoRA-Pro oracles (METHODS.md §3.10 (a)–(c)) and the reference AdamW step (NumPy/SciPy transcription of
+"""LoRA-Pro oracles (a)–(c) (labelled below) and the reference AdamW step (NumPy/SciPy transcription of
 `lorapro_full_adjustment` + SGD) on adapters made by `jpeft.init`."""
 
 import jax

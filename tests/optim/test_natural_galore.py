@@ -1,4 +1,4 @@
-"""Natural GaLore oracles (METHODS.md §2.20 (a)–(d))."""
+"""Natural GaLore oracles (a)–(d), each labelled in its test's docstring."""
 
 import jax
 import jax.numpy as jnp

@@ -1,4 +1,4 @@
-"""OwLore oracles (METHODS.md §3.15): selection frequencies follow p_l; non-sampled layers get zero
+"""OwLore oracles: selection frequencies follow p_l; non-sampled layers get zero
 updates and keep their optimizer state for the interval."""
 
 import itertools

@@ -1,4 +1,5 @@
-"""Projectors shared by the family-I optimizers (METHODS.md §1.3 I, §2.18 (b), §2.19 (a), (d))."""
+"""Projectors shared by the family-I optimizers (`jpeft.optim`): GaLore's orthonormal SVD basis, DCT-AdamW's
+orthonormal DCT-II basis, its index selection and its FFT path."""
 
 import itertools
 
@@ -20,7 +21,7 @@ from jpeft.optim.projector import (
     resolve_side,
 )
 
-M, N, R = 48, 32, 4  # METHODS.md §4.4: non-square on purpose
+M, N, R = 48, 32, 4  # the shared test shapes (m=48, n=32, r=4): non-square on purpose
 
 
 def mat(shape=(M, N), seed=0, dtype=jnp.float32):
@@ -153,7 +154,7 @@ def test_dct_fft_path_equals_matmul_path(side):
     out = paths(g)
     mm_, ff_ = out["mm"], out["ff"]
     np.testing.assert_allclose(ff_["s"], mm_["s"], atol=1e-5)
-    # the FFT path is G Cᵀ along the projected axis (METHODS.md §2.19 (d))
+    # the FFT path is G Cᵀ along the projected axis
     axis = 1 if side == "right" else 0
     np.testing.assert_allclose(ff_["s"], scipy.fft.dct(np.asarray(g), type=2, norm="ortho", axis=axis), atol=1e-5)
     np.testing.assert_array_equal(mm_["idx"], ff_["idx"])
@@ -165,7 +166,7 @@ def test_dct_fft_path_equals_matmul_path(side):
 
 @pytest.mark.parametrize("side", ["left", "right"])
 def test_dct_selection_maximises_the_l1_alignment(side):
-    """METHODS.md §2.19 (b): brute force over all index sets on a small size."""
+    """The selected index set is the best one: brute force over all index sets on a small size."""
     g = mat((8, 6) if side == "right" else (6, 8), seed=4)
     d, r = 6, 3
     proj = DCTProjector(rank=r, side=side)

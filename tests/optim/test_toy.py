@@ -1,4 +1,4 @@
-"""300-step toy regression on a full-rank target (METHODS.md §4.4 (iv)): the projected optimizers train
+"""300-step toy regression on a full-rank target: the projected optimizers train
 the whole weight through rank-r subspaces that move, so they get below what rank-r LoRA can reach.
 
 Model: `y = x @ W` for three independent layers (`W_l ∈ R^{32×24}`, target `W_l* = W_l + Δ_l`, `Δ_l`
