@@ -14,7 +14,6 @@ PEFT `lora_B.T`), so `ΔK = s·a·diag(e)·b = (s·P diag(λ) Q)ᵀ`.
 from __future__ import annotations
 
 import dataclasses
-import math
 from typing import cast
 
 import jax
@@ -24,7 +23,7 @@ import numpy as np
 from jpeft import linalg
 from jpeft.adapter import Adapter, is_adapter
 from jpeft.hooks import HookResult
-from jpeft.methods.base import Method, require, require_float_matrix, require_rank
+from jpeft.methods.base import Ranked, kaiming_uniform, require
 from jpeft.registry import register
 from jpeft.views import matrix_slices
 
@@ -68,7 +67,7 @@ def _safe_fro(m: jax.Array) -> jax.Array:
 # ------------------------------------------------------------------------------------ AdaLoRA
 @register
 @dataclasses.dataclass(frozen=True)
-class AdaLoRA(Method):
+class AdaLoRA(Ranked):
     """AdaLoRA (Zhang et al. 2023): `K' = K + (α/r₀)·a·diag(e)·b`, all of `a`
     (`Qᵀ`), `e` (`λ`) and `b` (`Pᵀ`) trainable; init `e = 0`, `a, b ~ N(0, 0.02²)` (PEFT).
 
@@ -90,6 +89,7 @@ class AdaLoRA(Method):
 
     name = "adalora"
     paper = "AdaLoRA: Adaptive Budget Allocation for Parameter-Efficient Fine-Tuning, Zhang et al., ICLR 2023"
+    rank_options = ("init_r",)
 
     init_r: int = 12
     target_r: int = 8
@@ -105,9 +105,8 @@ class AdaLoRA(Method):
     orth_reg_per_matrix: bool = False
 
     def validate(self) -> None:
+        super().validate()
         n = self.name
-        require(isinstance(self.init_r, int) and self.init_r >= 1,
-                f"{n}: init_r must be a positive int, got {self.init_r!r}")
         require(isinstance(self.target_r, int) and 0 <= self.target_r <= self.init_r,
                 f"{n}: target_r must be an int in [0, init_r={self.init_r}], got {self.target_r!r}")
         require(isinstance(self.total_step, int) and self.total_step > 0,
@@ -130,10 +129,6 @@ class AdaLoRA(Method):
     def scale(self) -> float:
         return (self.alpha if self.alpha > 0 else float(self.init_r)) / self.init_r
 
-    def check(self, path, w):
-        require_float_matrix(path, w)
-        require_rank(path, w, self.init_r)
-
     def create(self, key, w, calib=None):
         n, m = w.shape
         r = self.init_r
@@ -147,9 +142,6 @@ class AdaLoRA(Method):
 
     def delta(self, node, rng=None):
         return gated_delta(node.train["a"], node.train["e"], node.train["b"], self.scale)
-
-    def materialise(self, node, rng=None):
-        return (node.base + self.delta(node)).astype(node.base.dtype)
 
     def matmul(self, node, x, rng=None):
         return gated_matmul(x, node.base, node.train["a"], node.train["e"], node.train["b"], self.scale)
@@ -256,7 +248,7 @@ THRESHOLDS = ("paper", "reference")
 
 @register
 @dataclasses.dataclass(frozen=True)
-class SoRA(Method):
+class SoRA(Ranked):
     """SoRA (Ding et al. 2023): `K' = K + s·a·diag(g)·b`, `s = α/r`; init `a`
     Kaiming-uniform (bound 1/√in), `b = 0`, gate `g ~ N(0, 1)`; all trainable.
 
@@ -288,7 +280,7 @@ class SoRA(Method):
 
     def validate(self) -> None:
         n = self.name
-        require(isinstance(self.rank, int) and self.rank >= 1, f"{n}: rank must be a positive int, got {self.rank!r}")
+        super().validate()
         require(self.sparse_lambda >= 0.0, f"{n}: sparse_lambda must be >= 0, got {self.sparse_lambda}")
         require(self.gate_l1_weight >= 0.0, f"{n}: gate_l1_weight must be >= 0, got {self.gate_l1_weight}")
         require(self.threshold in THRESHOLDS, f"{n}: threshold must be one of {THRESHOLDS}, got {self.threshold!r}")
@@ -304,27 +296,15 @@ class SoRA(Method):
             require(self.lambda_schedule != "exp_linear" or (self.sparse_lambda > 0 and max_lambda > 0),
                     f"{n}: the exp_linear schedule needs sparse_lambda > 0 and max_lambda > 0")
 
-    @property
-    def scale(self) -> float:
-        return self.alpha / self.rank
-
-    def check(self, path, w):
-        require_float_matrix(path, w)
-        require_rank(path, w, self.rank)
-
     def create(self, key, w, calib=None):
         n, m = w.shape
         ka, kg = jax.random.split(key)
-        bound = 1.0 / math.sqrt(n)
-        a = jax.random.uniform(ka, (n, self.rank), jnp.float32, -bound, bound).astype(w.dtype)
+        a = kaiming_uniform(ka, (n, self.rank), n, jnp.float32).astype(w.dtype)
         g = jax.random.normal(kg, (self.rank,), jnp.float32).astype(w.dtype)
         return self.node(w, train={"a": a, "g": g, "b": jnp.zeros((self.rank, m), w.dtype)})
 
     def delta(self, node, rng=None):
         return gated_delta(node.train["a"], node.train["g"], node.train["b"], self.scale)
-
-    def materialise(self, node, rng=None):
-        return (node.base + self.delta(node)).astype(node.base.dtype)
 
     def matmul(self, node, x, rng=None):
         return gated_matmul(x, node.base, node.train["a"], node.train["g"], node.train["b"], self.scale)

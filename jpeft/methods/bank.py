@@ -34,26 +34,23 @@ from jpeft import linalg
 from jpeft.adapter import Adapter, is_adapter
 from jpeft.errors import AdapterError, leaf_error
 from jpeft.hooks import HookResult
-from jpeft.methods.base import Method, require, require_float_matrix, require_rank
+from jpeft.methods.base import Ranked, kaiming_uniform, require
 from jpeft.paths import leaves_with_paths
 from jpeft.registry import register
 from jpeft.shared import SHARED
 
 
 # ----------------------------------------------------------------------------------- skeleton
-class BankMethod(Method):
+class BankMethod(Ranked):
     """Additive low-rank update `K' = K + L@R` with factors from per-layer and shared state."""
 
     def factors(self, node: Adapter) -> tuple[jax.Array, jax.Array]:
         """`(L, R)` with `L@R = ΔK` (kernel layout, scale included)."""
         raise NotImplementedError
 
-    def delta(self, node: Adapter) -> jax.Array:
+    def delta(self, node: Adapter, rng: jax.Array | None = None) -> jax.Array:
         left, right = self.factors(node)
         return linalg.upcast(left) @ linalg.upcast(right)
-
-    def materialise(self, node, rng=None):
-        return (node.base + self.delta(node)).astype(node.base.dtype)
 
     def matmul(self, node, x, rng=None):
         left, right = self.factors(node)
@@ -71,12 +68,6 @@ def shared_state(node: Adapter) -> dict[str, Any]:
 
 def _float_dtype(dtype) -> Any:
     return jnp.promote_types(dtype, jnp.float32)
-
-
-def _kaiming_a(key, n_in: int, r: int, dtype) -> jax.Array:
-    """PEFT's LoRA-A init in kernel layout: `U(±1/√in)` (kaiming_uniform with a=√5)."""
-    bound = 1.0 / math.sqrt(n_in)
-    return jax.random.uniform(key, (n_in, r), dtype, -bound, bound)
 
 
 def _shape_key(shape) -> str:
@@ -108,15 +99,14 @@ class VBLoRA(BankMethod):
     init_logits_std: float = 0.1
 
     def validate(self) -> None:
-        require(isinstance(self.rank, int) and self.rank >= 1, f"{self.name}: rank must be a positive int")
+        super().validate()
         require(self.vector_length >= 1, f"{self.name}: vector_length must be >= 1")
         require(1 <= self.topk <= self.num_vectors,
                 f"{self.name}: topk must satisfy 1 <= topk <= num_vectors = {self.num_vectors}, got {self.topk}")
         require(self.init_bank_bound > 0, f"{self.name}: init_bank_bound must be > 0 (a zero bank has zero gradients)")
 
     def check(self, path, w):
-        require_float_matrix(path, w)
-        require_rank(path, w, self.rank)
+        super().check(path, w)
         for side, size in (("in", w.shape[0]), ("out", w.shape[1])):
             if size % self.vector_length:
                 g = math.gcd(*w.shape)
@@ -259,16 +249,8 @@ class RandLoRA(BankMethod):
     basis: str = "dense"
 
     def validate(self) -> None:
-        require(isinstance(self.rank, int) and self.rank >= 1, f"{self.name}: rank must be a positive int")
+        super().validate()
         require(self.basis in BASES, f"{self.name}: basis must be one of {BASES}, got {self.basis!r}")
-
-    @property
-    def scale(self) -> float:
-        return self.alpha / self.rank
-
-    def check(self, path, w):
-        require_float_matrix(path, w)
-        require_rank(path, w, self.rank)
 
     def num_bases(self, d: int) -> int:
         return -(-d // self.rank)
@@ -347,16 +329,8 @@ class S2LoRA(BankMethod):
     threshold: float = 0.0
 
     def validate(self) -> None:
-        require(isinstance(self.rank, int) and self.rank >= 1, f"{self.name}: rank must be a positive int")
+        super().validate()
         require(self.threshold >= 0.0, f"{self.name}: threshold must be >= 0")
-
-    @property
-    def scale(self) -> float:
-        return self.alpha / self.rank
-
-    def check(self, path, w):
-        require_float_matrix(path, w)
-        require_rank(path, w, self.rank)
 
     def create(self, key, w, calib=None):
         return self.node(w, train={"lam": jnp.ones((self.rank,), _float_dtype(w.dtype))})
@@ -368,7 +342,7 @@ class S2LoRA(BankMethod):
         train = {}
         for i, (name, (shape, dtype)) in enumerate(sorted(groups.items())):
             dt = _float_dtype(dtype)
-            train[name] = {"a": _kaiming_a(jax.random.fold_in(key, i), shape[0], self.rank, dt),
+            train[name] = {"a": kaiming_uniform(jax.random.fold_in(key, i), (shape[0], self.rank), shape[0], dt),
                            "b": jnp.zeros((self.rank, shape[1]), dt)}
         return train, {}
 
@@ -423,6 +397,7 @@ class MSPLoRA(BankMethod):
 
     name = "msplora"
     paper = "MSPLoRA: Multi-Scale Pyramid LoRA, Zhao, Yu and Yang 2025"
+    rank_options = ("rank", "mid_rank", "layer_rank")
 
     rank: int = 8
     mid_rank: int = 4
@@ -431,20 +406,12 @@ class MSPLoRA(BankMethod):
     groups: int = 3
 
     def validate(self) -> None:
-        for field in ("rank", "mid_rank", "layer_rank"):
-            v = getattr(self, field)
-            require(isinstance(v, int) and v >= 1, f"{self.name}: {field} must be a positive int, got {v!r}")
+        super().validate()
         require(isinstance(self.groups, int) and self.groups >= 1, f"{self.name}: groups must be a positive int")
-
-    def check(self, path, w):
-        require_float_matrix(path, w)
-        require_rank(path, w, self.rank)
-        require_rank(path, w, self.mid_rank)
-        require_rank(path, w, self.layer_rank)
 
     def create(self, key, w, calib=None):
         dt = _float_dtype(w.dtype)
-        return self.node(w, train={"a": _kaiming_a(key, w.shape[0], self.layer_rank, dt),
+        return self.node(w, train={"a": kaiming_uniform(key, (w.shape[0], self.layer_rank), w.shape[0], dt),
                                    "b": jnp.zeros((self.layer_rank, w.shape[1]), dt)})
 
     def assignment(self, paths_shapes) -> tuple[dict[str, list], list[tuple[str, int, int]]]:
@@ -486,11 +453,10 @@ class MSPLoRA(BankMethod):
             n_modules = len(by_shape[skey])
             n_mid = sum(g for _, g in by_shape[skey])
             kg, km = jax.random.split(jax.random.fold_in(key, i))
-            bound = 1.0 / math.sqrt(n)
             train[skey] = {
-                "global_a": jax.random.uniform(kg, (n_modules, n, self.rank), dt, -bound, bound),
+                "global_a": kaiming_uniform(kg, (n_modules, n, self.rank), n, dt),
                 "global_b": jnp.zeros((n_modules, self.rank, m), dt),
-                "mid_a": jax.random.uniform(km, (n_mid, n, self.mid_rank), dt, -bound, bound),
+                "mid_a": kaiming_uniform(km, (n_mid, n, self.mid_rank), n, dt),
                 "mid_b": jnp.zeros((n_mid, self.mid_rank, m), dt),
             }
         extras = [{"global": jnp.asarray(g, jnp.int32), "mid": jnp.asarray(mid, jnp.int32)}
@@ -532,26 +498,18 @@ class BlockLoRA(BankMethod):
     blocks: int = 2
 
     def validate(self) -> None:
-        require(isinstance(self.rank, int) and self.rank >= 1, f"{self.name}: rank must be a positive int")
+        super().validate()
         require(isinstance(self.blocks, int) and self.blocks >= 1 and self.rank % self.blocks == 0,
                 f"{self.name}: blocks must be a positive divisor of rank = {self.rank}, got {self.blocks!r}")
-
-    @property
-    def scale(self) -> float:
-        return self.alpha / self.rank
 
     @property
     def block_rank(self) -> int:
         return self.rank // self.blocks
 
-    def check(self, path, w):
-        require_float_matrix(path, w)
-        require_rank(path, w, self.rank)
-
     def create(self, key, w, calib=None):
         dt = _float_dtype(w.dtype)
         n, m = w.shape
-        return self.node(w, train={"a": _kaiming_a(key, n, self.block_rank, dt),
+        return self.node(w, train={"a": kaiming_uniform(key, (n, self.block_rank), n, dt),
                                    "b": jnp.zeros((self.blocks, self.block_rank, m), dt)})
 
     def factors(self, node):
@@ -579,22 +537,15 @@ class LoRI(BankMethod):
     sparsity: float = 0.9
 
     def validate(self) -> None:
-        require(isinstance(self.rank, int) and self.rank >= 1, f"{self.name}: rank must be a positive int")
+        super().validate()
         require(0.0 <= self.sparsity < 1.0, f"{self.name}: sparsity must be in [0, 1), got {self.sparsity!r}")
-
-    @property
-    def scale(self) -> float:
-        return self.alpha / self.rank
-
-    def check(self, path, w):
-        require_float_matrix(path, w)
-        require_rank(path, w, self.rank)
 
     def create(self, key, w, calib=None):
         dt = _float_dtype(w.dtype)
         n, m = w.shape
         return self.node(w, train={"b": jnp.zeros((self.rank, m), dt)},
-                         frozen={"a": _kaiming_a(key, n, self.rank, dt), "mask": jnp.ones((self.rank, m), dt)})
+                         frozen={"a": kaiming_uniform(key, (n, self.rank), n, dt),
+                                 "mask": jnp.ones((self.rank, m), dt)})
 
     def factors(self, node):
         return self.scale * node.frozen["a"], node.frozen["mask"] * node.train["b"]

@@ -27,7 +27,7 @@ import functools
 import math
 import types
 import typing
-from typing import Any, ClassVar
+from typing import TYPE_CHECKING, Any, ClassVar
 
 import jax
 import jax.numpy as jnp
@@ -173,6 +173,58 @@ class Method:
     def node(self, base, train=None, frozen=None, state=None) -> Adapter:
         return Adapter(base=base, train=dict(train or {}), frozen=dict(frozen or {}),
                        state=dict(state or {}), method=self)
+
+
+@dataclasses.dataclass(frozen=True)
+class Ranked(Method):
+    """The shared part of the methods with rank options (the LoRA family, the SVD-core, bank and
+    adaptive-rank methods, HD-PiSSA, GraLoRA, the QAT pair, SLTrain): the options named in
+    `rank_options` are positive ints (`validate`) that fit every leaf, `1 <= r <= min(in, out)`
+    (`check`, which also asks for a floating-point matrix); `scale` is `α/r`; the effective kernel
+    is `K_base + ΔK` with `ΔK = delta(node)` computed in at least float32 (`materialise`).
+
+    A subclass declares its own option fields (their defaults differ), lists its ranks in
+    `rank_options`, and extends `validate` / `check` through `super()`; one whose scale or
+    effective weight follows another rule overrides `scale` / `materialise`. `kaiming_uniform` is
+    the standard init of a down-projection."""
+
+    #: The option fields that are ranks.
+    rank_options: ClassVar[tuple[str, ...]] = ("rank",)
+
+    if TYPE_CHECKING:  # fields every subclass declares with its own default
+        @property
+        def rank(self) -> int: ...
+
+        @property
+        def alpha(self) -> float: ...
+
+    def validate(self) -> None:
+        for option in self.rank_options:
+            value = getattr(self, option)
+            require(value >= 1, f"{self.name}: {option} must be a positive int, got {value!r}")
+
+    def check(self, path: str, w: jax.Array) -> None:
+        require_float_matrix(path, w)
+        for option in self.rank_options:
+            require_rank(path, w, getattr(self, option))
+
+    @property
+    def scale(self) -> float:
+        """`α/r`."""
+        return self.alpha / self.rank
+
+    def delta(self, node: Adapter, rng: jax.Array | None = None) -> jax.Array:
+        """`ΔK = K' − K_base`, in at least float32."""
+        raise NotImplementedError
+
+    def materialise(self, node: Adapter, rng: jax.Array | None = None) -> jax.Array:
+        return (node.base + self.delta(node, rng)).astype(node.base.dtype)
+
+
+def kaiming_uniform(key: jax.Array, shape: tuple[int, ...], fan_in: int, dtype) -> jax.Array:
+    """PyTorch's `kaiming_uniform_(a=√5)` (the nn.Linear / PEFT LoRA-A default): `U(±1/√fan_in)`."""
+    bound = 1.0 / math.sqrt(fan_in)
+    return jax.random.uniform(key, shape, dtype, -bound, bound)
 
 
 def require_float_matrix(path: str, w: jax.Array) -> None:

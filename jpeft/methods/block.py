@@ -18,20 +18,19 @@ Init (PEFT): `a` Kaiming-uniform (bound `1/√(in/k)`; hybrid `1/√in`), `b = 0
 from __future__ import annotations
 
 import dataclasses
-import math
 
 import jax
 import jax.numpy as jnp
 
 from jpeft import linalg
 from jpeft.errors import leaf_error
-from jpeft.methods.base import Method, require, require_float_matrix, require_rank
+from jpeft.methods.base import Ranked, kaiming_uniform, require
 from jpeft.registry import register
 
 
 @register
 @dataclasses.dataclass(frozen=True)
-class GraLoRA(Method):
+class GraLoRA(Ranked):
     """GraLoRA. `rank` = r (each block gets r/k), `k` = grid size (`gralora_k`), `hybrid_rank` = r_h."""
 
     name = "gralora"
@@ -44,7 +43,7 @@ class GraLoRA(Method):
 
     def validate(self) -> None:
         n = self.name
-        require(isinstance(self.rank, int) and self.rank >= 1, f"{n}: rank must be a positive int, got {self.rank!r}")
+        super().validate()
         require(isinstance(self.k, int) and self.k >= 1, f"{n}: k must be a positive int, got {self.k!r}")
         require(self.rank % self.k == 0, f"{n}: rank = {self.rank} must be divisible by k = {self.k}")
         require(isinstance(self.hybrid_rank, int) and self.hybrid_rank >= 0,
@@ -55,8 +54,7 @@ class GraLoRA(Method):
         return self.alpha / (self.rank + self.hybrid_rank)
 
     def check(self, path, w):
-        require_float_matrix(path, w)
-        require_rank(path, w, self.rank)
+        super().check(path, w)
         n, m = w.shape
         if n % self.k or m % self.k:
             raise leaf_error(path, w.shape, w.dtype, f"k = {self.k} must divide both in = {n} and out = {m}")
@@ -68,12 +66,10 @@ class GraLoRA(Method):
         n, m = w.shape
         k, r = self.k, self.rank
         ka, kh = jax.random.split(key)
-        bound = 1.0 / math.sqrt(n // k)
-        train = {"a": jax.random.uniform(ka, (k, n // k, r), jnp.float32, -bound, bound).astype(w.dtype),
+        train = {"a": kaiming_uniform(ka, (k, n // k, r), n // k, jnp.float32).astype(w.dtype),
                  "b": jnp.zeros((k, r, m // k), w.dtype)}
         if self.hybrid_rank:
-            hb = 1.0 / math.sqrt(n)
-            train["ha"] = jax.random.uniform(kh, (n, self.hybrid_rank), jnp.float32, -hb, hb).astype(w.dtype)
+            train["ha"] = kaiming_uniform(kh, (n, self.hybrid_rank), n, jnp.float32).astype(w.dtype)
             train["hb"] = jnp.zeros((self.hybrid_rank, m), w.dtype)
         return self.node(w, train=train)
 
@@ -91,9 +87,6 @@ class GraLoRA(Method):
         if self.hybrid_rank:
             d = d + linalg.upcast(node.train["ha"]) @ linalg.upcast(node.train["hb"])
         return self.scale * d
-
-    def materialise(self, node, rng=None):
-        return (node.base + self.delta(node)).astype(node.base.dtype)
 
     def matmul(self, node, x, rng=None):
         """`x@K + s·Σ_i (x_i@a_{ij})@b_{ij}` per output block j, O(tokens·r·(in+out))."""

@@ -43,7 +43,7 @@ import jax.numpy as jnp
 from jpeft import linalg
 from jpeft.errors import leaf_error
 from jpeft.hooks import HookResult
-from jpeft.methods.base import Method, require, require_float_matrix, require_rank
+from jpeft.methods.base import Ranked, require
 from jpeft.methods.lowrank import pissa_factors
 from jpeft.registry import register
 
@@ -52,7 +52,7 @@ FRAMES = ("fixed", "trained")
 
 @register
 @dataclasses.dataclass(frozen=True)
-class HDPiSSA(Method):
+class HDPiSSA(Ranked):
     """HD-PiSSA adapter config.
 
     rank:       per-device rank `r` (reference default 16).
@@ -75,20 +75,14 @@ class HDPiSSA(Method):
     svd_niter: int | None = None
 
     def validate(self) -> None:
-        require(isinstance(self.rank, int) and self.rank >= 1,
-                f"{self.name}: rank must be a positive int, got {self.rank!r}")
+        super().validate()
         require(isinstance(self.devices, int) and self.devices >= 1,
                 f"{self.name}: devices must be a positive int, got {self.devices!r}")
         require(self.frames in FRAMES, f"{self.name}: frames must be one of {FRAMES}, got {self.frames!r}")
         require(self.svd_niter is None or self.svd_niter >= 0, f"{self.name}: svd_niter must be None or >= 0")
 
-    @property
-    def scale(self) -> float:
-        return self.alpha / self.rank
-
     def check(self, path, w):
-        require_float_matrix(path, w)
-        require_rank(path, w, self.rank)
+        super().check(path, w)
         total = self.devices * self.rank
         if total > min(w.shape):
             raise leaf_error(path, w.shape, w.dtype, f"rank {self.rank} on each of {self.devices} devices needs "
@@ -105,9 +99,6 @@ class HDPiSSA(Method):
         a, b = linalg.upcast(node.train["a"]), linalg.upcast(node.train["b"])
         a0, b0 = linalg.upcast(node.frozen["a0"]), linalg.upcast(node.frozen["b0"])
         return self.scale * (jnp.einsum("kir,kro->io", a - a0, b) + jnp.einsum("kir,kro->io", a0, b - b0))
-
-    def materialise(self, node, rng=None):
-        return (node.base + self.delta(node)).astype(node.base.dtype)
 
     def matmul(self, node, x, rng=None):
         a, b, a0, b0 = node.train["a"], node.train["b"], node.frozen["a0"], node.frozen["b0"]

@@ -21,7 +21,7 @@ from jpeft.adapter import Adapter
 from jpeft.errors import leaf_error
 from jpeft.execution import kernel_impl
 from jpeft.hooks import HookResult
-from jpeft.methods.base import Method, require, require_float_matrix, require_rank
+from jpeft.methods.base import Ranked, kaiming_uniform, require
 from jpeft.quant import (
     QuantConfig,
     dequantize_array,
@@ -167,7 +167,7 @@ def dropout_mask(rng: jax.Array, shape, rate: float, dtype) -> jax.Array:
 
 @register
 @dataclasses.dataclass(frozen=True)
-class LoRA(Method):
+class LoRA(Ranked):
     """LoRA (Hu et al. 2021) and its inits. `K' = K_base + s·a@b`.
 
     init:       "kaiming" (a ~ U(±1/√in), b = 0; PEFT default), "gaussian" (a ~ N(0, 1/r²)),
@@ -209,8 +209,7 @@ class LoRA(Method):
     loftq_compat: str = "paper"
 
     def validate(self) -> None:
-        require(isinstance(self.rank, int) and self.rank >= 1,
-                f"{self.name}: rank must be a positive int, got {self.rank!r}")
+        super().validate()
         require(0.0 <= self.dropout < 1.0, f"{self.name}: dropout must be in [0, 1), got {self.dropout!r}")
         require(self.init in INITS, f"{self.name}: init must be one of {INITS}, got {self.init!r}")
         require(self.init != "orthogonal" or self.rank % 2 == 0,
@@ -243,8 +242,7 @@ class LoRA(Method):
         return lora_scale(self.rank, self.alpha, self.rslora)
 
     def check(self, path, w):
-        require_float_matrix(path, w)
-        require_rank(path, w, self.rank)
+        super().check(path, w)
         if self.init == "lora_ga" and 2 * self.rank > min(w.shape):
             raise leaf_error(path, w.shape, w.dtype,
                              f"init='lora_ga' needs 2*rank = {2 * self.rank} <= min(in, out) = {min(w.shape)}")
@@ -287,8 +285,7 @@ class LoRA(Method):
         r, s = self.rank, self.scale
         dt = jnp.promote_types(w.dtype, jnp.float32)
         if self.init == "kaiming":
-            bound = 1.0 / math.sqrt(n)
-            return w, jax.random.uniform(key, (n, r), dt, -bound, bound), jnp.zeros((r, m), dt)
+            return w, kaiming_uniform(key, (n, r), n, dt), jnp.zeros((r, m), dt)
         if self.init == "gaussian":
             return w, jax.random.normal(key, (n, r), dt) / r, jnp.zeros((r, m), dt)
         if self.init == "orthogonal":
@@ -354,9 +351,6 @@ class LoRA(Method):
     def delta(self, node: Adapter, rng=None) -> jax.Array:
         a, b = self.lowrank_factors(node, rng)
         return self.scale * (linalg.upcast(a) @ linalg.upcast(b))
-
-    def materialise(self, node, rng=None):
-        return (node.base + self.delta(node, rng)).astype(node.base.dtype)
 
     def matmul(self, node, x, rng=None):
         # Computed in the layer's dtype (`x` and the base as the layer promotes them): fp32

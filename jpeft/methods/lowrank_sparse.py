@@ -11,14 +11,13 @@ importable): no `(m, n)` array in the forward or backward.
 from __future__ import annotations
 
 import dataclasses
-import math
 
 import jax
 import jax.numpy as jnp
 
 from jpeft import linalg
 from jpeft.errors import leaf_error
-from jpeft.methods.base import Method, exclusive_options, require, require_float_matrix, require_rank
+from jpeft.methods.base import Ranked, exclusive_options, kaiming_uniform, require
 from jpeft.methods.sparse import (
     INT32_MAX,
     PATHS,
@@ -35,7 +34,7 @@ MODES = ("finetune", "pretrain")
 
 @register
 @dataclasses.dataclass(frozen=True)
-class SLTrain(Method):
+class SLTrain(Ranked):
     """SLTrain (Han et al., NeurIPS 2024): `W = s·BA + S`, `s = α/r`, the
     support of `S` (`⌊δ·m·n⌋` entries, or `min((m+n)·lora_rank, m·n)` when `lora_rank` is set) uniformly random
     and fixed for the whole run (no step hook). Trainable: `a`, `b`, `val`; count `r(m+n) + |idx|`.
@@ -60,8 +59,7 @@ class SLTrain(Method):
     chunk: int | None = None
 
     def validate(self) -> None:
-        require(isinstance(self.rank, int) and self.rank >= 1,
-                f"{self.name}: rank must be a positive int, got {self.rank!r}")
+        super().validate()
         b = self.budget()
         require(0.0 < b.get("density", 1.0) <= 1.0, f"{self.name}: density must be in (0, 1]")
         require(b.get("lora_rank", 1) >= 1, f"{self.name}: lora_rank must be >= 1")
@@ -77,10 +75,6 @@ class SLTrain(Method):
     def has_base(self) -> bool:  # type: ignore[override]
         return self.mode == "finetune"   # "pretrain" trains `BA + S` from scratch: no base
 
-    @property
-    def scale(self) -> float:
-        return self.alpha / self.rank
-
     def budget(self) -> dict:
         """The sparse budget in force: `density` or `lora_rank` (at most one set; default
         `density=0.03`)."""
@@ -92,22 +86,20 @@ class SLTrain(Method):
         return budget(m, n, b.get("density"), b.get("lora_rank"))
 
     def check(self, path, w):
-        require_float_matrix(path, w)
-        require_rank(path, w, self.rank)
+        super().check(path, w)
         if w.shape[0] * w.shape[1] > INT32_MAX:
             raise leaf_error(path, w.shape, w.dtype, "flat int32 indices need in·out < 2**31")
 
     def create(self, key, w, calib=None):
         n, m = w.shape
         k_a, k_idx, k_val = jax.random.split(key, 3)
-        bound = 1.0 / math.sqrt(n)
         dt = jnp.promote_types(w.dtype, jnp.float32)
-        a = jax.random.uniform(k_a, (n, self.rank), dt, -bound, bound).astype(w.dtype)
+        a = kaiming_uniform(k_a, (n, self.rank), n, dt).astype(w.dtype)
         b = jnp.zeros((self.rank, m), w.dtype)
         k = self.k_for(w)
         idx = random_indices(k_idx, m, n, k)
         if self.mode == "pretrain":
-            val = jax.random.uniform(k_val, (k,), dt, -bound, bound).astype(w.dtype)
+            val = kaiming_uniform(k_val, (k,), n, dt).astype(w.dtype)
             base = None
         else:
             val = jnp.zeros((k,), w.dtype)

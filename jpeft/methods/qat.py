@@ -24,14 +24,13 @@ materialises them per layer (under remat, never saved).
 from __future__ import annotations
 
 import dataclasses
-import math
 
 import jax
 import jax.numpy as jnp
 
 from jpeft import linalg
 from jpeft.errors import leaf_error
-from jpeft.methods.base import Method, require, require_float_matrix, require_rank
+from jpeft.methods.base import Ranked, kaiming_uniform, require
 from jpeft.quant import QTensor, QuantConfig, group_absmax, int4, int8, pack_int_codes
 from jpeft.registry import register
 
@@ -57,7 +56,7 @@ def _grouped(k: jax.Array, group: int | None) -> jax.Array:
 
 
 @dataclasses.dataclass(frozen=True)
-class _QAT(Method):
+class _QAT(Ranked):
     """Shared options and init of the two grid-aware adapters (not registered)."""
 
     identity_at_init = False   # the weight starts on the grid: round-to-nearest of K, not K
@@ -70,22 +69,17 @@ class _QAT(Method):
 
     def validate(self) -> None:
         n = self.name
-        require(isinstance(self.rank, int) and self.rank >= 1, f"{n}: rank must be a positive int, got {self.rank!r}")
+        super().validate()
         require(self.bits in (4, 8), f"{n}: bits must be 4 or 8 (int4 / int8 codes), got {self.bits!r}")
         require(self.group is None or (isinstance(self.group, int) and self.group >= 1),
                 f"{n}: group must be a positive int or None (one step per output channel), got {self.group!r}")
-
-    @property
-    def scale(self) -> float:
-        return self.alpha / self.rank
 
     @property
     def quant_config(self) -> QuantConfig:
         return int4(group=self.group) if self.bits == 4 else int8(group=self.group)
 
     def check(self, path, w):
-        require_float_matrix(path, w)
-        require_rank(path, w, self.rank)
+        super().check(path, w)
         if self.group is not None and w.shape[0] % self.group:
             raise leaf_error(path, w.shape, w.dtype, f"group {self.group} must divide the input dimension {w.shape[0]}")
 
@@ -97,10 +91,9 @@ class _QAT(Method):
     def lowrank_init(self, key, w):
         n, m = w.shape
         dt = jnp.promote_types(w.dtype, jnp.float32)
-        bound = 1.0 / math.sqrt(n)
-        return jax.random.uniform(key, (n, self.rank), dt, -bound, bound), jnp.zeros((self.rank, m), dt)
+        return kaiming_uniform(key, (n, self.rank), n, dt), jnp.zeros((self.rank, m), dt)
 
-    def delta(self, node):
+    def delta(self, node, rng=None):
         return self.scale * (linalg.upcast(node.train["a"]) @ linalg.upcast(node.train["b"]))
 
     # ---------------------------------------------------------------- the grid

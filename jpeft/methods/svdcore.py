@@ -38,7 +38,7 @@ from jpeft import linalg
 from jpeft.adapter import Adapter, is_adapter_or_hole
 from jpeft.errors import leaf_error
 from jpeft.hooks import HookResult
-from jpeft.methods.base import Method, require, require_float_matrix, require_rank
+from jpeft.methods.base import Ranked, kaiming_uniform, require, require_rank
 from jpeft.registry import register, register_alias
 
 CORE_KINDS = ("dense", "diag", "sparse", "lowrank", "identity")
@@ -133,41 +133,21 @@ def get(node: Adapter, name: str) -> jax.Array:
     return node.train[name] if name in node.train else node.frozen[name]
 
 
-def kaiming(key, shape, fan_in, dtype):
-    """PyTorch's `kaiming_uniform_(a=√5)` (the nn.Linear / LoRA default): `U(±1/√fan_in)`."""
-    bound = 1.0 / math.sqrt(fan_in)
-    return jax.random.uniform(key, shape, dtype, -bound, bound)
-
-
-def _check_rank_option(self) -> None:
-    require(isinstance(self.rank, int) and not isinstance(self.rank, bool) and self.rank >= 1,
-            f"{self.name}: rank must be a positive int, got {self.rank!r}")
-
-
 def _check_niter(self) -> None:
     require(self.svd_niter is None or (isinstance(self.svd_niter, int) and self.svd_niter >= 0),
             f"{self.name}: svd_niter must be None or a non-negative int, got {self.svd_niter!r}")
 
 
 @dataclasses.dataclass(frozen=True)
-class SVDCore(Method):
+class SVDCore(Ranked):
     """Base of the family: subclasses build the node in `create` and list its `terms`."""
 
     def terms(self, node: Adapter) -> list[Term]:
         raise NotImplementedError
 
-    def check(self, path, w):
-        require_float_matrix(path, w)
-        rank = getattr(self, "rank", None)
-        if rank is not None:
-            require_rank(path, w, rank)
-
-    def delta(self, node: Adapter) -> jax.Array:
+    def delta(self, node: Adapter, rng: jax.Array | None = None) -> jax.Array:
         """`ΔK = K' − K_base` in at least float32."""
         return delta(self.terms(node))
-
-    def materialise(self, node, rng=None):
-        return (linalg.upcast(node.base) + self.delta(node)).astype(node.base.dtype)
 
     def matmul(self, node, x, rng=None):
         return apply(x, node.base, self.terms(node))
@@ -219,12 +199,12 @@ class LoRAXS(SVDCore):
         return self.init_std == 0.0
 
     rank: int = 8
-    alpha: float | None = None
+    alpha: float | None = None  # type: ignore[assignment]  # None: α = r (the reference); `scale` handles it
     init_std: float = 1e-5
     svd_niter: int | None = None
 
     def validate(self) -> None:
-        _check_rank_option(self)
+        super().validate()
         _check_niter(self)
         require(self.init_std >= 0, f"{self.name}: init_std must be >= 0, got {self.init_std!r}")
 
@@ -263,13 +243,13 @@ class LoRASB(SVDCore):
     needs_calib = True
 
     rank: int = 8
-    alpha: float | None = None
+    alpha: float | None = None  # type: ignore[assignment]  # None: α = r (the reference); `scale` handles it
     step_size: float = 1e-3
     sign: bool = True
     svd_niter: int | None = None
 
     def validate(self) -> None:
-        _check_rank_option(self)
+        super().validate()
         _check_niter(self)
         require(self.step_size > 0, f"{self.name}: step_size must be > 0, got {self.step_size!r}")
 
@@ -340,6 +320,7 @@ class SVFT(SVDCore):
     """
 
     name = "svft"
+    rank_options = ()  # `rank` may be None (every singular component); `validate` / `check` handle it
     paper = "SVFT: Singular Vectors guided Fine-Tuning, Lingam et al., NeurIPS 2024"
 
     @property
@@ -347,7 +328,7 @@ class SVFT(SVDCore):
         """`M = 0` and the tail kept (or no truncation): `W' = W` exactly."""
         return self.zero_init and (self.residual or self.rank is None)
 
-    rank: int | None = None
+    rank: int | None = None  # type: ignore[assignment]  # None: every component; not in `rank_options`
     sparsity: str = "plain"
     off_diag: int = 0
     zero_init: bool = False
@@ -374,6 +355,8 @@ class SVFT(SVDCore):
 
     def check(self, path, w):
         super().check(path, w)
+        if self.rank is not None:
+            require_rank(path, w, self.rank)
         k = self.components(w)
         if self.off_diag >= k:
             raise leaf_error(path, w.shape, w.dtype, f"off_diag {self.off_diag} must be < the number of "
@@ -441,7 +424,7 @@ class SVFit(SVDCore):
     svd_niter: int | None = None
 
     def validate(self) -> None:
-        _check_rank_option(self)
+        super().validate()
         _check_niter(self)
 
     def create(self, key, w, calib=None):
@@ -487,7 +470,7 @@ class SALT(SVDCore):
     reference: bool = False
 
     def validate(self) -> None:
-        _check_rank_option(self)
+        super().validate()
         require(isinstance(self.lora_rank, int) and self.lora_rank >= 1,
                 f"{self.name}: lora_rank must be a positive int, got {self.lora_rank!r}")
         require(not self.reference or self.tail_projected,
@@ -518,9 +501,9 @@ class SALT(SVDCore):
             train["y"] = (0.01 * jax.random.normal(ky, (q, t))).astype(dt)
         elif self.tail_projected:
             train["x"] = jnp.zeros((t, q), dt)
-            train["y"] = kaiming(ky, (q, t), t, jnp.float32).astype(dt)
+            train["y"] = kaiming_uniform(ky, (q, t), t, jnp.float32).astype(dt)
         else:
-            train["lora_a"] = kaiming(ky, (n, q), n, jnp.float32).astype(dt)
+            train["lora_a"] = kaiming_uniform(ky, (n, q), n, jnp.float32).astype(dt)
             train["lora_b"] = jnp.zeros((q, m), dt)
         return self.node(w, train=train, frozen={"a": v.astype(dt), "b": ut.astype(dt), "sigma": sig.astype(dt)})
 
@@ -578,15 +561,11 @@ class KaSA(SVDCore):
     reference: bool = False
 
     def validate(self) -> None:
-        _check_rank_option(self)
+        super().validate()
 
     @property
     def rewrites_base(self) -> bool:
         return True
-
-    @property
-    def scale(self) -> float:
-        return self.alpha / self.rank
 
     def kept(self, w) -> int:
         """Number of singular components kept in `W_world`."""
@@ -603,7 +582,7 @@ class KaSA(SVDCore):
         ka, kd = jax.random.split(key)
         dt = w.dtype
         return self.node(self.world(w), train={
-            "a": kaiming(ka, (n, self.rank), n, jnp.float32).astype(dt),
+            "a": kaiming_uniform(ka, (n, self.rank), n, jnp.float32).astype(dt),
             "d": jax.random.normal(kd, (self.rank,)).astype(dt),
             "b": jnp.zeros((self.rank, m), dt)})
 
@@ -633,18 +612,15 @@ class SLoRA(SVDCore):
     alpha: float = 8.0
 
     def validate(self) -> None:
-        _check_rank_option(self)
-
-    @property
-    def scale(self) -> float:
-        return self.alpha / self.rank
+        super().validate()
 
     def create(self, key, w, calib=None):
         n, m = w.shape
         ka, kn = jax.random.split(key)
         dt = w.dtype
-        return self.node(w, train={"a": kaiming(ka, (n, self.rank), n, jnp.float32).astype(dt),
-                                   "core": kaiming(kn, (self.rank, self.rank), self.rank, jnp.float32).astype(dt),
+        r = self.rank
+        return self.node(w, train={"a": kaiming_uniform(ka, (n, r), n, jnp.float32).astype(dt),
+                                   "core": kaiming_uniform(kn, (r, r), r, jnp.float32).astype(dt),
                                    "b": jnp.zeros((self.rank, m), dt)})
 
     def terms(self, node):
@@ -744,7 +720,7 @@ class LaMDA(SVDCore):
     freeze_steps: int = 100
 
     def validate(self) -> None:
-        _check_rank_option(self)
+        super().validate()
         require(self.init in LAMDA_INITS, f"{self.name}: init must be one of {LAMDA_INITS}, got {self.init!r}")
         require(isinstance(self.freeze_steps, int) and self.freeze_steps >= 0,
                 f"{self.name}: freeze_steps must be a non-negative int, got {self.freeze_steps!r}")
@@ -752,10 +728,6 @@ class LaMDA(SVDCore):
     @property
     def rewrites_base(self) -> bool:
         return self.init == "svd"
-
-    @property
-    def scale(self) -> float:
-        return self.alpha / self.rank
 
     def keep_mask(self, sig, sig_all):
         """Which rank components are used: None (all) for LaMDA; see LaMDA++."""
@@ -767,9 +739,9 @@ class LaMDA(SVDCore):
         state = {"frozen_cols": jnp.zeros((r,), jnp.float32), "b_snap": jnp.zeros((r, m), dt)}
         if self.init == "kaiming":
             ka, ks = jax.random.split(key)
-            return self.node(w, train={"core": kaiming(ks, (r, r), r, jnp.float32).astype(dt),
+            return self.node(w, train={"core": kaiming_uniform(ks, (r, r), r, jnp.float32).astype(dt),
                                        "b": jnp.zeros((r, m), dt)},
-                             frozen={"a": kaiming(ka, (n, r), n, jnp.float32).astype(dt)}, state=state)
+                             frozen={"a": kaiming_uniform(ka, (n, r), n, jnp.float32).astype(dt)}, state=state)
         v_all, sig_all, ut_all = frames(None, w)
         v, sig, ut = v_all[:, :r], sig_all[:r], ut_all[:r]
         keep = self.keep_mask(sig, sig_all)

@@ -108,8 +108,8 @@ def test_accelerator_dispatch_to_pallas_kernels_agrees(monkeypatch):
         node = node.replace(train={k: v + 0.1 for k, v in node.train.items()})
         loss = lambda t, n=node, m=method: jnp.sum(jnp.sin(m.matmul(n.replace(train=t), x)))  # noqa: E731
         want, g_want = method.matmul(node, x), jax.grad(loss)(node.train)
-        monkeypatch.setattr(sp, "_pallas", lambda: kernels)
-        monkeypatch.setattr(lrs, "_pallas", lambda: kernels)
+        monkeypatch.setattr(sp, "pallas_ops", lambda: kernels)
+        monkeypatch.setattr(lrs, "pallas_ops", lambda: kernels)
         np.testing.assert_allclose(method.matmul(node, x), want, rtol=1e-5, atol=1e-5)
         for a, b in zip(jax.tree.leaves(jax.grad(loss)(node.train)), jax.tree.leaves(g_want)):
             np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-5)
