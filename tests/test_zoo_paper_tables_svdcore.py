@@ -29,7 +29,8 @@ import jax.numpy as jnp
 import pytest
 
 import jpeft
-from jpeft.methods.svdcore import SVFT, LoRAXS, band_size
+from jpeft.methods.svdcore import LoRAXS
+from jpeft.methods.svft import SVFT, band_size
 
 LLAMA2 = {"7b": (32, 4096, 11008, 6_738_415_616), "13b": (40, 5120, 13824, 13_015_864_320)}
 VOCAB = 32000

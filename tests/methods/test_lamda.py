@@ -6,7 +6,7 @@ import numpy as np
 import optax
 
 import jpeft
-from jpeft.methods.svdcore import LaMDA, lamda_compact
+from jpeft.methods.lamda import LaMDA, lamda_compact
 from tests.methods.helpers import M_OUT, N_IN, R, kernel, node_for
 
 

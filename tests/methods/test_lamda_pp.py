@@ -6,7 +6,7 @@ import jax.numpy as jnp
 import numpy as np
 
 import jpeft
-from jpeft.methods.svdcore import LaMDAPP, lamda_pp_threshold
+from jpeft.methods.lamda import LaMDAPP, lamda_pp_threshold
 from tests.methods.helpers import M_OUT, N_IN, kernel, node_for
 
 R = 6

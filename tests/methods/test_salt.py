@@ -5,7 +5,7 @@ import jax.numpy as jnp
 import numpy as np
 
 import jpeft
-from jpeft.methods.svdcore import SALT
+from jpeft.methods.salt import SALT
 from tests.methods.helpers import M_OUT, N_IN, R, kernel, node_for
 
 K, Q = min(N_IN, M_OUT), 3

@@ -6,7 +6,8 @@ import numpy as np
 import pytest
 
 import jpeft
-from jpeft.methods.svdcore import SVFT, band_size, core_matrix
+from jpeft.methods.svdcore import core_matrix
+from jpeft.methods.svft import SVFT, band_size
 from tests.methods.helpers import M_OUT, N_IN, kernel, node_for
 
 K = min(N_IN, M_OUT)
