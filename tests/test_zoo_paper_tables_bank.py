@@ -27,7 +27,7 @@ import jax.numpy as jnp
 import pytest
 
 import jpeft
-from jpeft.methods.bank import VBLoRA, vblora_storage
+from jpeft.methods.vb_lora import VBLoRA, vblora_storage
 
 LLAMA2 = {"7b": (4096, 11008, 32, 2048), "13b": (5120, 13824, 40, 4096)}  # hidden, intermediate, layers, h
 LINEAR = r"layers_\d+/(q_proj|k_proj|v_proj|o_proj|gate_proj|up_proj|down_proj)/kernel"

@@ -20,8 +20,9 @@ import numpy as np
 from jpeft.adapter import Adapter
 from jpeft.interop.peft_config import LORA_CHECKS, LORA_KEYS, Key, honoured, irrelevant, is_int, is_number, refused
 from jpeft.methods.adaptive import AdaLoRA
-from jpeft.methods.bank import RandLoRA, VBLoRA
+from jpeft.methods.bank import RandLoRA
 from jpeft.methods.block import GraLoRA
+from jpeft.methods.vb_lora import VBLoRA
 
 
 @dataclasses.dataclass(frozen=True)
@@ -235,7 +236,7 @@ VBLORA_KEYS: dict[str, Key] = {
     "num_vectors": honoured("VB-LoRA num_vectors (the bank's rows)", 256),
     "vector_length": honoured("VB-LoRA vector_length", 256),
     "topk": honoured("VB-LoRA topk", 2),
-    "save_only_topk_weights": refused("the top-k-only save (inference only; jpeft.methods.bank.vblora_topk_export)",
+    "save_only_topk_weights": refused("the top-k-only save (inference only; jpeft.methods.vb_lora.vblora_topk_export)",
                                       False),
     "vblora_dropout": refused("adapter dropout (jpeft.VBLoRA has none)", 0.0),
     "init_vector_bank_bound": honoured("VB-LoRA init_bank_bound", 0.02),

@@ -1,6 +1,7 @@
 """Conformance rows for family G (shared bank / random bases): `jpeft/methods/bank.py`."""
 
-from jpeft.methods.bank import BlockLoRA, LoRI, MSPLoRA, RandLoRA, S2LoRA, VBLoRA
+from jpeft.methods.bank import BlockLoRA, LoRI, MSPLoRA, RandLoRA, S2LoRA
+from jpeft.methods.vb_lora import VBLoRA
 from tests.conformance_table import Case
 
 ROWS = [

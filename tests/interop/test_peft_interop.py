@@ -19,8 +19,9 @@ from jpeft.interop import peft_config, peft_rows
 from jpeft.interop.hf import export_peft, export_peft_adapters, import_peft, import_peft_adapters
 from jpeft.interop.modules import ModuleMap
 from jpeft.methods.adaptive import AdaLoRA
-from jpeft.methods.bank import RandLoRA, VBLoRA
+from jpeft.methods.bank import RandLoRA
 from jpeft.methods.block import GraLoRA
+from jpeft.methods.vb_lora import VBLoRA
 from jpeft.models import bert as jbert
 from jpeft.models.llama import Llama, LlamaConfig, from_hf_state_dict, hf_module_map, to_hf_state_dict
 from jpeft.paths import leaves_with_paths

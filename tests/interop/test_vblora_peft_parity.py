@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 
 import jpeft
-from jpeft.methods.bank import VBLoRA, vblora_storage
+from jpeft.methods.vb_lora import VBLoRA, vblora_storage
 
 torch = pytest.importorskip("torch")
 peft = pytest.importorskip("peft")

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 import jpeft
-from jpeft.methods.bank import VBLoRA, vblora_storage, vblora_topk_export, vblora_topk_import
+from jpeft.methods.vb_lora import VBLoRA, vblora_storage, vblora_topk_export, vblora_topk_import
 from jpeft.shared import attach_shared
 from tests.methods.helpers import M_OUT, N_IN, R, kernel, node_for
 
