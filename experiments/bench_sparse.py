@@ -35,6 +35,7 @@ import optax
 from absl import app, flags
 
 import jpeft
+from jpeft.hooks import value_and_hook_grads
 from jpeft.methods import lowrank_sparse as lrs
 from jpeft.methods import sparse as sp
 from jpeft.models.llama import Llama, LlamaConfig
@@ -106,7 +107,7 @@ def build(model, params, ids, method, with_dense):
 
     def step(trainable, frozen, opt_state, ids):
         if with_dense:
-            loss, grads, hook_grads = sp.value_and_hook_grads(loss_fn, trainable, frozen, ids)
+            loss, grads, hook_grads = value_and_hook_grads(loss_fn, trainable, frozen, ids)
         else:
             loss, grads = jax.value_and_grad(lambda t: loss_fn(jpeft.combine(t, frozen), ids))(trainable)
         updates, opt_state = tx.update(grads, opt_state, trainable)

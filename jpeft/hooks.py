@@ -18,11 +18,14 @@ import jax.numpy as jnp
 import numpy as np
 
 from jpeft.adapter import Adapter, is_adapter_or_hole
-from jpeft.core import check_finite_tree, check_fits, split
+from jpeft.core import check_finite_tree, check_fits, combine, split
 from jpeft.errors import SpecError
 from jpeft.paths import leaf_key, leaves_with_paths
 from jpeft.shared import attach_shared, detach_shared, owns_shared
 from jpeft.views import matrix_node, stack_nodes, unstack_node
+
+PROBE = "probe"  # frozen key of the zero probe that `value_and_hook_grads` differentiates
+DENSE = "dense"  # grads key under which a hook finds the dense kernel gradient
 
 
 class HookResult(NamedTuple):
@@ -151,3 +154,43 @@ def after_step(params, opt_state, spec=None, *, step, key, grads=None, check_fin
             if isinstance(node, Adapter):
                 check_finite_tree(node.replace(base=None), f"{path} (adapter, after the step hooks)")
     return out, opt_state
+
+
+# ------------------------------------------------------------------ dense kernel gradients
+def hook_grads(grads: Any, dense: Any) -> Any:
+    """The `grads` tree for `jpeft.after_step` with dense kernel gradients added: every adapter
+    node of `grads` (the trainable-tree gradients) whose path has an entry in `dense` (a tree
+    shaped like the params, or a `{path: array}` dict, kernel layout `(in, out)`) gets it under
+    `train["dense"]`."""
+    dense_map = {p: g for p, g in leaves_with_paths(dense) if g is not None}
+    pairs = leaves_with_paths(grads, is_leaf=is_adapter_or_hole)
+    leaves = [node.replace(train={**node.train, DENSE: dense_map[p]})
+              if isinstance(node, Adapter) and p in dense_map else node for p, node in pairs]
+    return jax.tree_util.tree_unflatten(jax.tree_util.tree_structure(grads, is_leaf=is_adapter_or_hole), leaves)
+
+
+def value_and_hook_grads(loss_fn, trainable: Any, frozen: Any, *args, dense: bool = True, has_aux: bool = False):
+    """`(value, grads, hook_grads)` of `loss_fn(params, *args)` (params = the combined tree).
+
+    `grads` are the trainable-tree gradients (for the optimizer); `hook_grads` are the same with
+    each node's dense kernel gradient (the nodes whose method `needs_dense_grads`: the sparse
+    family) `∂L/∂K'` under `train["dense"]` (for
+    `jpeft.after_step(..., grads=hook_grads)`), taken in the same backward pass through a zero
+    probe added to those nodes (the factored path computes `x @ probe`, the materialised path adds
+    it to the kernel; the values do not change). With `dense=False`, `hook_grads is grads`.
+    """
+    if not dense:
+        out, g = jax.value_and_grad(lambda t: loss_fn(combine(t, frozen), *args), has_aux=has_aux)(trainable)
+        return out, g, g
+    pairs = leaves_with_paths(frozen, is_leaf=is_adapter_or_hole)
+    probes = {p: jnp.zeros(n.base.shape, n.base.dtype) for p, n in pairs
+              if isinstance(n, Adapter) and n.method.needs_dense_grads}
+
+    def with_probes(params, pr):
+        flat = leaves_with_paths(params, is_leaf=is_adapter_or_hole)
+        leaves = [n.replace(frozen={**n.frozen, PROBE: pr[p]}) if p in pr else n for p, n in flat]
+        return jax.tree_util.tree_unflatten(jax.tree_util.tree_structure(params, is_leaf=is_adapter_or_hole), leaves)
+
+    out, (g, gp) = jax.value_and_grad(lambda t, pr: loss_fn(with_probes(combine(t, frozen), pr), *args),
+                                      argnums=(0, 1), has_aux=has_aux)(trainable, probes)
+    return out, g, hook_grads(g, gp)

@@ -62,6 +62,10 @@ class Method:
     #: Its factored `matmul` contracts with a quantised base itself (`jpeft.quant.qmatmul`); when
     #: False a quantised base is materialised (dequantised under remat) instead.
     quantized_matmul: ClassVar[bool] = False
+    #: Whether the step hook wants the dense kernel gradient `∂L/∂K'` under `grads[...]["dense"]`
+    #: (`jpeft.hooks.value_and_hook_grads`): the engine then adds a zero probe under
+    #: `frozen["probe"]` that `materialise` and `matmul` must add to the kernel / output.
+    needs_dense_grads: ClassVar[bool] = False
     #: Whether `init` needs a calibration gradient (`jpeft.init(..., calib=grads)`).
     needs_calib: ClassVar[bool] = False
     #: Pure step hook `(nodes, moments, *, step, keys, grads) -> HookResult` over all the nodes

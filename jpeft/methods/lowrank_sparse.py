@@ -18,7 +18,7 @@ import jax.numpy as jnp
 from jpeft import linalg
 from jpeft.errors import leaf_error
 from jpeft.methods.base import Ranked, exclusive_options, kaiming_uniform, require
-from jpeft.methods.sparse import (
+from jpeft.methods.sparse_ops import (
     INT32_MAX,
     PATHS,
     budget,

@@ -23,9 +23,10 @@ Dense gradients for selection. `jpeft.after_step(..., grads=g)` hands each hook 
 its node's trainable leaves (`{"val": ...}`). Selection rules that score entries *outside* the
 current support (SpIEL-rigl, LIFT has no such need) also need the dense kernel gradient
 `∂L/∂K'` (`(in, out)`, like the kernel). Pass it under the key `"dense"` of the node's grads:
-`value_and_hook_grads(loss_fn, trainable, frozen, ...)` computes both in one backward pass (it
-adds a zero probe to every sparse node whose gradient is the dense one), or build the tree with
-`hook_grads(grads, dense_tree)` from any dense gradients you have.
+`jpeft.hooks.value_and_hook_grads(loss_fn, trainable, frozen, ...)` computes both in one backward
+pass (the family sets `needs_dense_grads`, so the engine adds a zero probe to every sparse node,
+whose gradient is the dense one), or build the tree with `jpeft.hooks.hook_grads(grads,
+dense_tree)` from any dense gradients you have.
 """
 
 from __future__ import annotations
@@ -40,241 +41,28 @@ from flax import struct
 from jax import lax
 
 from jpeft import linalg
-from jpeft.adapter import Adapter, is_adapter, is_adapter_or_hole
+from jpeft.adapter import Adapter, is_adapter
 from jpeft.errors import AdapterError, leaf_error
-from jpeft.hooks import HookResult
+from jpeft.hooks import DENSE, PROBE, HookResult
 from jpeft.methods.base import Method, exclusive_options, require, require_float_matrix, require_rank
+from jpeft.methods.sparse_ops import (
+    INT32_MAX,
+    PATHS,
+    budget,
+    gather_kernel,
+    linear_sparse_delta,
+    lookup,
+    pallas_ops,
+    random_indices,
+    regrow,
+    remap_moments,
+    rows_cols,
+    scatter_kernel,
+    select_topk,
+    topk_kernel,
+)
 from jpeft.paths import leaves_with_paths
 from jpeft.registry import register
-
-PATHS = ("sparse", "dense")
-PROBE = "probe"  # frozen key of the zero probe that `value_and_hook_grads` differentiates
-DENSE = "dense"  # grads key under which a hook finds the dense kernel gradient
-INT32_MAX = 2 ** 31 - 1
-
-
-# ============================================================================ index helpers
-def budget(m: int, n: int, density: float | None, lora_rank: int | None) -> int:
-    """Number of tunable entries of an `(m, n)` matrix: `⌊density·m·n⌋`, or LoRA-matched
-    `min((m+n)·lora_rank, m·n)` (LIFT's budget); at least 1."""
-    if lora_rank is not None:
-        return max(1, min((m + n) * lora_rank, m * n))
-    if density is None:
-        raise ValueError("budget: pass density or lora_rank")
-    return max(1, min(m * n, math.floor(density * m * n + 1e-9)))
-
-
-def rows_cols(idx: jax.Array, n: int) -> tuple[jax.Array, jax.Array]:
-    """`(row, col) = divmod(idx, n)` of paper-layout flat indices."""
-    return idx // n, idx % n
-
-
-def kernel_flat_to_paper(f: jax.Array, m: int, n: int) -> jax.Array:
-    """Kernel-layout flat index `col·m + row` → paper-layout `row·n + col`."""
-    return ((f % m) * n + f // m).astype(jnp.int32)
-
-
-def topk_kernel(score: jax.Array, k: int) -> tuple[jax.Array, jax.Array]:
-    """`(values, paper flat indices)` of the `k` largest entries of a kernel-layout `(n, m)`
-    score (unsorted). Ties go to the lower kernel-flat index."""
-    n, m = score.shape
-    v, f = lax.top_k(score.reshape(-1), k)
-    return v, kernel_flat_to_paper(f, m, n)
-
-
-def select_topk(score: jax.Array, k: int) -> jax.Array:
-    """Sorted paper-layout flat indices of the `k` largest entries of a kernel-layout score."""
-    return jnp.sort(topk_kernel(score, k)[1])
-
-
-def random_indices(key: jax.Array, m: int, n: int, k: int) -> jax.Array:
-    """`k` distinct uniformly random flat indices of an `(m, n)` matrix, sorted (int32)."""
-    return jnp.sort(jax.random.permutation(key, m * n)[:k]).astype(jnp.int32)
-
-
-def scatter_kernel(idx: jax.Array, val: jax.Array, n: int, m: int, base: jax.Array | None = None) -> jax.Array:
-    """`base + ΔK` (kernel layout `(n, m)`, `ΔK[col, row] = val`); `base=None` means zeros."""
-    row, col = rows_cols(idx, n)
-    out = jnp.zeros((n, m), val.dtype) if base is None else base
-    return out.at[col, row].add(val.astype(out.dtype))
-
-
-def gather_kernel(g: jax.Array, idx: jax.Array) -> jax.Array:
-    """`g[idx]` for a kernel-layout `(n, m)` array and paper-layout flat indices."""
-    n, m = g.shape
-    row, col = rows_cols(idx, n)
-    return g[col, row]
-
-
-def lookup(sorted_keys: jax.Array, queries: jax.Array) -> tuple[jax.Array, jax.Array]:
-    """`(position, found)` of each query in a sorted key array (position is clipped)."""
-    pos = jnp.clip(jnp.searchsorted(sorted_keys, queries), 0, sorted_keys.shape[0] - 1)
-    return pos, sorted_keys[pos] == queries
-
-
-def remap_moments(old_idx: jax.Array, new_idx: jax.Array, moments, seed=None):
-    """Move per-index arrays (optimizer moments, values) from one sorted index set to another
-    (explicit optimizer-state surgery): entries whose index is in both sets are carried bit for
-    bit; entries of new indices get `seed` (an array aligned with `new_idx`; only its new entries
-    are read) or zero; entries of removed indices are dropped.
-
-    `moments` is an array with leading dimension `len(old_idx)` or a list of them; `seed` is then
-    None, one array, or a list (with None for "zero") of the same length. Returns the same kind.
-    """
-    single = not isinstance(moments, (list, tuple))
-    ms = [moments] if single else list(moments)
-    seeds = [seed] if single else (list(seed) if seed is not None else [None] * len(ms))
-    require(len(seeds) == len(ms), "remap_moments: seed must match moments")
-    pos, hit = lookup(old_idx, new_idx)
-    out = []
-    for mom, s in zip(ms, seeds):
-        fill = jnp.zeros((), mom.dtype) if s is None else s.astype(mom.dtype)
-        mask = hit.reshape(hit.shape + (1,) * (mom.ndim - 1))
-        out.append(jnp.where(mask, mom[pos], fill))
-    return out[0] if single else out
-
-
-def regrow(idx: jax.Array, val: jax.Array, cand: jax.Array, score: jax.Array, n_drop) -> jax.Array:
-    """Drop-and-grow (RigL; SpIEL reference semantics): the `n_drop` entries of
-    smallest `|val|` are outgoing; the candidates not among the remaining entries compete by
-    `score` (`-inf` = invalid) for `n_drop` slots. An outgoing index that wins a slot stays (with
-    its value); the other winners replace the smallest-`|val|` outgoing entries, so exactly
-    `min(n_drop, #valid candidates)` indices change when no winner is outgoing.
-
-    `idx` sorted unique int32[k], `val` [k], `cand` unique int32[c], `score` [c], `n_drop` a
-    (traced) int. Returns the new sorted unique int32[k]. Jit-able, fixed shapes.
-    """
-    k = idx.shape[0]
-    n_drop = jnp.asarray(n_drop, jnp.int32)
-    order = jnp.argsort(jnp.abs(val), stable=True)
-    rank = jnp.zeros((k,), jnp.int32).at[order].set(jnp.arange(k, dtype=jnp.int32))
-    outgoing = rank < n_drop
-    pos, present = lookup(idx, cand)
-    valid = jnp.isfinite(score) & ~(present & ~outgoing[pos])
-    s = jnp.where(valid, score, -jnp.inf)
-    corder = jnp.argsort(-s, stable=True)
-    crank = jnp.zeros(cand.shape, jnp.int32).at[corder].set(jnp.arange(cand.shape[0], dtype=jnp.int32))
-    incoming = valid & (crank < n_drop)
-    stays = incoming & present                      # outgoing entries that win a slot again
-    kept = jnp.zeros((k,), bool).at[jnp.where(stays, pos, k)].set(True, mode="drop")
-    fresh = incoming & ~present
-    droppable = outgoing & ~kept
-    drop_rank = jnp.zeros((k,), jnp.int32).at[order].set(jnp.cumsum(droppable[order].astype(jnp.int32)))
-    dropped = droppable & (drop_rank <= jnp.sum(fresh.astype(jnp.int32)))
-    big = jnp.asarray(INT32_MAX, idx.dtype)
-    merged = jnp.concatenate([jnp.where(dropped, big, idx), jnp.where(fresh, cand.astype(idx.dtype), big)])
-    return jnp.sort(merged)[:k]
-
-
-# ============================================================================ factored matmul
-def auto_chunk(k: int, m: int, n: int) -> int:
-    """Tokens per chunk of the sparse term: its `(chunk, k)` panels stay near `m·n/24` elements
-    (a few of them are live at once), so together well under one `(m, n)` array."""
-    return max(1, (m * n) // (24 * k))
-
-
-def _token_loop(tokens: int, chunk: int, body, init):
-    full, rest = divmod(tokens, chunk)
-    out = lax.fori_loop(0, full, lambda i, carry: body(i * chunk, chunk, carry), init) if full else init
-    return body(full * chunk, rest, out) if rest else out
-
-
-def _sparse_forward(y, x, idx, val, chunk):
-    """`y + x @ scatter(idx, val)ᵀ`, in place over token chunks."""
-    tokens, n = x.shape
-    row, col = rows_cols(idx, n)
-
-    def body(start, size, y):
-        xc = lax.dynamic_slice_in_dim(x, start, size, 0)
-        yc = lax.dynamic_slice_in_dim(y, start, size, 0)
-        yc = yc.at[:, row].add((xc[:, col] * val).astype(y.dtype), indices_are_sorted=True)
-        return lax.dynamic_update_slice_in_dim(y, yc, start, 0)
-
-    return _token_loop(tokens, min(chunk, tokens), body, y)
-
-
-def _sparse_backward(dx, dy, x, idx, val, chunk):
-    """`(dx + dy @ scatter(idx, val), Σ_tokens dy[:, row]·x[:, col])` over token chunks; `dx=None`
-    skips the input gradient."""
-    tokens, n = x.shape
-    row, col = rows_cols(idx, n)
-
-    def body(start, size, carry):
-        dx, dval = carry
-        g = lax.dynamic_slice_in_dim(dy, start, size, 0)[:, row]
-        xc = lax.dynamic_slice_in_dim(x, start, size, 0)
-        dval = dval + jnp.sum(g * xc[:, col], axis=0).astype(dval.dtype)
-        if dx is not None:
-            dxc = lax.dynamic_slice_in_dim(dx, start, size, 0).at[:, col].add((g * val).astype(dx.dtype))
-            dx = lax.dynamic_update_slice_in_dim(dx, dxc, start, 0)
-        return dx, dval
-
-    return _token_loop(tokens, min(chunk, tokens), body,
-                       (dx, jnp.zeros(val.shape, jnp.promote_types(val.dtype, jnp.float32))))
-
-
-def _linear_sparse_impl(x, K, y0, idx, val, chunk):
-    m = K.shape[1] if K is not None else y0.shape[1]
-    y = x @ K if K is not None else jnp.zeros((x.shape[0], m), jnp.result_type(x, val))
-    if y0 is not None:
-        y = y + y0
-    return _sparse_forward(y, x, idx, val, chunk)
-
-
-_linear_sparse = jax.custom_vjp(_linear_sparse_impl, nondiff_argnums=(5,))
-
-
-def _linear_sparse_fwd(x, K, y0, idx, val, chunk):
-    xv, Kv, iv, vv = x.value, None if K is None else K.value, idx.value, val.value
-    y0v = None if y0 is None else y0.value
-    flags = (x.perturbed, K is not None and K.perturbed, y0 is not None)
-    return _linear_sparse_impl(xv, Kv, y0v, iv, vv, chunk), (xv, Kv, iv, vv, flags)
-
-
-def _linear_sparse_bwd(chunk, res, dy):
-    x, K, idx, val, (x_perturbed, k_perturbed, has_y0) = res
-    dx = None
-    if x_perturbed:
-        dx = (dy @ K.T.astype(dy.dtype)).astype(x.dtype) if K is not None else jnp.zeros_like(x)
-    dx, dval = _sparse_backward(dx, dy, x, idx, val, chunk)
-    dK = (x.T @ dy).astype(K.dtype) if k_perturbed else None
-    return dx, dK, dy if has_y0 else None, None, dval.astype(val.dtype)
-
-
-_linear_sparse.defvjp(_linear_sparse_fwd, _linear_sparse_bwd, symbolic_zeros=True)
-_linear_sparse_jit = jax.jit(_linear_sparse, static_argnums=(5,))  # one compiled unit, also when called eagerly
-
-
-def pallas_ops():
-    """The `pallas_kernels` module when running on an accelerator and importable, else None."""
-    if jax.default_backend() == "cpu":
-        return None
-    try:
-        import pallas_kernels
-    except ImportError:
-        return None
-    return pallas_kernels
-
-
-def linear_sparse_delta(x: jax.Array, K: jax.Array | None, idx: jax.Array, val: jax.Array, *,
-                        m: int | None = None, y0: jax.Array | None = None, chunk: int | None = None) -> jax.Array:
-    """`[x @ K] [+ y0] + x @ scatter(idx, val)ᵀ` without an `(m, n)` array (forward and backward).
-
-    `x (..., n)`; `K (n, m)` or None (then pass `m`); `y0 (..., m)` an extra term added in place
-    (e.g. SLTrain's low-rank branch); `idx` sorted paper-layout flat indices, `val [k]`. Gradients
-    flow to `x`, `K` (only when differentiated), `y0` and `val`. `chunk`: tokens per chunk
-    (default `auto_chunk`).
-    """
-    n = x.shape[-1]
-    m = K.shape[1] if K is not None else (y0.shape[-1] if y0 is not None else m)
-    if m is None:
-        raise ValueError("linear_sparse_delta: pass m when K and y0 are None")
-    lead = x.shape[:-1]
-    x2 = x.reshape(-1, n)
-    y02 = None if y0 is None else y0.reshape(-1, m)
-    chunk = auto_chunk(idx.shape[0], m, n) if chunk is None else chunk
-    y = _linear_sparse_jit(x2, K, y02, idx, val.astype(jnp.result_type(x, val)), chunk)
-    return y.reshape(*lead, m)
 
 
 # ============================================================================ the skeleton
@@ -288,6 +76,8 @@ class SparseMethod(Method):
            into the base then one GEMM).
     chunk: tokens per chunk of the sparse path (None: `auto_chunk`).
     """
+
+    needs_dense_grads = True  # selection hooks score entries outside the support (`jpeft.hooks`)
 
     density: float | None = None
     lora_rank: int | None = None
@@ -372,46 +162,6 @@ class SparseMethod(Method):
 
 
 # ============================================================================ dense gradients
-def hook_grads(grads: Any, dense: Any) -> Any:
-    """The `grads` tree for `jpeft.after_step` with dense kernel gradients added: every adapter
-    node of `grads` (the trainable-tree gradients) whose path has an entry in `dense` (a tree
-    shaped like the params, or a `{path: array}` dict, kernel layout `(in, out)`) gets it under
-    `train["dense"]`."""
-    dense_map = {p: g for p, g in leaves_with_paths(dense) if g is not None}
-    pairs = leaves_with_paths(grads, is_leaf=is_adapter_or_hole)
-    leaves = [node.replace(train={**node.train, DENSE: dense_map[p]})
-              if isinstance(node, Adapter) and p in dense_map else node for p, node in pairs]
-    return jax.tree_util.tree_unflatten(jax.tree_util.tree_structure(grads, is_leaf=is_adapter_or_hole), leaves)
-
-
-def value_and_hook_grads(loss_fn, trainable: Any, frozen: Any, *args, dense: bool = True, has_aux: bool = False):
-    """`(value, grads, hook_grads)` of `loss_fn(params, *args)` (params = the combined tree).
-
-    `grads` are the trainable-tree gradients (for the optimizer); `hook_grads` are the same with
-    each sparse-family node's dense kernel gradient `∂L/∂K'` under `train["dense"]` (for
-    `jpeft.after_step(..., grads=hook_grads)`), taken in the same backward pass through a zero
-    probe added to those nodes (the factored path computes `x @ probe`, the materialised path adds
-    it to the kernel; the values do not change). With `dense=False`, `hook_grads is grads`.
-    """
-    from jpeft.core import combine
-
-    if not dense:
-        out, g = jax.value_and_grad(lambda t: loss_fn(combine(t, frozen), *args), has_aux=has_aux)(trainable)
-        return out, g, g
-    pairs = leaves_with_paths(frozen, is_leaf=is_adapter_or_hole)
-    probes = {p: jnp.zeros(n.base.shape, n.base.dtype) for p, n in pairs
-              if isinstance(n, Adapter) and isinstance(n.method, SparseMethod)}
-
-    def with_probes(params, pr):
-        flat = leaves_with_paths(params, is_leaf=is_adapter_or_hole)
-        leaves = [n.replace(frozen={**n.frozen, PROBE: pr[p]}) if p in pr else n for p, n in flat]
-        return jax.tree_util.tree_unflatten(jax.tree_util.tree_structure(params, is_leaf=is_adapter_or_hole), leaves)
-
-    out, (g, gp) = jax.value_and_grad(lambda t, pr: loss_fn(with_probes(combine(t, frozen), pr), *args),
-                                      argnums=(0, 1), has_aux=has_aux)(trainable, probes)
-    return out, g, hook_grads(g, gp)
-
-
 def abs_grad_sum(grads_list) -> Any:
     """`Σ_t |G_t|` over a list of gradient trees (SMT's warm-up block scores, `calib=`)."""
     return jax.tree.map(lambda *gs: sum(jnp.abs(g) for g in gs), *grads_list)
@@ -440,7 +190,7 @@ class SpIEL(SparseMethod):
     seeded with the mean / mean square, counter-biased as `mean·(1−b1^t)`, `meansq·(1−b2^t)` so
     that optax's bias correction (shared step count t) returns the mean gradient (the reference's
     per-entry Adam ages are replaced by optax's shared count). Pass the dense gradient on the steps
-    where `wants_dense_grads(step)` holds (`value_and_hook_grads` / `hook_grads`); steps without
+    where `wants_dense_grads(step)` holds (`jpeft.hooks.value_and_hook_grads` / `hook_grads`); steps without
     it accumulate nothing, and a reselection with no samples changes nothing.
     selection="sm3" (SpIEL-MA): SM3 row/column accumulators of the *active* gradients
     (`ν = β·min(r[row], c[col]) + (1−β)·g²`, `r = max(r, ν)`, `c = max(c, ν)`) estimate the

@@ -7,6 +7,7 @@ import numpy as np
 
 import jpeft
 from jpeft.methods import sparse as sp
+from jpeft.methods import sparse_ops as ops
 from tests.methods.helpers import M_OUT, N_IN, R, kernel, node_for
 from tests.methods.test_spiel import assert_support, planted, train
 
@@ -81,7 +82,7 @@ def test_recovers_a_planted_target_on_the_principal_weights_in_200_steps():
     no entry outside the mask moves."""
     w = kernel() / N_IN ** 0.5
     method = sp.LIFT(rank=R, lora_rank=1, update_interval=50)
-    k = sp.budget(M_OUT, N_IN, None, 1)
+    k = ops.budget(M_OUT, N_IN, None, 1)
     mask = method.principal_indices(None, w, k)
     support = jnp.sort(mask[jax.random.permutation(jax.random.PRNGKey(4), k)[:40]])
     target = w + 0.3 * planted(support)

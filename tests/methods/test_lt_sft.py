@@ -10,6 +10,7 @@ import numpy as np
 import jpeft
 from jpeft.adapter import is_adapter
 from jpeft.methods import sparse as sp
+from jpeft.methods import sparse_ops as ops
 from tests.methods.helpers import M_OUT, N_IN, kernel
 
 
@@ -41,7 +42,7 @@ def test_mask_is_the_topk_of_the_full_finetuning_difference():
 
 
 def delta(seed, k, dyadic=True):
-    idx = sp.random_indices(jax.random.PRNGKey(seed), M_OUT, N_IN, k)
+    idx = ops.random_indices(jax.random.PRNGKey(seed), M_OUT, N_IN, k)
     val = jax.random.normal(jax.random.PRNGKey(seed + 100), (k,))
     if dyadic:  # multiples of 1/8 in a small range: every sum below is exact in fp32
         val = jnp.round(val * 8.0) / 8.0

@@ -12,6 +12,7 @@ import pytest
 import jpeft
 from jpeft.methods import lowrank_sparse as lrs
 from jpeft.methods import sparse as sp
+from jpeft.methods import sparse_ops as ops
 from tests.methods.helpers import M_OUT, N_IN, R, kernel, node_for
 from tests.methods.test_spiel import assert_support
 
@@ -32,7 +33,7 @@ def test_init_count_and_support(mode):
     else:
         assert node.base is None and jpeft.count({"w": node}).frozen == k        # only the indices
         assert np.all(np.abs(node.train["val"]) <= bound) and np.all(node.train["val"] != 0)
-        want = sp.scatter_kernel(node.frozen["idx"], node.train["val"], N_IN, M_OUT)  # b = 0: W = S
+        want = ops.scatter_kernel(node.frozen["idx"], node.train["val"], N_IN, M_OUT)  # b = 0: W = S
         np.testing.assert_array_equal(method.materialise(node), want)
         assert method.rebuild_base(w, node) is None
 
@@ -49,7 +50,7 @@ def test_fused_forward_equals_dense_and_val_gradient_is_the_gathered_dense_gradi
     g_val = jax.grad(loss)(node.train)["val"]
     eff = method.materialise(node)
     G = jax.grad(lambda k: jnp.sum(jnp.sin(x @ k)))(eff)
-    np.testing.assert_allclose(g_val, sp.gather_kernel(G, node.frozen["idx"]), rtol=1e-10, atol=1e-12)  # (c)
+    np.testing.assert_allclose(g_val, ops.gather_kernel(G, node.frozen["idx"]), rtol=1e-10, atol=1e-12)  # (c)
 
 
 def test_support_never_changes_during_training():

@@ -9,7 +9,9 @@ import optax
 import pytest
 
 import jpeft
+from jpeft.hooks import hook_grads, value_and_hook_grads
 from jpeft.methods import sparse as sp
+from jpeft.methods import sparse_ops as ops
 from tests.methods.helpers import M_OUT, N_IN, kernel, node_for
 
 
@@ -30,7 +32,7 @@ def train(method, w, target, steps, lr=0.05, seed=5, factored=True, dense=True):
 
     @jax.jit
     def step(t, f, opt, i):
-        value, g, hg = sp.value_and_hook_grads(loss_fn, t, f, dense=dense)
+        value, g, hg = value_and_hook_grads(loss_fn, t, f, dense=dense)
         updates, opt = tx.update(g, opt, t)
         t = optax.apply_updates(t, updates)
         p, opt = jpeft.after_step(jpeft.combine(t, f), opt, spec, step=i, key=jax.random.PRNGKey(i), grads=hg)
@@ -48,7 +50,7 @@ def planted(idx, seed=1, scale=1.0):
     """A kernel-layout sparse target delta on paper-layout `idx`, |values| in [0.5, 1.5)·scale."""
     k1, k2 = jax.random.split(jax.random.PRNGKey(seed))
     vals = jnp.where(jax.random.bernoulli(k1, 0.5, idx.shape), 1.0, -1.0) * (0.5 + jax.random.uniform(k2, idx.shape))
-    return sp.scatter_kernel(idx, scale * vals, N_IN, M_OUT)
+    return ops.scatter_kernel(idx, scale * vals, N_IN, M_OUT)
 
 
 def assert_support(idx, k):
@@ -66,7 +68,7 @@ def test_init_is_random_sorted_unique_identity_and_counts_k():
     assert_support(node.frozen["idx"], k)
     np.testing.assert_array_equal(method.materialise(node), w)
     assert jpeft.count({"w": node}).trainable == k
-    assert sp.budget(M_OUT, N_IN, None, 2) == 2 * (M_OUT + N_IN)  # LoRA-matched budget
+    assert ops.budget(M_OUT, N_IN, None, 2) == 2 * (M_OUT + N_IN)  # LoRA-matched budget
     other = node_for(method, w, key=1)
     assert not np.array_equal(other.frozen["idx"], node.frozen["idx"])
 
@@ -136,10 +138,10 @@ def test_regrow_with_few_valid_candidates_and_outgoing_winners():
     val = jnp.asarray([0.6, -0.1, 0.5, 0.2, -0.4, 0.3])          # |val| order: 5, 11, 17, 14, 8, 2
     cand = jnp.asarray([3, 8, 20, 11, 30], jnp.int32)
     score = jnp.asarray([1.0, 9.0, -jnp.inf, 5.0, 2.0])          # 8 remaining (invalid), 20 invalid
-    new = np.asarray(sp.regrow(idx, val, cand, score, 3))         # outgoing 5, 11, 17; valid 3, 11, 30
+    new = np.asarray(ops.regrow(idx, val, cand, score, 3))         # outgoing 5, 11, 17; valid 3, 11, 30
     # winners 11 (outgoing: stays), 30, 3 → the two smallest non-winning outgoing (5, 17) leave
     np.testing.assert_array_equal(new, [2, 3, 8, 11, 14, 30])
-    few = np.asarray(sp.regrow(idx, val, cand, jnp.asarray([1.0, 9.0, -jnp.inf, -jnp.inf, -jnp.inf]), 3))
+    few = np.asarray(ops.regrow(idx, val, cand, jnp.asarray([1.0, 9.0, -jnp.inf, -jnp.inf, -jnp.inf]), 3))
     np.testing.assert_array_equal(few, [2, 3, 8, 11, 14, 17])      # min(⌊pk⌋ = 3, #valid = 1) = 1 change
 
 
@@ -172,10 +174,10 @@ def test_rigl_accumulates_the_dense_gradient_over_the_window():
         n = method.step_hook([n], [mom], step=jnp.asarray(t), keys=[jax.random.PRNGKey(0)],
                              grads=[{"val": jnp.zeros((k,)), "dense": g}]).nodes[0]
     cand = np.asarray(n.state["cand"])
-    top = np.sort(np.asarray(sp.select_topk(jnp.abs(gs[0]), k)))
+    top = np.sort(np.asarray(ops.select_topk(jnp.abs(gs[0]), k)))
     np.testing.assert_array_equal(cand, top)
-    np.testing.assert_allclose(n.state["cand_sum"], sp.gather_kernel(gs[0] + gs[1], n.state["cand"]), rtol=1e-6)
-    np.testing.assert_allclose(n.state["cand_sq"], sp.gather_kernel(gs[0] ** 2 + gs[1] ** 2, n.state["cand"]),
+    np.testing.assert_allclose(n.state["cand_sum"], ops.gather_kernel(gs[0] + gs[1], n.state["cand"]), rtol=1e-6)
+    np.testing.assert_allclose(n.state["cand_sq"], ops.gather_kernel(gs[0] ** 2 + gs[1] ** 2, n.state["cand"]),
                                rtol=1e-6)
     assert float(n.state["samples"]) == 2.0
     outside = method.step_hook([n], [mom], step=jnp.asarray(5), keys=[jax.random.PRNGKey(0)],
@@ -193,12 +195,12 @@ def test_value_and_hook_grads_gives_the_dense_kernel_gradient_on_both_paths():
     want = jax.grad(lambda k: jnp.sum(jnp.sin(x @ k)))(effective)
     for loss in (lambda p: jnp.sum(jnp.sin(method.matmul(p["w"], x))),
                  lambda p: jnp.sum(jnp.sin(x @ jpeft.apply(p, spec)["w"]))):
-        value, g, hg = sp.value_and_hook_grads(loss, t, f)
+        value, g, hg = value_and_hook_grads(loss, t, f)
         np.testing.assert_allclose(hg["w"].train["dense"], want, rtol=1e-5, atol=1e-5)
-        np.testing.assert_allclose(hg["w"].train["val"], sp.gather_kernel(want, params["w"].frozen["idx"]),
+        np.testing.assert_allclose(hg["w"].train["val"], ops.gather_kernel(want, params["w"].frozen["idx"]),
                                    rtol=1e-5, atol=1e-6)
         assert set(g["w"].train) == {"val"}
-    built = sp.hook_grads(g, {"w": want})
+    built = hook_grads(g, {"w": want})
     np.testing.assert_array_equal(built["w"].train["dense"], want)
 
 
@@ -240,8 +242,8 @@ def test_remap_moments_carries_seeds_and_drops():
     old = jnp.asarray([1, 4, 7, 9], jnp.int32)
     new = jnp.asarray([0, 4, 9, 12], jnp.int32)
     mom = jnp.asarray([10.0, 40.0, 70.0, 90.0])
-    np.testing.assert_array_equal(sp.remap_moments(old, new, mom), [0.0, 40.0, 90.0, 0.0])
-    seeded = sp.remap_moments(old, new, [mom, mom], [jnp.asarray([5.0, 6.0, 7.0, 8.0]), None])
+    np.testing.assert_array_equal(ops.remap_moments(old, new, mom), [0.0, 40.0, 90.0, 0.0])
+    seeded = ops.remap_moments(old, new, [mom, mom], [jnp.asarray([5.0, 6.0, 7.0, 8.0]), None])
     np.testing.assert_array_equal(seeded[0], [5.0, 40.0, 90.0, 8.0])
     np.testing.assert_array_equal(seeded[1], [0.0, 40.0, 90.0, 0.0])
 
@@ -250,29 +252,29 @@ def test_remap_moments_carries_seeds_and_drops():
 def test_linear_sparse_delta_equals_dense_with_gradients(x64, chunk):
     """(e) the factored sparse-delta op == `x(K + scatter)ᵀ`, values and gradients (x, val, K)."""
     w = kernel()
-    idx = sp.random_indices(jax.random.PRNGKey(1), M_OUT, N_IN, 100)
+    idx = ops.random_indices(jax.random.PRNGKey(1), M_OUT, N_IN, 100)
     val = jax.random.normal(jax.random.PRNGKey(2), (100,))
     x = jax.random.normal(jax.random.PRNGKey(3), (2, 7, N_IN))        # 14 tokens: chunk 3 leaves a remainder
 
     def fact(x, w, val):
-        return jnp.sum(jnp.sin(sp.linear_sparse_delta(x, w, idx, val, chunk=chunk)))
+        return jnp.sum(jnp.sin(ops.linear_sparse_delta(x, w, idx, val, chunk=chunk)))
 
     def dense(x, w, val):
-        return jnp.sum(jnp.sin(x @ sp.scatter_kernel(idx, val, N_IN, M_OUT, base=w)))
+        return jnp.sum(jnp.sin(x @ ops.scatter_kernel(idx, val, N_IN, M_OUT, base=w)))
 
     np.testing.assert_allclose(fact(x, w, val), dense(x, w, val), rtol=1e-12)
     for gf, gd in zip(jax.grad(fact, argnums=(0, 1, 2))(x, w, val), jax.grad(dense, argnums=(0, 1, 2))(x, w, val)):
         np.testing.assert_allclose(gf, gd, rtol=1e-10, atol=1e-12)
     y0 = jax.random.normal(jax.random.PRNGKey(4), (2, 7, M_OUT))
-    got = sp.linear_sparse_delta(x, None, idx, val, m=M_OUT, y0=y0, chunk=chunk)
-    np.testing.assert_allclose(got, y0 + x @ sp.scatter_kernel(idx, val, N_IN, M_OUT), rtol=1e-12)
+    got = ops.linear_sparse_delta(x, None, idx, val, m=M_OUT, y0=y0, chunk=chunk)
+    np.testing.assert_allclose(got, y0 + x @ ops.scatter_kernel(idx, val, N_IN, M_OUT), rtol=1e-12)
 
 
 def test_recovers_a_planted_sparse_target_in_200_steps():
     """Starting from random indices, drop/regrow by accumulated gradient finds the planted
     support and fits it; entries outside the support never move."""
     w = kernel() / N_IN ** 0.5
-    support = sp.random_indices(jax.random.PRNGKey(9), M_OUT, N_IN, 40)
+    support = ops.random_indices(jax.random.PRNGKey(9), M_OUT, N_IN, 40)
     target = w + planted(support)
     method = sp.SpIEL(density=0.05, reselection_steps=20, accumulation_steps=5, initial_reselection_rate=0.3)
     node, losses, history = train(method, w, target, steps=200)
@@ -291,7 +293,7 @@ def test_seeded_moments_reproduce_the_mean_gradient_under_optax_adam():
     """(d) in a real run: right after the first reselection (t = 5, p = 1) the bias-corrected Adam
     first moment of every new index equals its mean accumulated gradient."""
     w = kernel() / N_IN ** 0.5
-    target = w + planted(sp.random_indices(jax.random.PRNGKey(9), M_OUT, N_IN, 40))
+    target = w + planted(ops.random_indices(jax.random.PRNGKey(9), M_OUT, N_IN, 40))
     method = sp.SpIEL(density=0.05, reselection_steps=20, accumulation_steps=5)
     _, _, history = train(method, w, target, steps=5)
     before, after = history[3][0], history[4][0]
