@@ -9,6 +9,7 @@ import math
 
 import jax
 import jax.numpy as jnp
+from flax import struct
 from jax import lax
 
 from jpeft.methods.base import require
@@ -238,3 +239,17 @@ def linear_sparse_delta(x: jax.Array, K: jax.Array | None, idx: jax.Array, val: 
     chunk = auto_chunk(idx.shape[0], m, n) if chunk is None else chunk
     y = _linear_sparse_jit(x2, K, y02, idx, val.astype(jnp.result_type(x, val)), chunk)
     return y.reshape(*lead, m)
+
+
+@struct.dataclass
+class SparseDelta:
+    """A sparse paper-layout `(m, n)` delta: sorted unique flat `idx`, values `val`."""
+
+    idx: jax.Array
+    val: jax.Array
+    shape: tuple[int, int] = struct.field(pytree_node=False)
+
+    def dense_kernel(self) -> jax.Array:
+        """The kernel-layout `(n, m)` dense array."""
+        m, n = self.shape
+        return scatter_kernel(self.idx, self.val, n, m)

@@ -8,6 +8,7 @@ dimension of the shared toy models (24, 32, 40, 48). SpIEL/SMT/S2FT/LT-SFT have 
 """
 
 from jpeft.methods import lowrank_sparse as lrs
+from jpeft.methods import s2ft
 from jpeft.methods import sparse as sp
 from tests.conformance_table import Case
 
@@ -17,8 +18,8 @@ ROWS = [
     Case("spiel_dense_path", "spiel", sp.SpIEL(density=0.05, path="dense"), factored=False),
     Case("lift", "lift", sp.LIFT(rank=4, lora_rank=2, update_interval=2)),
     Case("smt", "smt", sp.SMT(block=8, n_blocks=3), calib=True),
-    Case("s2ft_in", "s2ft", sp.S2FT(units=4)),
-    Case("s2ft_out_heads", "s2ft", sp.S2FT(axis="out", group=4, units=2, selection="weight")),
+    Case("s2ft_in", "s2ft", s2ft.S2FT(units=4)),
+    Case("s2ft_out_heads", "s2ft", s2ft.S2FT(axis="out", group=4, units=2, selection="weight")),
     Case("lt_sft", "lt_sft", sp.LTSFT(density=0.05), calib=True),
     Case("sltrain", "sltrain", lrs.SLTrain(rank=4, alpha=8, density=0.05)),
     Case("sltrain_pretrain", "sltrain", lrs.SLTrain(rank=4, alpha=8, density=0.05, mode="pretrain")),

@@ -7,13 +7,13 @@ import numpy as np
 import pytest
 
 import jpeft
-from jpeft.methods import sparse as sp
+from jpeft.methods import s2ft
 from tests.methods.helpers import M_OUT, N_IN, kernel, node_for
 
 
 @pytest.mark.parametrize("axis, group, units", [("in", 1, 5), ("out", 4, 3)])
 def test_only_the_selected_slices_train(axis, group, units):
-    method = sp.S2FT(axis=axis, group=group, units=units)
+    method = s2ft.S2FT(axis=axis, group=group, units=units)
     w = kernel()
     node = node_for(method, w)
     sel = np.asarray(node.frozen["sel"])
@@ -42,12 +42,13 @@ def test_only_the_selected_slices_train(axis, group, units):
 
 def test_weight_selection_picks_the_largest_groups():
     w = kernel().at[:, 8:12].multiply(10.0).at[:, 40:44].multiply(5.0)
-    node = node_for(sp.S2FT(axis="out", group=4, units=2, selection="weight"), w)
+    node = node_for(s2ft.S2FT(axis="out", group=4, units=2, selection="weight"), w)
     np.testing.assert_array_equal(node.frozen["sel"], [8, 9, 10, 11, 40, 41, 42, 43])
-    grad_node = node_for(sp.S2FT(axis="in", units=3, selection="grad"), kernel(), calib=kernel(seed=2).at[7].mul(50.0))
+    grad_node = node_for(s2ft.S2FT(axis="in", units=3, selection="grad"), kernel(),
+                         calib=kernel(seed=2).at[7].mul(50.0))
     assert 7 in np.asarray(grad_node.frozen["sel"])
     with pytest.raises(jpeft.AdapterError, match="not a multiple of group=5"):
-        node_for(sp.S2FT(axis="in", group=5), kernel())
+        node_for(s2ft.S2FT(axis="in", group=5), kernel())
 
 
 def test_copermutation_leaves_the_mlp_unchanged():
@@ -55,8 +56,8 @@ def test_copermutation_leaves_the_mlp_unchanged():
     x = jax.random.normal(jax.random.PRNGKey(3), (6, N_IN))
     mlp = lambda u, d: jax.nn.silu(x @ u) @ d  # noqa: E731
     sel = jnp.asarray([3, 17, 30, 44])
-    perm = sp.contiguous_permutation(sel, M_OUT)
+    perm = s2ft.contiguous_permutation(sel, M_OUT)
     np.testing.assert_array_equal(perm[:4], sel)
     assert sorted(np.asarray(perm).tolist()) == list(range(M_OUT))
-    up_p, down_p = sp.copermute(up, down, perm)
+    up_p, down_p = s2ft.copermute(up, down, perm)
     np.testing.assert_allclose(mlp(up_p, down_p), mlp(up, down), rtol=1e-5, atol=1e-5)
