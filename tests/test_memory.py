@@ -9,28 +9,13 @@ the input):
   factor activations, and for DoRA its `O(out·r)` norm terms — a small fraction of one copy.
 """
 
-import flax.linen as nn
 import jax
-import jax.numpy as jnp
 import pytest
 
 import jpeft
+from tests.stack_model import LAYERS, MODEL, PARAMS, WIDTH, X
 
-LAYERS, WIDTH, TOKENS = 6, 256, 32
 ADAPTED_BYTES = LAYERS * WIDTH * WIDTH * 4
-
-
-class Stack(nn.Module):
-    @nn.compact
-    def __call__(self, x):
-        for i in range(LAYERS):
-            x = jnp.tanh(nn.Dense(WIDTH, use_bias=False, name=f"layer_{i}")(x))
-        return jnp.sum(jnp.square(x))
-
-
-MODEL = Stack()
-X = jnp.ones((TOKENS, WIDTH))
-PARAMS = MODEL.init(jax.random.PRNGKey(0), X)["params"]
 
 
 def temp_bytes(fn, *args):

@@ -14,31 +14,16 @@ backward) and the `2·T·m·n` FLOPs per matrix of the dense gradient `∂L/∂K
 matrix: forward, input gradient, value gradient) are added analytically.
 """
 
-import flax.linen as nn
 import jax
-import jax.numpy as jnp
 import optax
 
 import jpeft
 from jpeft.methods import sparse as sp
+from tests.stack_model import LAYERS, MODEL, PARAMS, TOKENS, WIDTH, X
 
-LAYERS, WIDTH, TOKENS = 6, 256, 32
 MATRIX_BYTES = WIDTH * WIDTH * 4
 DENSITY = 0.01
 K = int(DENSITY * WIDTH * WIDTH)
-
-
-class Stack(nn.Module):
-    @nn.compact
-    def __call__(self, x):
-        for i in range(LAYERS):
-            x = jnp.tanh(nn.Dense(WIDTH, use_bias=False, name=f"layer_{i}")(x))
-        return jnp.sum(jnp.square(x))
-
-
-MODEL = Stack()
-X = jnp.ones((TOKENS, WIDTH))
-PARAMS = MODEL.init(jax.random.PRNGKey(0), X)["params"]
 
 
 def figures(fn, *args):
