@@ -259,6 +259,13 @@ def _materialise_with_paths(params, spec, materialise, keep_quantized: bool = Fa
 _remat_materialise = jax.checkpoint(materialise_node)
 
 
+def materialise_leaf(path: str, node: Adapter, rng: jax.Array | None = None) -> jax.Array:
+    """The effective kernel of the node at `path`, under `jax.checkpoint` (the method's m×n
+    temporaries are recomputed in the backward pass), with the leaf's own dropout key drawn from
+    `rng`. `apply` and the fallbacks of `jpeft.factored` both materialise through it."""
+    return _remat_materialise(node, None if rng is None else leaf_key(rng, path))
+
+
 def apply(params: Any, spec: Spec, *, rng: jax.Array | None = None, check_finite: bool = False) -> Any:
     """Effective plain parameters for the model (the materialised path, docs/design.md section 2).
 
@@ -274,7 +281,7 @@ def apply(params: Any, spec: Spec, *, rng: jax.Array | None = None, check_finite
     def mat(path, node):
         if check_finite:
             check_finite_tree(node.replace(base=None), f"{path} (adapter)")
-        out = _remat_materialise(node, None if rng is None else leaf_key(rng, path))
+        out = materialise_leaf(path, node, rng)
         if check_finite:
             check_finite_tree(out, f"{path} (effective weight)")
         return out

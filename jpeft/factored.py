@@ -31,7 +31,7 @@ from flax import nnx
 from flax.core import unfreeze
 
 from jpeft.adapter import Adapter, is_adapter
-from jpeft.core import check_fits
+from jpeft.core import check_fits, materialise_leaf
 from jpeft.execution import using_impl
 from jpeft.inspect import output_sources
 from jpeft.intercept import (
@@ -49,7 +49,7 @@ from jpeft.paths import leaf_key, leaves_with_paths, path_str
 from jpeft.quant import dequantize, is_quantized, placeholder
 from jpeft.shared import SHARED, attach_shared
 from jpeft.spec import Spec
-from jpeft.views import View, materialise_node
+from jpeft.views import View
 
 
 # ============================================================================ Linen
@@ -124,7 +124,7 @@ def _with_siblings(params, factored_nodes: dict[str, Adapter], materialised: dic
 
 
 
-def _probe(call, cand, nodes, keyed):
+def _probe(call, cand, nodes, rng):
     """One abstract pass (`jax.make_jaxpr`, trace time only) over the model with the candidates'
     bases as inputs. A candidate runs factored when an intercepted op consumed it and nothing else
     used it: factored ops compute with zeros in this pass (`compute_base`), so an output that
@@ -138,7 +138,7 @@ def _probe(call, cand, nodes, keyed):
 
     def probe(bases):
         fact = {p: cand[p].replace(base=b) for p, b in zip(paths, bases)}
-        out, used = call(fact, {p: _remat(n, keyed(p)) for p, n in mat.items()}, probing=True)
+        out, used = call(fact, {p: materialise_leaf(p, n, rng) for p, n in mat.items()}, probing=True)
         seen.append(used)
         return out
 
@@ -197,14 +197,11 @@ def factored(apply_fn: Callable, spec: Spec, *, rng: jax.Array | None = None, im
                     out = apply_fn({**variables, "params": tree}, *args, **kwargs)
                 return out, (set(state.consumed), set(state.declined))
 
-        fact = _probe(call, cand, nodes, keyed)
-        mat = {p: _remat(n, keyed(p)) for p, n in nodes.items() if p not in fact}
+        fact = _probe(call, cand, nodes, rng)
+        mat = {p: materialise_leaf(p, n, rng) for p, n in nodes.items() if p not in fact}
         return call(fact, mat)[0]
 
     return run
-
-
-_remat = jax.checkpoint(materialise_node)
 
 
 # ============================================================================ NNX
@@ -237,8 +234,8 @@ def factored_nnx(graphdef: Any, spec: Spec, *, rng: jax.Array | None = None, imp
                 out = model(*args, **kwargs)
                 return out, (set(st.consumed), set(st.declined))
 
-        fact = _probe(call, cand, nodes, keyed)
-        mat = {p: _remat(n, keyed(p)) for p, n in nodes.items() if p not in fact}
+        fact = _probe(call, cand, nodes, rng)
+        mat = {p: materialise_leaf(p, n, rng) for p, n in nodes.items() if p not in fact}
         return call(fact, mat)[0]
 
     return run
