@@ -44,7 +44,6 @@ from jpeft.intercept import (
     lookup_kernel,
     register_kernel,
 )
-from jpeft.methods.base import Method
 from jpeft.paths import leaf_key, leaves_with_paths, path_str
 from jpeft.quant import dequantize, is_quantized, placeholder
 from jpeft.shared import SHARED, attach_shared
@@ -80,8 +79,7 @@ def _linen_register(next_fun, args, kwargs, context):
 
 
 def _has_factored_form(node: Adapter) -> bool:
-    t = type(node.method)
-    return any(getattr(t, f) is not getattr(Method, f) for f in ("matmul", "matmul_t", "lookup", "conv"))
+    return any(node.method.overrides(f) for f in ("matmul", "matmul_t", "lookup", "conv"))
 
 
 def _candidates(pairs) -> dict[str, Adapter]:

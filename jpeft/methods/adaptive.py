@@ -25,7 +25,6 @@ from jpeft.adapter import Adapter, is_adapter
 from jpeft.hooks import HookResult
 from jpeft.methods.base import Ranked, kaiming_uniform, require
 from jpeft.registry import register
-from jpeft.views import matrix_slices
 
 
 # ------------------------------------------------------------------------------------ shared
@@ -50,12 +49,6 @@ def _keep_components(node: Adapter, keep: np.ndarray, gate_key: str, state_keys:
     train[gate_key] = train[gate_key][idx]
     state = {k: (jnp.take(v, idx, axis=state_keys[k]) if k in state_keys else v) for k, v in node.state.items()}
     return node.replace(train=train, state=state)
-
-
-def _adapter_nodes(params, cls):
-    """The `cls` nodes of `params`, a viewed node as its matrix slices (each its own adapter)."""
-    return [piece for x in jax.tree.leaves(params, is_leaf=is_adapter)
-            if isinstance(x, Adapter) and isinstance(x.method, cls) for piece in matrix_slices(x)]
 
 
 def _safe_fro(m: jax.Array) -> jax.Array:

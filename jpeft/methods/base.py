@@ -146,7 +146,12 @@ class Method:
     @property
     def compacts(self) -> bool:
         """Whether `compact` may shrink this method's arrays (it is overridden)."""
-        return type(self).compact is not Method.compact
+        return self.overrides("compact")
+
+    def overrides(self, hook: str) -> bool:
+        """Whether this method's class overrides `Method.<hook>` (a protocol hook with a default:
+        `compact`, `matmul`, `matmul_t`, `lookup`, `conv`, ...)."""
+        return getattr(type(self), hook) is not getattr(Method, hook)
 
     def sharding_layout(self, node: Adapter) -> dict[str, dict[str, tuple[str | None, ...]]]:
         """`{part: {key: roles}}` for the arrays whose sharding does not follow the default rule
