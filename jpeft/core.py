@@ -13,7 +13,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jpeft.adapter import Adapter, map_adapters
+from jpeft.adapter import Adapter, is_adapter, map_adapters
 from jpeft.errors import AdapterError, SpecError
 from jpeft.paths import leaf_key, leaves_with_paths, path_str
 from jpeft.quant import dequantize_array, is_leaf_node, is_quantized, logical_size, quantize_array
@@ -408,7 +408,7 @@ def penalty(params: Any) -> jax.Array:
     orthogonality term, KaSA's and SALT's regularisers, SoRA's gate L1 and LT-SFT's L1 pull with
     their weights set)."""
     groups: dict[Any, list[Adapter]] = {}
-    for node in jax.tree.leaves(params, is_leaf=lambda x: isinstance(x, Adapter)):
+    for node in jax.tree.leaves(params, is_leaf=is_adapter):
         if isinstance(node, Adapter):
             groups.setdefault(node.method, []).extend(matrix_slices(node))
     terms = [t for t in (method.penalty(nodes) for method, nodes in groups.items()) if t is not None]

@@ -173,11 +173,11 @@ def value_and_hook_grads(loss_fn, trainable: Any, frozen: Any, *args, dense: boo
     """`(value, grads, hook_grads)` of `loss_fn(params, *args)` (params = the combined tree).
 
     `grads` are the trainable-tree gradients (for the optimizer); `hook_grads` are the same with
-    each node's dense kernel gradient (the nodes whose method `needs_dense_grads`: the sparse
-    family) `∂L/∂K'` under `train["dense"]` (for
-    `jpeft.after_step(..., grads=hook_grads)`), taken in the same backward pass through a zero
-    probe added to those nodes (the factored path computes `x @ probe`, the materialised path adds
-    it to the kernel; the values do not change). With `dense=False`, `hook_grads is grads`.
+    the dense kernel gradient `∂L/∂K'` under `train["dense"]` of every node whose method
+    `needs_dense_grads` (the sparse family; for `jpeft.after_step(..., grads=hook_grads)`),
+    taken in the same backward pass through a zero probe added to those nodes (the factored path
+    computes `x @ probe`, the materialised path adds it to the kernel; the values do not change).
+    With `dense=False`, `hook_grads is grads`.
     """
     if not dense:
         out, g = jax.value_and_grad(lambda t: loss_fn(combine(t, frozen), *args), has_aux=has_aux)(trainable)
