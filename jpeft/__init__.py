@@ -17,6 +17,7 @@ from jpeft.core import ParamCount, apply, check_fits, combine, count, init, labe
 from jpeft.errors import AdapterError, OptionError, SpecError
 from jpeft.factored import factored, factored_nnx, infer_views
 from jpeft.hooks import HookResult, after_step
+from jpeft.merging import merge_adapters
 from jpeft.methods import DoRA, FFALoRA, Full, LoRA, LoRAGA, Method, PeriodicLoRA, PiSSA
 from jpeft.quant import dequantize, quantize
 from jpeft.registry import method, methods
@@ -27,5 +28,5 @@ __all__ = [
     "Adapter", "AdapterError", "DoRA", "FFALoRA", "Full", "HookResult", "LoRA", "LoRAGA", "Method",
     "OptionError", "ParamCount", "PeriodicLoRA", "PiSSA", "Spec", "SpecError", "View", "after_step", "apply",
     "check_fits", "combine", "compact", "count", "dequantize", "factored", "factored_nnx", "infer_views", "init",
-    "is_adapter", "labels", "merge", "method", "methods", "penalty", "quant", "quantize", "split",
+    "is_adapter", "labels", "merge", "merge_adapters", "method", "methods", "penalty", "quant", "quantize", "split",
 ]

@@ -212,6 +212,29 @@ def test_jpeft_exports_load_in_peft_and_back_with_the_same_outputs(row, tmp_path
         assert config["bias"] == {"bias_all": "all", "bias_lora_only": "lora_only"}.get(row, "none")
 
 
+def test_merged_adapter_exports_and_matches_peft_merging_the_exported_sources(tmp_path):
+    """Two jpeft adapters (other targets, other ranks) exported as one PEFT folder; PEFT's
+    `add_weighted_adapter` on what it loaded gives the outputs of `jpeft.merge_adapters`, and
+    the merged adapter exports and loads in PEFT like any other."""
+    params, modules, _, _, task = KINDS["llama"]
+    one = jpeft.Spec({LL_QV: jpeft.LoRA(rank=4, alpha=8)})
+    two = jpeft.Spec({r"layers_\d/self_attn/q_proj/kernel|layers_1/mlp/up_proj/kernel": jpeft.LoRA(rank=2, alpha=1)})
+    trees = [trained_like(jpeft.init(jax.random.PRNGKey(i), params, s)) for i, s in enumerate((one, two))]
+    export_peft_adapters(str(tmp_path / "src"), {"default": (trees[0], one), "two": (trees[1], two)},
+                         modules=modules, task_type=task)
+    model = peft.PeftModel.from_pretrained(fresh("llama"), str(tmp_path / "src"))
+    model.load_adapter(str(tmp_path / "src" / "two"), adapter_name="two")
+    model.add_weighted_adapter(["default", "two"], [0.6, 1.5], "merged", combination_type="svd", svd_rank=5)
+    model.set_adapter("merged")
+    merged = jpeft.merge_adapters(trees, [one, two], [0.6, 1.5], "svd", svd_rank=5)
+    want = jax_out("llama", jpeft.apply(*merged))
+    np.testing.assert_allclose(torch_out("llama", model), want, atol=1e-4, rtol=1e-4)
+    assert visible(want, jax_out("llama", params))
+    export_peft(str(tmp_path / "merged"), *merged, modules=modules, task_type=task)
+    loaded = peft.PeftModel.from_pretrained(fresh("llama"), str(tmp_path / "merged"))
+    np.testing.assert_allclose(torch_out("llama", loaded), want, atol=1e-4, rtol=1e-4)
+
+
 # ------------------------------------------------------------------------------------------- errors
 
 
