@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 
 from jpeft.models import gguf_loader
-from jpeft.models.llama import Llama, LlamaConfig, generate_greedy, to_hf_state_dict
+from jpeft.models.llama import Llama, LlamaConfig, generate, to_hf_state_dict
 from jpeft.models.packaged import MissingModelPackage
 
 torch = pytest.importorskip("torch")
@@ -160,15 +160,23 @@ def test_smollm2_logits_match_transformers_float32(smollm2, torch_smollm2, promp
     np.testing.assert_allclose(ours, torch_logits(torch_smollm2, prompt_ids), atol=3e-4, rtol=0)
 
 
-def test_smollm2_greedy_generation_matches_transformers(smollm2, torch_smollm2, prompt_ids):
+def test_smollm2_greedy_generation_matches_transformers(smollm2, torch_smollm2):
+    """32 greedy tokens through the KV cache, a batch of three prompts of different lengths
+    (left-padded as transformers wants them; ours could be padded on either side), token for
+    token equal to transformers' `generate` on the same batch."""
     config, params, tokenizer = smollm2
-    ours = np.asarray(generate_greedy(params, config, jnp.asarray(prompt_ids), 16))
+    prompts = [tokenizer.encode(t).ids for t in (PROMPT, "Question: What is 12 + 7?\nAnswer:", "def f(x):")]
+    width = max(map(len, prompts))
+    ids = np.array([[0] * (width - len(p)) + p for p in prompts], np.int32)
+    mask = np.array([[0] * (width - len(p)) + [1] * len(p) for p in prompts], np.int32)
+    ours = generate(params, config, ids, mask, max_new_tokens=32)
     with torch.no_grad():
-        theirs = torch_smollm2.generate(torch.from_numpy(prompt_ids), max_new_tokens=16,
-                                        do_sample=False).numpy()
-    assert theirs.shape == (1, prompt_ids.shape[1] + 16)  # no early EOS: all 16 tokens compared
-    np.testing.assert_array_equal(ours, theirs)
-    assert tokenizer.decode(ours[0, prompt_ids.shape[1]:].tolist()).strip()
+        theirs = torch_smollm2.generate(torch.from_numpy(ids).long(), attention_mask=torch.from_numpy(mask).long(),
+                                        max_new_tokens=32, do_sample=False, pad_token_id=0,
+                                        eos_token_id=None).numpy()[:, width:]
+    assert theirs.shape == (3, 32)   # no early stop: all 32 tokens compared
+    np.testing.assert_array_equal(np.asarray(ours.tokens), theirs)
+    assert tokenizer.decode(theirs[0].tolist()).strip()
 
 
 def test_smollm2_tokenizer_matches_transformers(smollm2, hf_gguf):
